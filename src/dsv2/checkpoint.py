@@ -1,0 +1,233 @@
+"""Hugging Face checkpoints: load a DeepSeek-V2 directory into dsv2, and save one back.
+
+A Hugging Face directory is config.json plus one `model.safetensors` or several shards
+listed in `model.safetensors.index.json`. Released DeepSeek-V2 checkpoints store each
+routed expert as three matrices (`experts.{e}.gate_proj/up_proj/down_proj`); dsv2 stacks
+them into `[E, ...]` tensors (`gate_up_proj`, `down_proj`). transformers >= 5 may also
+write the stacked form; both load.
+
+Loading builds the model on the meta device, allocates it once in the target dtype, then
+fills it tensor by tensor from each shard, so no second full copy is ever held.
+
+`HF_KEYS` below is the only place HF key names appear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .model import DeepseekV2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, unexpected or mis-shaped."""
+
+
+# HF key pattern -> (dsv2 parameter, which part of it). Parts: None = the whole tensor;
+# ("gate"|"up"|"down", expert) = one expert's matrix inside the stacked tensor.
+HF_KEYS: list[tuple[re.Pattern, str, str | None]] = [
+    (re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight$"), "layers.{0}.mlp.experts.gate_up_proj", "gate"),
+    (re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight$"), "layers.{0}.mlp.experts.gate_up_proj", "up"),
+    (re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight$"), "layers.{0}.mlp.experts.down_proj", "down"),
+    (re.compile(r"^lm_head\.weight$"), "lm_head.weight", None),
+    # Everything else is the same name under the `model.` prefix: embed_tokens, norm,
+    # layers.{i}.{input,post_attention}_layernorm, self_attn.{q_proj, q_a_proj, q_a_layernorm,
+    # q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}, mlp.{gate, shared_experts,
+    # gate_proj, up_proj, down_proj}, and transformers 5's stacked mlp.experts.{gate_up_proj, down_proj}.
+    (re.compile(r"^model\.(.+)$"), "{0}", None),
+]
+# Old remote-code checkpoints may carry rotary buffers; dsv2 recomputes them.
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def hf_to_dsv2(key: str) -> tuple[str, str | None, int | None]:
+    """HF key -> (dsv2 name, part, expert index); raises for an unknown key."""
+    for pattern, target, part in HF_KEYS:
+        m = pattern.match(key)
+        if m:
+            g = m.groups()
+            return target.format(*g), part, (int(g[1]) if part else None)
+    raise CheckpointError(f"unexpected tensor '{key}' in the checkpoint: it is not a DeepSeek-V2 weight.")
+
+
+def dsv2_to_hf(name: str, tensor: torch.Tensor):
+    """dsv2 state-dict entry -> iterator of (HF key, tensor) in the released checkpoints' layout."""
+    m = re.match(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+    if m:
+        layer = m.group(1)
+        for e in range(tensor.shape[0]):
+            prefix = f"model.layers.{layer}.mlp.experts.{e}"
+            if m.group(2) == "down_proj":
+                yield f"{prefix}.down_proj.weight", tensor[e]
+            else:
+                gate, up = tensor[e].chunk(2, dim=0)
+                yield f"{prefix}.gate_proj.weight", gate
+                yield f"{prefix}.up_proj.weight", up
+    elif name == "lm_head.weight":
+        yield name, tensor
+    else:
+        yield f"model.{name}", tensor
+
+
+# ----------------------------------------------------------------------------- load
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}: dsv2 loads Hugging Face safetensors checkpoints.")
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"checkpoint shard {f} is listed in model.safetensors.index.json but missing.")
+    return files
+
+
+def _checkpoint_dtype(path: Path) -> torch.dtype:
+    cfg = json.loads((path / "config.json").read_text())
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    return getattr(torch, name, torch.float32)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu") -> DeepseekV2:
+    """Load a Hugging Face DeepSeek-V2 directory; returns the model in eval mode.
+
+    dtype: the parameters' dtype (default: the checkpoint's own `torch_dtype`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
+    cfg = ModelConfig.from_json(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or _checkpoint_dtype(path)
+    with torch.device("meta"):
+        model = DeepseekV2(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    params = dict(model.named_parameters())
+    # Track what has been filled; stacked experts are filled one expert-part at a time.
+    expected: set[tuple[str, str | None, int | None]] = set()
+    for name, p in params.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            expected |= {(name, part, e) for e in range(p.shape[0]) for part in ("gate", "up")}
+        elif name.endswith(".mlp.experts.down_proj"):
+            expected |= {(name, "down", e) for e in range(p.shape[0])}
+        elif not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            expected.add((name, None, None))
+    filled: set[tuple] = set()
+    with torch.no_grad():
+        for file in _shard_files(path):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if _IGNORED.search(key):
+                        continue
+                    name, part, e = hf_to_dsv2(key)
+                    if name not in params:
+                        raise CheckpointError(f"unexpected tensor '{key}' in {file.name}: this config has no '{name}'.")
+                    target = _target_view(params[name], part, e)
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(target.shape):
+                        raise CheckpointError(f"tensor '{key}' in {file.name} has shape {list(shape)}, but the config "
+                                              f"expects {list(target.shape)}: config.json and the weights disagree.")
+                    target.copy_(f.get_tensor(key))
+                    if part is None and ".mlp.experts." in name:  # stacked (transformers 5) layout
+                        parts = ("down",) if name.endswith("down_proj") else ("gate", "up")
+                        filled |= {(name, pt, i) for i in range(target.shape[0]) for pt in parts}
+                    else:
+                        filled.add((name, part, e))
+    missing = sorted(expected - filled, key=str)
+    if missing:
+        name, part, e = missing[0]
+        hf = next(k for k, _ in dsv2_to_hf(name, params[name])) if part is None else \
+            f"model.layers.{name.split('.')[1]}.mlp.experts.{e}.{part}_proj.weight"
+        raise CheckpointError(f"tensor '{hf}' is missing from the checkpoint in {path} "
+                              f"({len(missing)} missing in all).")
+    model.rotary.inv_freq.copy_(type(model.rotary)(cfg).inv_freq.to(device))
+    return model.eval()
+
+
+def _target_view(p: torch.Tensor, part: str | None, e: int | None) -> torch.Tensor:
+    if part is None:
+        return p
+    if part == "down":
+        return p[e]
+    half = p.shape[1] // 2
+    return p[e, :half] if part == "gate" else p[e, half:]
+
+
+# ----------------------------------------------------------------------------- save
+def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json, generation_config.json and safetensors shards (each file atomically)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        for key, v in dsv2_to_hf(name, t):
+            state[key] = v.detach().to("cpu").contiguous()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        _atomic(path / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(path / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _write_json(path / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+    dtype = next(model.parameters()).dtype
+    _write_json(path / "config.json", cfg.to_hf_dict() | {"torch_dtype": str(dtype).split(".")[-1]})
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    _write_json(path / "generation_config.json", gen)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            src = Path(tokenizer_dir) / name
+            if src.exists() and src.resolve() != (path / name).resolve():
+                _atomic(path / name, lambda p, s=src: shutil.copyfile(s, p))
+
+
+def _atomic(dest: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a torn file."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(dest: Path, obj) -> None:
+    _atomic(dest, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+__all__ = ["load_pretrained", "save_pretrained", "CheckpointError", "ConfigError", "HF_KEYS"]

@@ -1,0 +1,172 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, stored stacked.
+
+    h' = u + sum_{N_s shared} FFN^(s)(u) + sum_i g_i FFN_i^(r)(u),   g_i = s_i if i in TopK(s, K_r)
+    s  = softmax(u^T e)                                            (the gate, kept in float32)
+
+Routing methods (`topk_method`):
+- greedy: plain top-K_r over all N_r experts.
+- group_limited_greedy (device-limited routing): experts are split into D = n_group
+  groups; pick the M = topk_group groups with the highest max affinity, then top-K_r
+  among their experts only. A token then reaches at most M devices.
+
+The routed computation is route -> permute (sort token copies by expert) -> grouped
+matmuls on contiguous per-expert slices -> unpermute and weight. The permutation lives in
+a `Dispatcher`, so expert parallelism replaces it with one that does an all-to-all between
+permute and experts, and token dropping is a `keep` mask given to it: neither needs this
+file rewritten. `reference_forward` is the plain loop over experts with masks over all
+tokens, kept only to test the fast path against.
+
+Shape legend: N tokens (B*T flattened), D hidden, E routed experts, K experts per token,
+I expert hidden, M routed token copies after permutation (<= N*K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .ffn import SwiGLU
+
+
+@dataclass
+class Routing:
+    """The gate's decision for N tokens."""
+    scores_NE: torch.Tensor   # softmax affinities s_{i,t}, float32
+    idx_NK: torch.Tensor      # chosen experts
+    weight_NK: torch.Tensor   # gate values g (after norm_topk_prob / routed_scaling_factor), float32
+
+
+class Gate(nn.Module):
+    """The router: expert centroids e_i, softmax affinities, (device-limited) top-K."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.method = cfg.topk_method
+        self.n_group = cfg.n_group or 1
+        self.topk_group = cfg.topk_group or 1
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+
+    def group_mask(self, scores_NE: torch.Tensor) -> torch.Tensor:
+        """[N, E] bool: experts inside the M groups with the highest max affinity."""
+        N = scores_NE.shape[0]
+        group_scores = scores_NE.view(N, self.n_group, -1).amax(dim=-1)
+        top_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        mask_NG = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        return mask_NG.repeat_interleave(self.n_experts // self.n_group, dim=1)
+
+    def forward(self, x_ND: torch.Tensor) -> Routing:
+        scores = F.linear(x_ND.float(), self.weight.float()).softmax(dim=-1)
+        masked = scores
+        if self.method == "group_limited_greedy":
+            masked = scores.masked_fill(~self.group_mask(scores), 0.0)
+        weight, idx = masked.topk(self.top_k, dim=-1, sorted=False)
+        # As in the released DeepSeek-V2 modeling code: either renormalise the top-K weights
+        # to sum to 1, or scale them by routed_scaling_factor (never both).
+        if self.top_k > 1 and self.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weight = weight * self.scaling
+        return Routing(scores, idx, weight)
+
+
+class GroupedExperts(nn.Module):
+    """N_r SwiGLU experts stacked: gate_up_proj [E, 2I, D] (W1 ; W3), down_proj [E, D, I] (W2)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e."""
+        out = torch.empty_like(x_MD)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.expert(e, x_MD[start:start + n])
+                start += n
+        return out
+
+
+@dataclass
+class DispatchState:
+    order_M: torch.Tensor     # flat (token, k) slots in expert order, dropped ones excluded
+    token_M: torch.Tensor     # token index of each sorted row
+
+
+class LocalDispatcher:
+    """Permutes token copies so each expert's rows are contiguous, and back (one process)."""
+
+    def dispatch(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, n_experts: int,
+                 keep_NK: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], DispatchState]:
+        flat = idx_NK.flatten()
+        if keep_NK is not None:  # dropped copies get expert id E and sort to the end
+            flat = torch.where(keep_NK.flatten(), flat, n_experts)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
+        order = order[: sum(counts)]
+        token = order // idx_NK.shape[1]
+        return x_ND[token], counts, DispatchState(order, token)
+
+    def combine(self, y_MD: torch.Tensor, state: DispatchState, weight_NK: torch.Tensor,
+                n_tokens: int) -> torch.Tensor:
+        w = weight_NK.flatten()[state.order_M].to(y_MD.dtype)
+        out = y_MD.new_zeros(n_tokens, y_MD.shape[-1])
+        return out.index_add_(0, state.token_M, y_MD * w[:, None])
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Gate(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        self.dispatcher = LocalDispatcher()
+        # Hooks set from outside the model (training): a token-dropping policy
+        # (routing, batch shape) -> keep mask [N, K], and routing capture for balance losses.
+        self.drop_policy: Callable[[Routing, torch.Size], torch.Tensor] | None = None
+        self.record_routing = False
+        self.last_routing: Routing | None = None
+        self.last_keep: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        route = self.gate(x_ND)
+        keep = self.drop_policy(route, x_BTD.shape) if (self.training and self.drop_policy) else None
+        if self.record_routing:
+            self.last_routing, self.last_keep = route, keep
+        x_MD, counts, state = self.dispatcher.dispatch(x_ND, route.idx_NK, self.n_experts, keep)
+        y_MD = self.experts(x_MD, counts)
+        out = self.dispatcher.combine(y_MD, state, route.weight_NK, x_ND.shape[0])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_ND)
+        return out.view_as(x_BTD)
+
+    def reference_forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The plain loop over every expert with a mask over every token (tests only)."""
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        route = self.gate(x_ND)
+        out = torch.zeros_like(x_ND)
+        for e in range(self.n_experts):
+            hit_NK = route.idx_NK == e
+            w_N = (route.weight_NK * hit_NK).sum(-1).to(x_ND.dtype)
+            out = out + self.experts.expert(e, x_ND) * w_N[:, None]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_ND)
+        return out.view_as(x_BTD)

@@ -1,0 +1,144 @@
+"""The DeepSeek-V2 decoder: embedding -> L x (RMSNorm, MLA, RMSNorm, FFN or MoE) -> RMSNorm -> head.
+
+Also answers the practical questions about a config without building weights:
+parameters (total, active per token), FLOPs per token, KV-cache bytes per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA, KVStep
+from .ffn import SwiGLU
+from .moe import MoE, GroupedExperts, Gate
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, kv=None, step=None, absorb=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, step, absorb)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2(nn.Module):
+    """A DeepSeek-V2 causal LM. `model(input_ids)` -> float logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix; norms to 1; biases to 0."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std, generator=generator)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, Gate):
+                m.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(m, GroupedExperts):
+                m.gate_up_proj.normal_(0.0, std, generator=generator)
+                m.down_proj.normal_(0.0, std, generator=generator)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config).inv_freq)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                kv: list | None = None, step: KVStep | None = None, absorb: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] in float32 (or [B, 1, vocab] with last_only).
+
+        Without `kv` this is plain causal attention over the given tokens (training, scoring).
+        With `kv` (one (c_kv, k_pe) buffer pair per layer) and `step`, the new tokens' latents
+        are written to the cache at `step.positions` and attention spans the cache.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+        h = self.hidden_states(input_ids, positions, kv, step, absorb)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h).float()
+
+    def hidden_states(self, input_ids, positions=None, kv=None, step=None, absorb=False) -> torch.Tensor:
+        if positions is None:
+            positions = step.positions if step is not None else torch.arange(
+                input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        cos, sin = self.rotary(positions)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb)
+        return self.norm(x)
+
+    def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write a Hugging Face directory (config.json + safetensors) that transformers loads."""
+        from ..checkpoint import save_pretrained
+        save_pretrained(self, path, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
+
+    # ------------------------------------------------------------ accounting
+    def num_params(self) -> int:
+        """Every parameter, counted once (tied weights once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def active_params(self) -> int:
+        """Parameters one token's forward multiplies by: embedding lookup out, output head in,
+        only K_r of the N_r routed experts in each MoE layer."""
+        cfg = self.config
+        n = self.num_params() - self.embed_tokens.weight.numel()
+        if cfg.tie_word_embeddings:
+            n += self.lm_head.weight.numel()
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        return n - n_moe * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+
+    def flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        """Matmul FLOPs per token: 2 x active params, plus causal attention over seq_len
+        (2 x H x (d_qk + d_v) x seq_len/2 per layer, naive path). Training: x3 (fwd + bwd)."""
+        cfg = self.config
+        attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+        fwd = 2 * self.active_params() + attn
+        return 3 * fwd if training else fwd
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16, per_layer: bool = False) -> int:
+        """(d_c + d_h^R) x dtype size per layer: the latent and the shared rope key."""
+        cfg = self.config
+        b = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * torch.empty((), dtype=dtype).element_size()
+        return b if per_layer else b * cfg.num_hidden_layers
+
+    def summary(self, dtype: torch.dtype = torch.bfloat16) -> str:
+        cfg = self.config
+        mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers
+        mla = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+        return (f"parameters: {_human(self.num_params())} total, {_human(self.active_params())} active per token\n"
+                f"forward FLOPs per token (4K context): {_human(self.flops_per_token(4096))}\n"
+                f"KV cache per token: {self.kv_cache_bytes_per_token(dtype):,} bytes in {str(dtype).split('.')[-1]} "
+                f"({mla} elements; MHA with the same heads would cache {mha}, {mha / mla:.1f}x more)")
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))

@@ -1,0 +1,128 @@
+"""Module-level checks: RoPE layout, YaRN, MLA's two paths, MoE's fast path and routing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsv2 import ModelConfig
+from dsv2.model.attention import MLA, KVStep
+from dsv2.model.moe import MoE
+from dsv2.model.rope import RotaryEmbedding, apply_rope, rope_inv_freq, softmax_scale
+
+YARN = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+            mscale=0.707, mscale_all_dim=0.707)
+
+
+def small_cfg(**kw) -> ModelConfig:
+    return ModelConfig.from_preset("tiny", **kw)
+
+
+def test_rope_rotates_interleaved_pairs_like_transformers():
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb
+    cfg = small_cfg()
+    rope = RotaryEmbedding(cfg)
+    pos = torch.arange(10)[None]
+    cos, sin = rope(pos)
+    x = torch.randn(1, 3, 10, cfg.qk_rope_head_dim)  # [B, H, T, R]
+    freqs_cis = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))
+    want, _ = apply_rotary_emb(x, x, freqs_cis)
+    got = apply_rope(x, cos[:, None], sin[:, None])
+    assert torch.allclose(got, want, atol=1e-6)
+    # Interleaved layout pinned by hand: the pair (x0, x1) rotates by pos * inv_freq[0].
+    v = torch.zeros(cfg.qk_rope_head_dim)
+    v[0] = 1.0
+    out = apply_rope(v[None, None], *[t[:, 3:4] for t in rope(pos)])
+    assert torch.allclose(out[0, 0, :2], torch.tensor([math.cos(3.0), math.sin(3.0)]), atol=1e-6)
+
+
+def test_yarn_frequencies_and_softmax_scale_match_transformers():
+    from transformers import DeepseekV2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    cfg = ModelConfig.from_preset("deepseek-v2")
+    ours, amp = rope_inv_freq(cfg)
+    hf_cfg = DeepseekV2Config(qk_rope_head_dim=64, rope_scaling=dict(YARN), max_position_embeddings=163840)
+    want, hf_amp = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
+    assert torch.allclose(ours, want, rtol=1e-6)
+    assert amp == pytest.approx(hf_amp)
+    # Short wavelengths keep their frequency, long ones are divided by s = 40.
+    base, _ = rope_inv_freq(ModelConfig.from_preset("deepseek-v2", rope_scaling=None))
+    assert ours[0] == base[0] and ours[-1] == pytest.approx(base[-1] / 40)
+    # Softmax scale: 1/sqrt(192) * (0.1 * 0.707 * ln 40 + 1)^2  (sqrt(1/t) = 0.0707 ln s + 1).
+    assert softmax_scale(cfg) == pytest.approx(192 ** -0.5 * (0.0707 * math.log(40) + 1) ** 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("q_lora_rank", [96, None])
+def test_absorbed_attention_equals_naive(q_lora_rank):
+    cfg = small_cfg(q_lora_rank=q_lora_rank, rope_scaling=dict(YARN, original_max_position_embeddings=8, factor=4))
+    torch.manual_seed(0)
+    attn = MLA(cfg).eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    rope = RotaryEmbedding(cfg)
+    B, T = 3, 12
+    x = torch.randn(B, T, cfg.hidden_size)
+    pos = torch.arange(T)[None].expand(B, T)
+    cos, sin = rope(pos)
+    with torch.no_grad():
+        naive = attn(x, cos, sin)
+        absorbed = attn(x, cos, sin, absorb=True)
+        assert (naive - absorbed).abs().max() < 1e-4
+        # Through a cache: prefill 8 tokens, then decode 4 one at a time with both paths.
+        for absorb in (False, True):
+            kv = (torch.zeros(B, 16, cfg.kv_lora_rank), torch.zeros(B, 16, cfg.qk_rope_head_dim))
+            outs = [attn(x[:, :8], cos[:, :8], sin[:, :8], kv, KVStep.causal(pos[:, :8], 8), absorb=False)]
+            for t in range(8, T):
+                step = KVStep.causal(pos[:, t:t + 1], t + 1)
+                outs.append(attn(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], kv, step, absorb=absorb))
+            assert (torch.cat(outs, 1) - naive).abs().max() < 1e-4
+
+
+def make_moe(**kw) -> MoE:
+    cfg = small_cfg(**kw)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return moe
+
+
+@pytest.mark.parametrize("kw", [{}, dict(topk_method="greedy", n_group=None, topk_group=None),
+                                dict(norm_topk_prob=True), dict(routed_scaling_factor=16.0)])
+def test_moe_grouped_path_equals_reference_loop(kw):
+    moe = make_moe(**kw)
+    x = torch.randn(2, 9, moe.gate.weight.shape[1])
+    with torch.no_grad():
+        fast, ref = moe(x), moe.reference_forward(x)
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()  # float32 summation order only
+
+
+def test_moe_backward_reaches_gate_and_experts():
+    moe = make_moe()
+    x = torch.randn(2, 5, moe.gate.weight.shape[1], requires_grad=True)
+    moe(x).square().sum().backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+    assert moe.experts.gate_up_proj.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_group_limited_routing_uses_at_most_topk_group_groups():
+    moe = make_moe(n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=6)
+    route = moe.gate(torch.randn(500, moe.gate.weight.shape[1]))
+    groups = route.idx_NK // 2
+    assert max(len(set(g.tolist())) for g in groups) <= 3
+    # The chosen groups are those with the highest max affinity.
+    best = route.scores_NE.view(500, 8, 2).amax(-1).topk(3).indices
+    for g, b in zip(groups[:50], best[:50]):
+        assert set(g.tolist()) <= set(b.tolist())
+
+
+def test_moe_keep_mask_drops_only_routed_contribution():
+    moe = make_moe()
+    x = torch.randn(1, 6, moe.gate.weight.shape[1])
+    moe.train()
+    moe.drop_policy = lambda route, shape: torch.zeros_like(route.idx_NK, dtype=torch.bool)
+    with torch.no_grad():
+        dropped = moe(x)
+        assert torch.allclose(dropped, moe.shared_experts(x))
