@@ -1,0 +1,264 @@
+"""The slot-based generation engine: prefill into a latent cache, decode every active slot at once.
+
+API (stable; the OpenAI-compatible server builds continuous batching on it)
+--------------------------------------------------------------------------
+    from dsv2.engine import Engine, Request, SamplingParams, StepOutput, EngineFull
+
+    engine = Engine(model, tokenizer=None, max_batch_slots=8, max_len=None, compile=None)
+        model: a DeepseekV2 in eval mode (its dtype is the cache's dtype). tokenizer: a
+        dsv2.Tokenizer, needed only for stop strings and text deltas. max_len: positions per
+        slot (default min(max_position_embeddings, 2048)). The LatentCache of
+        [max_batch_slots, max_len, d_c] + [.., d_h^R] per layer is allocated here, per engine.
+        compile: torch.compile the decode step (None = when available; a one-line notice on
+        stderr when it falls back to eager).
+
+    slot = engine.add(Request(prompt_ids=[...], params=SamplingParams(...), id=None))
+        Validates, takes a free slot (raises EngineFull when none is free; check
+        engine.has_free_slot()), prefills the prompt (reusing the longest cached prefix a
+        free slot still holds, e.g. the previous chat turn) and samples the first token.
+        Bad input raises ValueError with one sentence: empty prompt, prompt not shorter than
+        max_len, ids outside the vocabulary, bad sampling values. request.id defaults to a
+        fresh int.
+
+    outs = engine.step() -> list[StepOutput]
+        One token for every request in a slot: a request added since the last step gets
+        its first (prefill-sampled) token, every other one gets a token from ONE batched
+        absorbed-MLA decode forward over all of them. StepOutput fields:
+            request_id, slot, token_id (int), text (UTF-8-safe delta, "" without a
+            tokenizer or while bytes/stop-string prefixes are held back),
+            finished (bool), finish_reason ("stop" | "length" | None).
+        A finished request frees its slot by itself (its cache rows stay readable for
+        prefix reuse until the slot is taken again). Returns [] when nothing is active.
+
+    engine.cancel(request_id) / engine.free(slot)
+        Drop a request now (no further outputs for it); the slot becomes free.
+
+    engine.active -> dict slot -> request id;  engine.has_free_slot();  engine.cache (LatentCache:
+    bytes_per_token(), nbytes, capacity_tokens()).
+
+The offline `dsv2.LLM.generate(prompts, ...)` and `LLM.stream(prompt, ...)` (engine/llm.py) run
+on this same loop: add while a slot is free, step, collect.
+
+Why slots: a slot is one cache row with its own length, so sequences of different lengths
+decode together with no padding; a decode step writes each slot's new latent at its own
+position and masks each slot to its own length. The decode batch is the contiguous row range
+[0, highest active slot], a view of the cache (no gather), so free slots are taken lowest
+first. Rows in that range that are not decoding this step compute a throwaway token whose
+latent write lands at their own next position, which the next real write overwrites.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.attention import KVStep
+from .cache import LatentCache
+from .sampling import SamplingParams, sample
+from .text import TextStream
+
+
+class EngineFull(RuntimeError):
+    """No free slot: step() until a request finishes, or make an engine with more slots."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    id: int | str | None = None
+
+
+@dataclass
+class StepOutput:
+    request_id: int | str
+    slot: int
+    token_id: int
+    text: str
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class _Seq:
+    """A request living in a slot."""
+    request: Request
+    generator: torch.Generator | None
+    stream: TextStream | None
+    stop_ids: frozenset
+    last_token: int = -1
+    emitted: bool = False          # last_token has been handed out and awaits decoding
+    n_generated: int = 0
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, max_batch_slots: int = 8, max_len: int | None = None,
+                 compile: bool | None = None):
+        cfg = model.config
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.max_len = min(cfg.max_position_embeddings, 2048) if max_len is None else max_len
+        if self.max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len {self.max_len} exceeds the model's context "
+                             f"(max_position_embeddings = {cfg.max_position_embeddings}).")
+        dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.cache = LatentCache(cfg, max_batch_slots, self.max_len, dtype, self.device)
+        self.slots = max_batch_slots
+        self.seqs: dict[int, _Seq] = {}
+        # Token ids whose latents a slot holds (kept after a request ends, for prefix reuse).
+        self.cached_ids: list[list[int]] = [[] for _ in range(max_batch_slots)]
+        self._ids = itertools.count()
+        self._tokens = torch.zeros(max_batch_slots, 1, dtype=torch.long, device=self.device)
+        self._slot_range = torch.arange(self.max_len, device=self.device)
+        self.eos_ids = {i for i in ([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int)
+                                    else cfg.eos_token_id or []) if i is not None}
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            self.eos_ids.add(tokenizer.eos_id)
+        from .decode import DecodeStep
+        self._decode = DecodeStep(model, compile)
+
+    # ----------------------------------------------------------------- admin
+    @property
+    def active(self) -> dict[int, int | str]:
+        return {s: q.request.id for s, q in self.seqs.items()}
+
+    def has_free_slot(self) -> bool:
+        return len(self.seqs) < self.slots
+
+    def free(self, slot: int) -> None:
+        self.seqs.pop(slot, None)
+
+    def cancel(self, request_id) -> bool:
+        for s, q in list(self.seqs.items()):
+            if q.request.id == request_id:
+                self.free(s)
+                return True
+        return False
+
+    # ------------------------------------------------------------------- add
+    def validate(self, request: Request) -> None:
+        ids, V = request.prompt_ids, self.cfg.vocab_size
+        if not isinstance(ids, (list, tuple)) or len(ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token (or non-empty text).")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V for t in ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {V}) for this model.")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_len}: "
+                             f"shorten the prompt or raise max_len (model limit "
+                             f"{self.cfg.max_position_embeddings}).")
+        request.params.validate(V)
+        if request.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: pass one to the engine, or use stop token ids.")
+
+    def add(self, request: Request) -> int:
+        self.validate(request)
+        if not self.has_free_slot():
+            raise EngineFull(f"all {self.slots} slots are busy: call step() until one finishes.")
+        if request.id is None:
+            request.id = next(self._ids)
+        ids = list(request.prompt_ids)
+        slot, reuse = self._pick_slot(ids)
+        p = request.params
+        seq = _Seq(request, None if p.greedy else p.generator(),
+                   TextStream(self.tokenizer, p.stop) if self.tokenizer is not None else None,
+                   frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids)))
+        logits = self._prefill(slot, ids[reuse:], reuse)
+        seq.last_token = int(sample(logits, [p], [seq.generator])[0])
+        self.cached_ids[slot] = ids
+        self.seqs[slot] = seq
+        return slot
+
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
+        """The lowest free slot, unless a free slot holds a longer prefix of `ids`. -> (slot, reuse)."""
+        best, reuse = None, -1
+        for s in range(self.slots):
+            if s in self.seqs:
+                continue
+            n = _common_prefix(self.cached_ids[s], ids, limit=len(ids) - 1)
+            if n > reuse:
+                best, reuse = s, n
+        return best, reuse
+
+    @torch.inference_mode()
+    def _prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Write the latents of ids at positions [start, start+T) of `slot`; -> last logits [1, V]."""
+        T = len(ids)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, start + T, device=self.device)[None]
+        # A fresh prompt is plain causal attention (mask None lets SDPA use its causal kernel).
+        mask = None if start == 0 else (self._slot_range[: start + T][None, None] <= pos[:, :, None])
+        step = KVStep(pos, start + T, mask)
+        self.cache.lengths[slot] = start + T
+        logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step, last_only=True)
+        return logits[:, -1]
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        if not self.seqs:
+            return []
+        decoding = sorted(s for s, q in self.seqs.items() if q.emitted)
+        if decoding:
+            self._decode_slots(decoding)
+        outs = []
+        for s in sorted(self.seqs):
+            out = self._emit(s, self.seqs[s])
+            outs.append(out)
+            if out.finished:
+                self.free(s)
+        return outs
+
+    def _decode_slots(self, decoding: list[int]) -> None:
+        hi = decoding[-1] + 1
+        lengths = self.cache.lengths
+        for s in decoding:
+            self._tokens[s, 0] = self.seqs[s].last_token
+        # Rows not decoding write at their own next position (overwritten before it is read),
+        # kept inside the buffer; a free slot gives up its last cached token for that.
+        pos = []
+        for s in range(hi):
+            p = lengths[s]
+            if s not in self.seqs and p >= self.max_len:
+                p = lengths[s] = self.max_len - 1
+                del self.cached_ids[s][p:]
+            pos.append(p)
+        kv_len = max(lengths[s] for s in decoding) + 1
+        logits = self._decode(self._tokens[:hi], pos, kv_len, self.cache, hi)
+        params = [self.seqs[s].request.params for s in decoding]
+        gens = [self.seqs[s].generator for s in decoding]
+        picked = sample(logits[decoding] if len(decoding) < hi else logits, params, gens).tolist()
+        for s, t in zip(decoding, picked):
+            q = self.seqs[s]
+            self.cached_ids[s].append(q.last_token)
+            lengths[s] += 1
+            q.last_token, q.emitted = t, False
+
+    def _emit(self, slot: int, q: _Seq) -> StepOutput:
+        t = q.last_token
+        q.emitted = True
+        q.n_generated += 1
+        text, reason = "", None
+        if q.stream is not None and t not in q.stop_ids:
+            text = q.stream.push(t)
+            if q.stream.stopped:
+                reason = "stop"
+        if t in q.stop_ids:
+            reason = "stop"
+        elif reason is None and (q.n_generated >= q.request.params.max_new_tokens
+                                 or self.cache.lengths[slot] >= self.max_len):
+            reason = "length"
+        if reason is not None and q.stream is not None:
+            text += q.stream.finish()
+        return StepOutput(q.request.id, slot, t, text, reason is not None, reason)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
