@@ -1,0 +1,55 @@
+"""`dsv2 serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+    dsv2 serve path/to/checkpoint                          # http://127.0.0.1:8000/v1, 16 slots
+    dsv2 serve path/to/checkpoint --slots 64 --max-len 1024 --dtype bfloat16 --api-key s3cret
+    curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "checkpoint", "prompt": "Hello", "max_tokens": 16}'
+
+The model name clients send is the checkpoint folder's name unless --model-name says
+otherwise. At start the server logs how many tokens its latent cache holds and how many
+requests can run at once (slots); --max-queue more may wait, beyond that clients get 429.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over the OpenAI API (continuous batching)",
+                       description="Serve a Hugging Face DeepSeek-V2 checkpoint through OpenAI-compatible "
+                                   "/v1/completions and /v1/chat/completions, with continuous batching.")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
+    p.add_argument("--slots", type=int, default=16, help="sequences decoded together (cache slots; default 16)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="positions per slot: prompt + completion (default min(context, 2048))")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="the largest max_tokens a request may ask for (default max-len - 1)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sends none")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request size limit (then 413)")
+    p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from .launch import build_server
+    for name, v in (("--slots", args.slots), ("--max-queue", args.max_queue), ("--port", args.port + 1)):
+        if v < 1:
+            raise ValueError(f"{name} must be positive, got {v}.")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_server(args.model, args.tokenizer, dtype=args.dtype, slots=args.slots, max_len=args.max_len,
+                       max_queue=args.max_queue, model_name=args.model_name, api_key=args.api_key,
+                       max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                       max_body_bytes=args.max_body_bytes, compile=False if args.no_compile else None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0

@@ -1,0 +1,135 @@
+"""The OpenAI surface, driven by the official `openai` client against a real server."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from conftest import API_KEY, MAX_LEN
+
+MODEL = "tiny-chat"
+PROMPT = "Multi-head latent attention"
+NO_EOS = {"ignore_eos": True}       # random weights: make token counts exact
+
+
+def test_models_health_and_capacity(server, client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+        assert json.load(r)["status"] == "ok"
+    assert "holds 1,024 tokens" in server.app.state.scheduler.capacity()
+    assert "at most 4 requests run at once" in server.app.state.scheduler.capacity()
+
+
+def test_completion_max_tokens_and_usage(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=NO_EOS)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_greedy_matches_offline_engine(model_dir, client):
+    from dsv2.engine.llm import LLM
+    llm = LLM(model_dir, max_batch_slots=1, compile=False)
+    [want] = llm.generate([PROMPT], max_new_tokens=20, temperature=0.0, ignore_eos=True)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0, extra_body=NO_EOS)
+    assert got.choices[0].text == want.text
+    # Token ids as the prompt give the same answer as the text they encode.
+    ids = llm.tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=20, temperature=0, extra_body=NO_EOS)
+    assert by_ids.choices[0].text == want.text
+
+
+def test_streaming_equals_non_streaming(client):
+    kw = dict(model=MODEL, prompt="深度求索 🙂", max_tokens=24, temperature=0.9, seed=3, extra_body=NO_EOS)
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_streaming_and_not(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，世界！"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=16, temperature=0, extra_body=NO_EOS)
+    r = client.chat.completions.create(**kw)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 16
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_uses_the_chat_template(model_dir, client):
+    from dsv2 import Tokenizer
+    tok = Tokenizer(model_dir)
+    messages = [{"role": "user", "content": "hello there"}]
+    want = len(tok.encode(tok.apply_chat_template(messages), add_bos=False))
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert r.usage.prompt_tokens == want
+
+
+def test_stop_strings(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, extra_body=NO_EOS)
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[12:15]                      # a stop string the model is known to produce
+    cut = full[:full.index(stop)]
+    r = client.completions.create(stop=[stop, "never appears"], **kw)
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed) == cut
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducible(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=1.0, top_p=0.95, extra_body=NO_EOS)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    c = client.completions.create(seed=8, **kw).choices[0].text
+    assert a == b and a != c
+
+
+def test_n_choices(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=1, n=3,
+                                  extra_body=NO_EOS)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens == 24
+    assert len({c.text for c in r.choices}) > 1        # seeds 1, 2, 3
+
+
+def test_default_max_tokens_and_context_clamp(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, extra_body=NO_EOS)
+    assert r.usage.completion_tokens == 32              # the server's --default-max-tokens
+    long = [5] * (MAX_LEN - 4)
+    r = client.completions.create(model=MODEL, prompt=long, temperature=0, extra_body=NO_EOS)
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+    from dsv2.serve.metrics import parse_prometheus
+    before = parse_prometheus(urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode())
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, extra_body=NO_EOS)
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    after = parse_prometheus(text)
+    assert after["dsv2_generation_tokens_total"] - before["dsv2_generation_tokens_total"] == 5
+    ok = 'dsv2_requests_total{endpoint="/v1/completions",status="200"}'
+    assert after[ok] - before.get(ok, 0) == 1
+    for name in ("dsv2_queue_depth", "dsv2_running_requests", "dsv2_cache_used_tokens", "dsv2_cache_capacity_tokens",
+                 "dsv2_time_to_first_token_seconds_count", "dsv2_inter_token_latency_seconds_count"):
+        assert name in after, name
+    assert after["dsv2_cache_capacity_tokens"] == 1024
+
+
+@pytest.mark.parametrize("verb", ["serve"])
+def test_cli_help(verb, capsys):
+    from dsv2.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0 and "--api-key" in capsys.readouterr().out

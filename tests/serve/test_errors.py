@@ -1,0 +1,95 @@
+"""Every bad input gets its 4xx with OpenAI-style error JSON, and the server keeps serving."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlparse
+
+import pytest
+
+from conftest import API_KEY, MAX_BODY, MAX_LEN
+
+MODEL = "tiny-chat"
+GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def post(url: str, path: str, body, key: str | None = API_KEY, method: str = "POST"):
+    """Raw HTTP (the openai client would refuse to send most of these) -> (status, parsed JSON)."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    conn.request(method, path, body=data if method == "POST" else None, headers=headers)
+    r = conn.getresponse()
+    status, payload = r.status, r.read()
+    conn.close()
+    return status, json.loads(payload)
+
+
+CASES = [
+    # (what, path, body, status, a word the message must contain, param)
+    ("malformed JSON", "/v1/completions", b'{"model": "tiny-chat", "prompt": ', 400, "not valid JSON", None),
+    ("empty body", "/v1/completions", b"", 400, "empty", None),
+    ("body not an object", "/v1/completions", [1, 2], 400, "JSON object", None),
+    ("unknown model", "/v1/completions", GOOD | {"model": "gpt-4"}, 404, "does not exist", "model"),
+    ("missing prompt", "/v1/completions", {"model": MODEL}, 422, "required", "prompt"),
+    ("wrong type", "/v1/completions", GOOD | {"max_tokens": "ten"}, 422, "integer", "max_tokens"),
+    ("unknown field", "/v1/completions", GOOD | {"max_token": 5}, 422, "unknown field", "max_token"),
+    ("temperature out of range", "/v1/completions", GOOD | {"temperature": 5}, 422, "2", "temperature"),
+    ("top_p out of range", "/v1/completions", GOOD | {"top_p": 0}, 422, "greater than 0", "top_p"),
+    ("negative max_tokens", "/v1/completions", GOOD | {"max_tokens": -1}, 422, "greater than", "max_tokens"),
+    ("max_tokens over the limit", "/v1/completions", GOOD | {"max_tokens": 10_000}, 422, "at most", "max_tokens"),
+    ("n out of range", "/v1/completions", GOOD | {"n": 0}, 422, "greater than", "n"),
+    ("empty prompt", "/v1/completions", GOOD | {"prompt": ""}, 422, "empty", "prompt"),
+    ("token id outside vocab", "/v1/completions", GOOD | {"prompt": [1, 99999]}, 422, "vocabulary", "prompt"),
+    ("too many stops", "/v1/completions", GOOD | {"stop": list("abcde")}, 422, "at most 4", "stop"),
+    ("unsupported penalty", "/v1/completions", GOOD | {"presence_penalty": 1.0}, 422, "not supported", None),
+    ("logprobs unsupported", "/v1/completions", GOOD | {"logprobs": 2}, 400, "not supported", "logprobs"),
+    ("prompt longer than context", "/v1/completions", GOOD | {"prompt": [5] * (MAX_LEN + 10)}, 400,
+     "context", "prompt"),
+    ("prompt + max_tokens over context", "/v1/completions", GOOD | {"prompt": [5] * (MAX_LEN - 10), "max_tokens": 20},
+     400, "lower max_tokens", "max_tokens"),
+    ("body over the size limit", "/v1/completions", GOOD | {"prompt": "x" * (MAX_BODY + 1)}, 413, "limit", None),
+    ("empty messages", "/v1/chat/completions", CHAT | {"messages": []}, 422, "at least 1", "messages"),
+    ("bad role", "/v1/chat/completions", CHAT | {"messages": [{"role": "robot", "content": "x"}]}, 422,
+     "system", "messages.0.role"),
+    ("message without content", "/v1/chat/completions", CHAT | {"messages": [{"role": "user"}]}, 422,
+     "required", "messages.0.content"),
+    ("stream_options without stream", "/v1/chat/completions", CHAT | {"stream_options": {"include_usage": True}},
+     422, "stream", None),
+    ("unknown route", "/v1/embeddings", GOOD, 404, "no route", None),
+]
+
+
+@pytest.mark.parametrize("what,path,body,status,word,param", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(server, what, path, body, status, word, param):
+    got, payload = post(server.url, path, body)
+    assert got == status, payload
+    err = payload["error"]
+    assert word.lower() in err["message"].lower(), err
+    assert set(err) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert err["param"] == param
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_api_key_required(server, key):
+    status, payload = post(server.url, "/v1/completions", GOOD, key=key)
+    assert status == 401 and payload["error"]["type"] == "authentication_error"
+    assert "API key" in payload["error"]["message"]
+
+
+def test_openai_client_sees_typed_errors(client):
+    import openai
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL, prompt=[5] * (MAX_LEN + 1), max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        client.with_options(api_key="wrong").models.list()
+    # ... and the server still answers good requests afterwards.
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
