@@ -19,10 +19,6 @@ VERBS = {
     "info": "dsv2.cli",
     "convert": "dsv2.cli",
     "demo": "dsv2.demo",
-    "tokenizer": "dsv2.data.bpe",
-    "data": "dsv2.data.shards",
-    "pretrain": "dsv2.train.cli",
-    "plot": "dsv2.train.plot",
     "serve": "dsv2.serve.cli",
 }
 
