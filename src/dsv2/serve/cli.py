@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
                    help="the largest max_tokens a request may ask for (default max-len - 1)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sends none")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request size limit (then 413)")
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens prefilled between two decode steps (bounds the stall a burst causes)")
     p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
@@ -43,13 +45,19 @@ def run(args) -> int:
     import uvicorn
 
     from .launch import build_server
-    for name, v in (("--slots", args.slots), ("--max-queue", args.max_queue), ("--port", args.port + 1)):
+    for name, v in (("--slots", args.slots), ("--prefill-budget", args.prefill_budget),
+                    ("--max-body-bytes", args.max_body_bytes), ("--default-max-tokens", args.default_max_tokens)):
         if v < 1:
-            raise ValueError(f"{name} must be positive, got {v}.")
+            raise ValueError(f"{name} must be a positive integer, got {v}.")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be 0 or more, got {args.max_queue}.")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}.")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_server(args.model, args.tokenizer, dtype=args.dtype, slots=args.slots, max_len=args.max_len,
                        max_queue=args.max_queue, model_name=args.model_name, api_key=args.api_key,
                        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                       max_body_bytes=args.max_body_bytes, compile=False if args.no_compile else None)
+                       max_body_bytes=args.max_body_bytes, prefill_budget=args.prefill_budget,
+                       compile=False if args.no_compile else None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -24,7 +24,7 @@ log = logging.getLogger("dsv2.serve")
 def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, model_name: str | None = None, api_key: str | None = None,
                  max_tokens_limit: int | None = None, default_max_tokens: int = 256,
-                 max_body_bytes: int = 1 << 20, compile: bool | None = None):
+                 max_body_bytes: int = 1 << 20, prefill_budget: int = 512, compile: bool | None = None):
     """-> a FastAPI app whose lifespan starts and stops the engine thread."""
     import torch
 
@@ -45,7 +45,7 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
     model = load_pretrained(model_path, dtype=dtype)
     tokenizer = load_tokenizer(tok_path, model.config.vocab_size)
     engine = Engine(model, tokenizer, max_batch_slots=slots, max_len=max_len, compile=compile)
-    scheduler = Scheduler(engine, max_queue=max_queue)
+    scheduler = Scheduler(engine, max_queue=max_queue, prefill_budget=prefill_budget)
     limits = Limits(model_name=model_name or model_path.name, max_context=engine.max_len,
                     max_tokens_limit=max_tokens_limit or engine.max_len - 1,
                     default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes, api_key=api_key)

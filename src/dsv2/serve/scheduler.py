@@ -6,7 +6,8 @@ a lock-guarded waiting queue (loop -> engine) and `loop.call_soon_threadsafe` (e
 loop). Each turn of the engine thread:
 
   1. frees the slots of cancelled requests (their clients went away);
-  2. admits waiting requests, oldest first, while the engine has a free slot (prefill);
+  2. admits waiting requests, oldest first, while the engine has a free slot and this
+     turn's prefill budget (prompt tokens) lasts;
   3. runs one engine step: one batched decode forward over every active slot;
   4. hands each request its new text; finished ones (EOS, stop string, max_tokens) have
      already given their slot back inside the engine.
@@ -60,9 +61,9 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, metrics: Metrics | None = None, max_queue: int = 256):
+    def __init__(self, engine, metrics: Metrics | None = None, max_queue: int = 256, prefill_budget: int = 512):
         self.engine = engine
-        self.max_queue = max_queue
+        self.max_queue, self.prefill_budget = max_queue, prefill_budget
         self.metrics = metrics or Metrics()
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -95,7 +96,9 @@ class Scheduler:
         with self._lock:
             if self._error is not None:
                 raise RuntimeError(self._error)
-            if len(self._waiting) + len(jobs) > self.max_queue:
+            # Jobs about to take a free slot are not "queued"; the bound is on those that must wait.
+            free = self.engine.slots - self.slots_used
+            if len(self._waiting) + len(jobs) > self.max_queue + free:
                 self.metrics.inc("requests_rejected_total", reason="queue_full")
                 raise QueueFull(f"the server's waiting queue is full ({self.max_queue} requests); retry shortly.")
             self._waiting.extend(jobs)
@@ -157,13 +160,18 @@ class Scheduler:
             self._fail_all()
 
     def _admit(self) -> None:
+        """Prefill waiting requests into free slots, at most `prefill_budget` prompt tokens per turn
+        (always at least one request), so a burst of arrivals delays the running streams by a
+        bounded prefill between two decode steps instead of stalling them for every prompt."""
+        spent = 0
         while self.engine.has_free_slot():
             with self._lock:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()     # its cancel is (or will be) finished by _retire
-                if not self._waiting:
+                if not self._waiting or (spent and spent + len(self._waiting[0].prompt_ids) > self.prefill_budget):
                     return
                 job = self._waiting.popleft()
+            spent += len(job.prompt_ids)
             try:
                 self.engine.add(Request(job.prompt_ids, job.params, id=job.id))   # prefill
             except ValueError as e:     # prepare.py checks first, so this is a bug guard, not a path
