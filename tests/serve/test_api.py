@@ -125,11 +125,3 @@ def test_metrics_count_requests_and_tokens(server, client):
                  "dsv2_time_to_first_token_seconds_count", "dsv2_inter_token_latency_seconds_count"):
         assert name in after, name
     assert after["dsv2_cache_capacity_tokens"] == 1024
-
-
-@pytest.mark.parametrize("verb", ["serve"])
-def test_cli_help(verb, capsys):
-    from dsv2.cli import main
-    with pytest.raises(SystemExit) as e:
-        main([verb, "--help"])
-    assert e.value.code == 0 and "--api-key" in capsys.readouterr().out

@@ -1,0 +1,204 @@
+"""Load benchmark for `dsv2 serve`: 64 concurrent streaming clients, then the same requests one at a time.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py                   # small preset, 64 clients
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --clients 16 --max-tokens 64 --dtype bfloat16
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --sequential 64   # replay all 64 one by one (~15 min)
+
+A `small` DeepSeek-V2 with random weights and a byte-level BPE trained on this repository's
+text are written to a temporary folder; `dsv2 serve` runs on it in a child process on a free
+127.0.0.1 port (so the clients' Python does not share the server's interpreter), and the
+official `openai` AsyncOpenAI client drives it with streaming requests (stream_options
+include_usage, ignore_eos so every request must return exactly --max-tokens tokens).
+
+Reported (client side): aggregate generated tokens/s of the concurrent phase; time to first
+token and inter-token latency percentiles; the same for the sequential phase; the speed-up
+(concurrent tokens/s over sequential tokens/s; target >= 5x); and whether every request
+returned the right number of tokens. Sampling is seeded per request, so the concurrent and
+sequential answers can also be compared text for text (reported, not required: batched and
+single forwards round differently). Only the first --sequential requests (default 8) are
+replayed one by one: one-at-a-time throughput does not depend on how many are replayed, and
+all 64 would take ~15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-words", type=int, default=24, help="words per prompt (about as many tokens)")
+    p.add_argument("--sequential", type=int, default=8,
+                   help="how many of the requests to replay one by one (default 8; 0 = all)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------ model and server
+def make_checkpoint(path: Path, preset: str) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsv2 import ModelConfig
+    from dsv2.model import DeepseekV2
+    cfg = ModelConfig.from_preset(preset)
+    texts = [f.read_text(errors="ignore") for f in sorted((ROOT / "src").rglob("*.py"))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=min(cfg.vocab_size, 4096), special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": specials[0], "eos_token": specials[1]}))
+    model = DeepseekV2(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.save_pretrained(path, tokenizer_dir=path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: Path, port: int, args, max_len: int) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "dsv2", "serve", str(ckpt), "--port", str(port), "--slots", str(args.clients),
+           "--max-len", str(max_len), "--dtype", args.dtype, "--no-compile", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not become healthy within 300 s.")
+
+
+# ------------------------------------------------------------------ clients
+async def one_request(client, model: str, prompt: str, seed: int, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    arrivals, text, usage, finish = [], [], None, None
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=1.0,
+                                             seed=seed, stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            arrivals.append(time.perf_counter())
+            text.append(c.text)
+            finish = c.finish_reason or finish
+    tokens = usage.completion_tokens if usage else 0
+    first, last = arrivals[0], arrivals[-1]
+    return {"ttft_s": first - t0, "latency_s": last - t0, "tokens": tokens, "finish": finish, "text": "".join(text),
+            # mean gap between tokens after the first (chunks can hold back partial UTF-8, so per-chunk gaps
+            # would overstate it); the per-chunk gaps are kept for the tail percentiles
+            "itl_mean_s": (last - first) / max(tokens - 1, 1),
+            "gaps_s": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+
+
+async def run_phase(url: str, model: str, prompts: list[str], max_tokens: int, concurrent: bool) -> tuple[list, float]:
+    import openai
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600) as client:
+        t0 = time.perf_counter()
+        if concurrent:
+            results = await asyncio.gather(*(one_request(client, model, p, i, max_tokens)
+                                             for i, p in enumerate(prompts)))
+        else:
+            results = [await one_request(client, model, p, i, max_tokens) for i, p in enumerate(prompts)]
+        return list(results), time.perf_counter() - t0
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def summarize(name: str, results: list[dict], wall: float) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    gaps = [g for r in results for g in r["gaps_s"]]
+    ttft = [r["ttft_s"] for r in results]
+    itl = [r["itl_mean_s"] for r in results]
+    out = {"phase": name, "requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    for label, xs in (("ttft_ms", ttft), ("itl_ms", itl), ("chunk_gap_ms", gaps)):
+        out[label] = {f"p{q}": 1000 * pct(xs, q) for q in (50, 90, 99)} | {"mean": 1000 * statistics.fmean(xs)}
+    return out
+
+
+def show(s: dict) -> None:
+    f = lambda d: " / ".join(f"{d[k]:8.1f}" for k in ("p50", "p90", "p99"))  # noqa: E731
+    print(f"{s['phase']:<11} {s['requests']:>3} req  {s['tokens']:>6} tok  {s['wall_s']:7.1f} s  "
+          f"{s['tokens_per_s']:8.1f} tok/s | TTFT ms p50/p90/p99 {f(s['ttft_ms'])} | "
+          f"ITL ms p50/p90/p99 {f(s['itl_ms'])} | chunk gap p99 {s['chunk_gap_ms']['p99']:.1f} ms")
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    words = (ROOT / "README.md").read_text().split()
+    prompts = [" ".join(words[(7 * i) % (len(words) - args.prompt_words):][:args.prompt_words])
+               for i in range(args.clients)]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / f"{args.preset}-random"
+        ckpt.mkdir()
+        make_checkpoint(ckpt, args.preset)
+        port = free_port()
+        server = start_server(ckpt, port, args, max_len=4 * args.prompt_words + args.max_tokens + 16)
+        url, model = f"http://127.0.0.1:{port}", ckpt.name
+        try:
+            asyncio.run(run_phase(url, model, prompts[:2], 8, concurrent=True))            # warm-up
+            conc, wall_c = asyncio.run(run_phase(url, model, prompts, args.max_tokens, concurrent=True))
+            k = args.sequential or args.clients
+            seq, wall_s = asyncio.run(run_phase(url, model, prompts[:k], args.max_tokens, concurrent=False))
+        finally:
+            server.terminate()
+            server.wait(30)
+    bad = [i for i, r in enumerate(conc + seq) if r["tokens"] != args.max_tokens or r["finish"] != "length"]
+    same = sum(a["text"] == b["text"] for a, b in zip(conc, seq))
+    s_c, s_s = summarize("concurrent", conc, wall_c), summarize("sequential", seq, wall_s)
+    speedup = s_c["tokens_per_s"] / s_s["tokens_per_s"]
+    print(f"dsv2 serve, preset {args.preset} ({args.dtype}, random weights), {args.clients} streaming clients x "
+          f"{args.max_tokens} tokens, server on {args.threads} threads, {os.cpu_count()} CPUs visible, "
+          f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after (other processes skew both phases)")
+    show(s_c)
+    show(s_s)
+    print(f"speed-up (aggregate tokens/s, concurrent over one at a time): {speedup:.1f}x (target >= 5x)")
+    print(f"token counts: {len(conc) + len(seq) - len(bad)}/{len(conc) + len(seq)} requests returned exactly "
+          f"{args.max_tokens} tokens with finish_reason 'length'; identical text concurrent vs sequential: "
+          f"{same}/{len(seq)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "concurrent": s_c, "sequential": s_s,
+                                               "speedup": speedup, "wrong_counts": len(bad),
+                                               "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
+                                               "same_text": same}, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
