@@ -104,6 +104,16 @@ def test_n_choices(client):
     assert len({c.text for c in r.choices}) > 1        # seeds 1, 2, 3
 
 
+def test_n_choices_streamed(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=1, n=2, extra_body=NO_EOS)
+    whole = client.completions.create(**kw)
+    texts = ["", ""]
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in whole.choices]
+
+
 def test_default_max_tokens_and_context_clamp(client):
     r = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, extra_body=NO_EOS)
     assert r.usage.completion_tokens == 32              # the server's --default-max-tokens
