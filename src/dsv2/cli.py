@@ -20,6 +20,9 @@ VERBS = {
     "convert": "dsv2.cli",
     "demo": "dsv2.demo",
     "serve": "dsv2.serve.cli",
+    "generate": "dsv2.engine.cli",
+    "chat": "dsv2.engine.cli",
+    "bench": "dsv2.engine.bench",
 }
 
 

@@ -24,10 +24,13 @@ class LatentCache:
             raise ValueError(f"a cache needs at least one slot and one position, got slots={slots}, "
                              f"max_len={max_len}.")
         self.slots, self.max_len, self.dtype = slots, max_len, dtype
-        self.c_kv = [torch.zeros(slots, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-                     for _ in range(cfg.num_hidden_layers)]
-        self.k_pe = [torch.zeros(slots, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-                     for _ in range(cfg.num_hidden_layers)]
+        # One [slots, max_len, d_c + d_h^R] buffer per layer; c^KV and k^R are column views of
+        # it, so absorbed attention scores both terms with one bmm against the 576-wide rows.
+        C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.joint = [torch.zeros(slots, max_len, C + R, dtype=dtype, device=device)
+                      for _ in range(cfg.num_hidden_layers)]
+        self.c_kv = [j[..., :C] for j in self.joint]
+        self.k_pe = [j[..., C:] for j in self.joint]
         # Tokens held per slot. A host-side list: positions are known without reading a tensor.
         self.lengths = [0] * slots
 

@@ -95,6 +95,7 @@ class LLM:
             raise ValueError("generate takes a list of prompts; wrap a single prompt in a list or use stream().")
         params = SamplingParams.make(stop=stop, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+        params.validate(self.model.config.vocab_size)
         ids = [self.encode(p) for p in prompts]
         if not ids:
             return []
@@ -128,6 +129,7 @@ class LLM:
             raise ValueError("stream() yields text and needs a tokenizer: pass tokenizer=... to LLM.")
         params = SamplingParams.make(stop=stop, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+        params.validate(self.model.config.vocab_size)
         ids = self.encode(prompt)
         eng = self.engine(1, len(ids) + max_new_tokens)
         eng.add(Request(ids, params))

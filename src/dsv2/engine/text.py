@@ -32,7 +32,10 @@ class TextStream:
         self.ids.append(token_id)
         before = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
         after = self.tok.decode(self.ids[self.prefix_offset:])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+        # A trailing U+FFFD may be a character still arriving: wait, but no longer than a UTF-8
+        # character can take (4 bytes, so 4 tokens); past that the bytes are simply invalid.
+        waiting = after.endswith(REPLACEMENT) and len(self.ids) - self.read_offset < 4
+        if len(after) > len(before) and not waiting:
             self.text += after[len(before):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release(final=False)

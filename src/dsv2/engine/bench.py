@@ -1,0 +1,275 @@
+"""`dsv2 bench` / bench/generate.py: dsv2's engine beside transformers, same weights, same run.
+
+    OMP_WAIT_POLICY=PASSIVE dsv2 bench                       # small preset, float32 and bfloat16
+    OMP_WAIT_POLICY=PASSIVE python bench/generate.py --dtypes float32 --no-peer
+
+Random weights for the preset are written once to a temporary directory in Hugging Face
+format; each (engine, dtype) is then measured in its own child process, which loads them,
+so peak memory (max RSS) is that engine's alone and one engine's allocator state cannot slow
+the next. Measured per engine:
+- prefill tokens/s: one 512-token prompt, batch 1 (ours: Engine.add, which writes the cache
+  and samples; theirs: a forward with use_cache=True). Best of 3.
+- decode tokens/s at batch 1 and 16: 128-token prompts, 128 new tokens, EOS ignored.
+  Time of the 127 decode forwards after the first token (ours: Engine.step calls after add;
+  theirs: generate(128) minus generate(1), same inputs, greedy).
+- KV-cache bytes per token (theirs: the bytes its cache object holds after 128 tokens).
+- decode as a fraction of the memory-bandwidth roofline: bytes of weights a decode step
+  reads (attention, dense and shared weights, the head, and the routed experts the batch
+  is expected to touch under uniform routing, E(1 - (1 - K/E)^B)) over the measured copy
+  bandwidth, times B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(prog="dsv2 bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="small", help="model preset (default small, the benchmark config)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list (default float32,bfloat16)")
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", default="1,16", help="decode batch sizes (default 1,16)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--no-compile", action="store_true", help="eager decode for dsv2")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+
+
+# ------------------------------------------------------------------ children
+def _prompts(B: int, T: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(2, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _child_dsv2(path, dtype, a) -> dict:
+    from .engine import Engine, Request
+    from .llm import LLM
+    from .sampling import SamplingParams
+    llm = LLM(path, dtype=dtype, compile=not a["no_compile"])
+    cfg = llm.model.config
+    res = {}
+    eng = Engine(llm.model, max_batch_slots=1, max_len=a["prefill_len"] + 8, compile=False)
+    x = _prompts(1, a["prefill_len"], cfg.vocab_size, 0)[0].tolist()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        eng.add(Request(x, SamplingParams(max_new_tokens=1)))
+        best = min(best, time.perf_counter() - t)
+        eng.free(0)
+        eng.cached_ids[0] = []  # no prefix reuse between repeats
+    res["prefill_tok_s"] = a["prefill_len"] / best
+    for B in a["batches"]:
+        eng = Engine(llm.model, max_batch_slots=B, max_len=a["prompt_len"] + a["new_tokens"] + 1,
+                     compile=not a["no_compile"])
+        params = SamplingParams(max_new_tokens=a["new_tokens"], ignore_eos=True)
+        runs = []
+        for rep in range(2):  # the first run also warms up (and compiles)
+            for s in range(B):
+                eng.cached_ids[s] = []
+            xs = _prompts(B, a["prompt_len"], cfg.vocab_size, 1 + rep).tolist()
+            for r in xs:
+                eng.add(Request(r, params))
+            eng.step()  # emits the prefill tokens
+            t = time.perf_counter()
+            n = 0
+            while eng.seqs:
+                n += len(eng.step())
+            runs.append((n, time.perf_counter() - t))
+        n, dt = runs[-1]
+        res[f"decode_b{B}_tok_s"] = n / dt
+        res["compiled"] = eng._decode.compiled
+    res["kv_bytes_per_token"] = eng.cache.bytes_per_token()
+    return res
+
+
+def _child_peer(path, dtype, a) -> dict:
+    from transformers import DeepseekV2ForCausalLM
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    V = model.config.vocab_size
+    res = {}
+    x = _prompts(1, a["prefill_len"], V, 0)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            t = time.perf_counter()
+            model(x, use_cache=True)
+            best = min(best, time.perf_counter() - t)
+        res["prefill_tok_s"] = a["prefill_len"] / best
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        for B in a["batches"]:
+            xs = _prompts(B, a["prompt_len"], V, 1)
+            model.generate(xs, max_new_tokens=2, **kw)  # warm-up
+            t = time.perf_counter()
+            model.generate(xs, max_new_tokens=1, **kw)
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            out = model.generate(xs, max_new_tokens=a["new_tokens"], min_new_tokens=a["new_tokens"],
+                                 return_dict_in_generate=True, **kw)
+            tn = time.perf_counter() - t
+            res[f"decode_b{B}_tok_s"] = B * (a["new_tokens"] - 1) / max(tn - t1, 1e-9)
+        cache = out.past_key_values
+        held = sum(t.numel() * t.element_size() for t in _tensors(cache))
+        res["kv_bytes_per_token"] = held // (B * out.sequences.shape[1])
+    return res
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from a transformers cache object."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o, seen)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o, seen)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("transformers"):
+        for o in vars(obj).values():
+            yield from _tensors(o, seen)
+
+
+def _child(spec: str) -> None:
+    a = json.loads(spec)
+    torch.set_num_threads(a["threads"])
+    dtype = getattr(torch, a["dtype"])
+    fn = _child_dsv2 if a["engine"] == "dsv2" else _child_peer
+    res = fn(a["path"], dtype, a)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res))
+
+
+# -------------------------------------------------------------------- parent
+def copy_bandwidth(mb: int = 256) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy, best of 5."""
+    a = torch.ones(mb * 2**20 // 4)
+    b = torch.zeros_like(a)
+    best = float("inf")
+    for _ in range(6):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best
+
+
+def weight_bytes_per_step(model, B: int) -> float:
+    """Bytes of weights one decode step of B tokens reads (routed experts by expected coverage)."""
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_tokens"):
+            total += B * p.shape[1] * p.element_size()  # B rows looked up
+        elif ".experts." in name and "shared" not in name:
+            E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+            total += p.numel() * p.element_size() * (1 - (1 - K / E) ** B)
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run(args) -> int:
+    if args.child:
+        _child(args.child)
+        return 0
+    from ..config import ModelConfig
+    from ..model import DeepseekV2
+    torch.set_num_threads(args.threads)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtypes takes float32 and/or bfloat16, got {d!r}.")
+    batches = [int(b) for b in args.batches.split(",")]
+    cfg = ModelConfig.from_preset(args.preset)
+    torch.manual_seed(0)
+    model = DeepseekV2(cfg).eval()
+    bw = copy_bandwidth()
+    load = os.getloadavg()[0]
+    print(f"dsv2 bench: preset {args.preset} ({model.num_params() / 1e6:.1f}M params, "
+          f"{model.active_params() / 1e6:.1f}M active), {args.threads} threads, load avg {load:.2f}, "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for dtype in dtypes:
+            for engine in ["dsv2"] + ([] if args.no_peer else ["transformers"]):
+                spec = dict(engine=engine, dtype=dtype, path=tmp, threads=args.threads, batches=batches,
+                            prefill_len=args.prefill_len, prompt_len=args.prompt_len,
+                            new_tokens=args.new_tokens, no_compile=args.no_compile)
+                res = _run_child(spec)
+                res.update(engine=engine, dtype=dtype)
+                rows.append(res)
+                _print_row(res, batches, model, bw, header=len(rows) == 1)
+    _print_ratios(rows, batches)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, copy_bandwidth_gb_s=bw / 1e9, load=load), f, indent=1)
+    return 0
+
+
+def _run_child(spec: dict) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    proc = subprocess.run([sys.executable, "-m", "dsv2.engine.bench", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{spec['engine']} {spec['dtype']} benchmark failed:\n{proc.stderr[-3000:]}")
+
+
+def _print_row(r: dict, batches, model, bw: float, header: bool) -> None:
+    if header:
+        cols = ["engine", "dtype", "prefill tok/s"] + [f"decode b{b} tok/s (roofline %)" for b in batches]
+        print(" | ".join(cols) + " | KV bytes/token | peak RSS MB")
+    esz = 4 if r["dtype"] == "float32" else 2
+    cells = [f"{r['engine']:<12}", f"{r['dtype']:<8}", f"{r['prefill_tok_s']:>9,.0f}"]
+    for b in batches:
+        roof = b * bw / (weight_bytes_per_step(model, b) * esz / 4)
+        cells.append(f"{r[f'decode_b{b}_tok_s']:>8,.1f} ({100 * r[f'decode_b{b}_tok_s'] / roof:4.1f}%)")
+    cells += [f"{r['kv_bytes_per_token']:>8,}", f"{r['peak_rss_mb']:>7,.0f}"]
+    if r["engine"] == "dsv2" and not r.get("compiled", True):
+        cells.append("(eager decode)")
+    print(" | ".join(cells), flush=True)
+
+
+def _print_ratios(rows, batches) -> None:
+    ref = next((r for r in rows if r["engine"] == "transformers" and r["dtype"] == "float32"), None)
+    ours = [r for r in rows if r["engine"] == "dsv2"]
+    if ref is None or not ours:
+        return
+    keys = ["prefill_tok_s"] + [f"decode_b{b}_tok_s" for b in batches]
+    print("ratio to transformers float32 (same run):")
+    for r in ours:
+        print(f"  dsv2 {r['dtype']:<8} " + "  ".join(f"{k.replace('_tok_s', '')} {r[k] / ref[k]:.2f}x" for k in keys))
+    best = {k: max(r[k] for r in ours) for k in keys}
+    print("  dsv2 best     " + "  ".join(f"{k.replace('_tok_s', '')} {best[k] / ref[k]:.2f}x" for k in keys))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark generation: dsv2 beside transformers, same weights, same run",
+                       description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+if __name__ == "__main__":
+    sys.exit(run(_args()))

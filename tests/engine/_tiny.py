@@ -1,0 +1,52 @@
+"""A tiny DeepSeek-V2 checkpoint with a byte-level BPE tokenizer trained here, for engine tests.
+
+Built once per test session (cached) in a temporary directory: tokenizer.json and
+tokenizer_config.json next to the weights, as a freshly pretrained checkpoint has them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "DeepSeek-V2 is a strong, economical and efficient mixture-of-experts language model.",
+    "Multi-head latent attention caches a compressed latent instead of keys and values.",
+    "深度求索发布了新的混合专家语言模型。你好，世界！今天天气很好。",
+    "我们喜欢用中文和英文写作。模型的上下文长度是一百二十八千。",
+    "Emoji time: 🙂 🚀 👍🏽 🎉 and more 🙂🙂 text.",
+    "The quick brown fox jumps over the lazy dog. 1234567890",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint(vocab_size: int = 384) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import dsv2
+    out = Path(tempfile.mkdtemp(prefix="dsv2_engine_tiny_"))
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS * 20, trainer)
+    tk.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True}))
+    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=tk.get_vocab_size(), hidden_size=64,
+                                       num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32,
+                                       q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                                       qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = dsv2.DeepseekV2(cfg).eval()
+    with torch.no_grad():  # larger weights than the init so greedy outputs vary with the prompt
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(out)
+    return out

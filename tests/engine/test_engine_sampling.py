@@ -1,0 +1,76 @@
+"""Sampling: seeds, top-k/top-p, stops, lengths; early finishers leave the batch cleanly."""
+
+from __future__ import annotations
+
+import torch
+
+import dsv2
+from dsv2.engine import Engine, Request, SamplingParams
+from dsv2.engine.sampling import sample
+
+import _tiny
+
+
+def llm():
+    return dsv2.LLM(_tiny.checkpoint())
+
+
+def test_sampler_respects_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(3, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.5),
+              SamplingParams(temperature=5.0)]
+    seen = [set() for _ in range(3)]
+    for _ in range(300):
+        for i, t in enumerate(sample(logits.clone(), params, gens).tolist()):
+            seen[i].add(t)
+    assert seen[0] == {0, 1}          # top-2
+    assert seen[1] == {0}             # p(0) = 0.64 >= 0.5: the nucleus is one token
+    assert len(seen[2]) == 6          # hot temperature reaches the whole vocabulary
+
+
+def test_seed_reproducible_and_independent_of_batch():
+    m = llm()
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=7, ignore_eos=True)
+    a = m.generate(["深度求索", "The quick"], **kw)
+    b = m.generate(["The quick"], **kw)
+    c = m.generate(["The quick"], **dict(kw, seed=8))
+    assert a[1].token_ids == b[0].token_ids
+    assert b[0].token_ids != c[0].token_ids
+    greedy = m.generate(["The quick"], max_new_tokens=12, ignore_eos=True)[0]
+    assert m.generate(["The quick"], max_new_tokens=12, temperature=1.0, top_k=1, seed=3,
+                      ignore_eos=True)[0].token_ids == greedy.token_ids
+
+
+def test_stop_token_ids_stop_strings_and_length():
+    m = llm()
+    ref = m.generate(["Hello"], max_new_tokens=10, ignore_eos=True)[0]
+    assert ref.finish_reason == "length" and len(ref.token_ids) == 10
+    stop_id = ref.token_ids[4]
+    r = m.generate(["Hello"], max_new_tokens=10, stop=[stop_id], ignore_eos=True)[0]
+    k = ref.token_ids.index(stop_id)
+    assert r.finish_reason == "stop" and r.token_ids == ref.token_ids[: k + 1]
+    text = ref.text
+    ref = m.generate(["Hello world"], max_new_tokens=20, ignore_eos=True)[0]
+    text = ref.text
+    cut = next(i for i in range(2, len(text)) if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2])
+    stop = text[cut:cut + 2]  # a stop string starting mid-text
+    r = m.generate(["Hello world"], max_new_tokens=20, stop=stop, ignore_eos=True)[0]
+    assert r.finish_reason == "stop" and r.text == text[: text.find(stop)] and stop not in r.text
+    assert len(r.token_ids) < 20
+
+
+def test_early_finisher_leaves_the_batch_and_others_continue():
+    m = llm()
+    full = m.generate(["Hello", "深度求索", "quick"], max_new_tokens=9, ignore_eos=True)
+    eng = Engine(m.model, m.tokenizer, max_batch_slots=3, max_len=64, compile=False)
+    lens = (2, 9, 5)
+    for i, (p, n) in enumerate(zip(["Hello", "深度求索", "quick"], lens)):
+        eng.add(Request(m.encode(p), SamplingParams(max_new_tokens=n, ignore_eos=True), id=i))
+    got = {i: [] for i in range(3)}
+    while eng.seqs:
+        for o in eng.step():
+            got[o.request_id].append(o.token_id)
+            assert o.finished == (len(got[o.request_id]) == lens[o.request_id])
+    assert [got[i] for i in range(3)] == [f.token_ids[:n] for f, n in zip(full, lens)]
+    assert eng.step() == []
