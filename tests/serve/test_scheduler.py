@@ -24,6 +24,10 @@ class StubEngine:
     def __init__(self, slots: int):
         self.slots, self.cache, self.seqs, self.log = slots, _Cache(slots), {}, []
 
+    @property
+    def active(self):
+        return {s: q[0] for s, q in self.seqs.items()}
+
     def has_free_slot(self):
         return len(self.seqs) < self.slots
 
@@ -106,3 +110,25 @@ def test_queue_bound_counts_only_requests_that_must_wait():
         except QueueFull as e:
             return str(e)
     assert "queue is full" in asyncio.run(go())
+
+
+def test_engine_failure_fails_requests_and_marks_unhealthy():
+    class Broken(StubEngine):
+        def step(self):
+            raise RuntimeError("out of memory")
+
+    async def go():
+        sched = Scheduler(Broken(slots=2))
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        sched.submit([Job([1], SamplingParams(max_new_tokens=3), loop, q)])
+        sched.start()
+        ev = await asyncio.wait_for(q.get(), 10)
+        sched._thread.join(5)
+        try:
+            sched.submit([Job([1], SamplingParams(max_new_tokens=3), loop, q)])
+        except RuntimeError as e:
+            refused = str(e)
+        return ev, sched.healthy, refused
+
+    ev, healthy, refused = asyncio.run(go())
+    assert "out of memory" in ev["error"] and not healthy and "restart the server" in refused

@@ -125,9 +125,9 @@ class Scheduler:
     def _snapshot(self) -> None:
         # Taken on the engine thread after each turn: /metrics must not walk the engine's
         # dicts while the engine thread changes them.
-        lengths = self.engine.cache.lengths
-        self.slots_used = len(self.engine.seqs)
-        self.cache_used_tokens = sum(lengths[s] for s in self.engine.seqs)
+        lengths, active = self.engine.cache.lengths, self.engine.active
+        self.slots_used = len(active)
+        self.cache_used_tokens = sum(lengths[s] for s in active)
 
     def capacity(self) -> str:
         """What the latent cache holds, for the start-up log line."""
