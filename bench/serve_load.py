@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     speedup = s_c["tokens_per_s"] / s_s["tokens_per_s"]
     print(f"dsv2 serve, preset {args.preset} ({args.dtype}, random weights), {args.clients} streaming clients x "
           f"{args.max_tokens} tokens, server on {args.threads} threads, {os.cpu_count()} CPUs visible, "
-          f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after (other processes skew both phases)")
+          f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after "
+          "(other processes skew both phases)")
     show(s_c)
     show(s_s)
     print(f"speed-up (aggregate tokens/s, concurrent over one at a time): {speedup:.1f}x (target >= 5x)")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-import pytest
-
-from conftest import API_KEY, MAX_LEN
+from conftest import MAX_LEN
 
 MODEL = "tiny-chat"
 PROMPT = "Multi-head latent attention"

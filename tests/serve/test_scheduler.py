@@ -56,7 +56,8 @@ async def _run(engine, specs, budget=512, max_queue=16, cancel_after=None):
     """specs: (prompt length, max tokens) per job -> (texts, finish reasons) in job order."""
     sched = Scheduler(engine, max_queue=max_queue, prefill_budget=budget)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    jobs = [Job([1] * n, SamplingParams(max_new_tokens=m), loop, events, index=i, id=i) for i, (n, m) in enumerate(specs)]
+    jobs = [Job([1] * n, SamplingParams(max_new_tokens=m), loop, events, index=i, id=i)
+            for i, (n, m) in enumerate(specs)]
     sched.submit(jobs)
     sched.start()
     texts, reasons = [""] * len(jobs), [None] * len(jobs)

@@ -175,26 +175,8 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: dict | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+# Streamed chunks are built as plain dicts in app.py (one per token; pydantic would cost more
+# than the JSON itself); their fields mirror Completion / ChatCompletion above.
 
 
 class ModelCard(BaseModel):
