@@ -1,0 +1,86 @@
+"""Fixed-length training windows from token shards, in a seeded order, with an exact position.
+
+A split's shards are cut into non-overlapping windows of seq_len + 1 tokens (inputs and
+their next-token targets); windows never cross a shard boundary. Each epoch visits every
+window once in the order `randperm(W, seed + epoch)`. The loader's whole state is
+(epoch, cursor): saving and restoring it resumes on exactly the next window, which is
+what makes N steps straight and N/2 + resume + N/2 bit-identical.
+
+Data parallel: rank r of R takes positions r, r + R, r + 2R, ... of the same order, so
+ranks see disjoint windows and together see what one process would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .shards import read_card
+
+
+class TokenLoader:
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
+        card = read_card(data_dir)
+        if split not in card["shards"]:
+            raise ValueError(f"{data_dir}/card.json has no '{split}' split (has {', '.join(card['shards'])}).")
+        self.seq_len, self.seed, self.dp_rank, self.dp_size = seq_len, seed, dp_rank, dp_size
+        self.vocab_size = card["vocab_size"]
+        dtype = np.dtype(card["dtype"])
+        self.shards = [np.memmap(Path(data_dir) / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
+                       for s in card["shards"][split]]
+        per_shard = [(len(s) - 1) // seq_len for s in self.shards]
+        self.n_windows = sum(per_shard)
+        if self.n_windows < dp_size:
+            raise ValueError(f"the '{split}' split of {data_dir} has {sum(map(len, self.shards)):,} tokens, fewer "
+                             f"than one window of {seq_len + 1} per rank: lower seq_len or add data.")
+        self.starts = np.cumsum([0] + per_shard)  # first global window id of each shard
+        self.epoch, self.cursor = 0, 0
+        self._order: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- reading
+    def window(self, w: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, w, side="right")) - 1
+        off = (w - int(self.starts[shard])) * self.seq_len
+        return self.shards[shard][off: off + self.seq_len + 1]
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._order = torch.randperm(self.n_windows, generator=g)
+        return self._order
+
+    def next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens [n, seq_len + 1] int64 and a unique sample id per row (epoch * W + window)."""
+        rows, ids = [], []
+        for _ in range(n):
+            pos = self.cursor * self.dp_size + self.dp_rank
+            if pos >= self.n_windows - (self.n_windows % self.dp_size):  # ranks stay in step
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+                pos = self.dp_rank
+            w = int(self._epoch_order()[pos])
+            rows.append(self.window(w).astype(np.int64))
+            ids.append(self.epoch * self.n_windows + w)
+            self.cursor += 1
+        return torch.from_numpy(np.stack(rows)), torch.tensor(ids, dtype=torch.int64)
+
+    def fixed_batches(self, n_batches: int, batch: int):
+        """The first n_batches x batch windows in file order (validation: the same every time)."""
+        total = min(n_batches * batch, self.n_windows)
+        for s in range(0, total, batch):
+            rows = [self.window(w).astype(np.int64) for w in range(s, min(s + batch, total))]
+            yield torch.from_numpy(np.stack(rows))
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
+                "n_windows": self.n_windows, "dp_size": self.dp_size}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in ("seed", "seq_len", "n_windows", "dp_size"):
+            if sd[k] != getattr(self, k):
+                raise ValueError(f"the checkpoint's data position was saved with {k}={sd[k]} but this run has "
+                                 f"{k}={getattr(self, k)}: resume with the same data and config.")
+        self.epoch, self.cursor, self._order = sd["epoch"], sd["cursor"], None

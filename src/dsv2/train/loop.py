@@ -1,0 +1,271 @@
+"""The pretraining loop: build -> (parallelize) -> optimizer -> steps -> eval -> checkpoints -> export.
+
+    dsv2 pretrain --config tiny data.dir=runs/data out_dir=runs/tiny            # CPU
+    dsv2 pretrain --config small device=cuda batch.micro_batch=32                # one GPU
+    dsv2 pretrain --config tiny --resume auto                                    # continue the last run
+
+One optimizer step: the batch schedule says how many sequences; they are read as
+micro-batches, each forward runs under bf16 autocast (fp32 master weights), its loss is
+CE summed over target tokens / the step's number of target tokens (`count_targets`, see
+the package docstring) + the balance losses weighted by the micro-batch's share of the
+step, and gradients accumulate; then clip to 1.0 and AdamW. Nothing here is distributed:
+`parallelize`, `count_targets`, `checkpointer` and `is_main` are the seams.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from ..config import ModelConfig
+from ..data.loader import TokenLoader
+from ..data.shards import read_card
+from ..model import DeepseekV2
+from .checkpoint import Checkpointer, LocalCheckpointer, RNGState
+from .config import TrainConfig
+from .metrics import MetricsWriter, peak_flops, step_line
+from .moe_hooks import MoERules
+from .optim import build_optimizer
+from .schedule import Schedule
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} was asked for but this torch sees no CUDA GPU: use device=cpu.")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: without them (e.g. AVX2-only CPUs) bf16 matmuls run ~100x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" or cpu_has_fast_bf16() else "fp32"
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> DeepseekV2:
+    """fp32 parameters drawn with the config's init std, in train mode."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DeepseekV2(cfg)
+    return model.train()
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.tokens = int(sd["step"]), int(sd["tokens"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, parallelize: Callable[[nn.Module], nn.Module] | None = None,
+                 checkpointer: Checkpointer | None = None, count_targets: Callable[[int], int] | None = None,
+                 is_main: bool = True, dp_rank: int = 0, dp_size: int = 1, grad_scale: float = 1.0,
+                 print_fn: Callable[[str], None] = print, clip_grad_norm: Callable | None = None):
+        cfg.validate()
+        self.cfg, self.is_main, self.print = cfg, is_main, (print_fn if is_main else (lambda *_: None))
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.out = Path(cfg.out_dir)
+        card = read_card(cfg.data.dir)
+        self.card = card
+        mcfg = cfg.model_config()
+        if card["vocab_size"] > mcfg.vocab_size:
+            raise ValueError(f"the data in {cfg.data.dir} uses {card['vocab_size']} token ids but the model's "
+                             f"vocab_size is {mcfg.vocab_size}: set model.vocab_size={card['vocab_size']} or retokenise.")
+        self.model = build_model(mcfg, self.device, cfg.seed)
+        self.rules = MoERules(self.model, cfg.moe, cfg.seed)
+        self.step_model = parallelize(self.model) if parallelize else self.model
+        if cfg.compile:
+            self.step_model = torch.compile(self.step_model)
+        self.optimizer = build_optimizer(self.step_model, cfg.optim)
+        self.schedule = Schedule(cfg)
+        self.train_data = TokenLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.seed, dp_rank, dp_size)
+        self.val_data = TokenLoader(cfg.data.dir, "val", cfg.data.seq_len, cfg.seed)
+        self.count_targets = count_targets or (lambda n: n)
+        self.grad_scale = grad_scale
+        self.clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_  # issue 5: one that spans meshes
+        self.state = TrainState()
+        self.checkpointer = checkpointer or LocalCheckpointer(self.out / "checkpoints", cfg.keep_last)
+        self.peak = peak_flops(self.device, cfg.peak_tflops)
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len, training=True)
+        self.metrics: MetricsWriter | None = None
+        self.last_val: float | None = None
+
+    # ------------------------------------------------------------------ state
+    def stateful(self) -> dict:
+        return {"model": self.model, "optim": self.optimizer, "trainer": self.state,
+                "data": self.train_data, "rng": RNGState()}
+
+    def resume(self, where: str | None) -> bool:
+        """where: None (fresh), "auto" (latest checkpoint if any) or a checkpoint path."""
+        if not where:
+            return False
+        path = self.checkpointer.latest() if where == "auto" else Path(where)
+        if path is None:
+            self.print(f"resume auto: no checkpoint under {self.out / 'checkpoints'}, starting fresh")
+            return False
+        self.checkpointer.load(path, self.stateful())
+        self.print(f"resumed from {path} at step {self.state.step}")
+        return True
+
+    def save(self) -> Path:
+        meta = {"tokens": self.state.tokens, "config": self.cfg.to_dict()}
+        return self.checkpointer.save(self.state.step, self.stateful(), meta)
+
+    # ------------------------------------------------------------------- step
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step at schedule position `step`; returns its scalars."""
+        cfg, mb = self.cfg, self.cfg.batch.micro_batch
+        n_seq, T = self.schedule.seqs[step], cfg.data.seq_len
+        lr = self.schedule.lr(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        n_targets = self.count_targets(n_seq * T)
+        lm_sum, aux_sum = 0.0, {}
+        for _ in range(n_seq // mb):
+            tokens, ids = self.train_data.next_batch(mb)
+            tokens = tokens.to(self.device, non_blocking=True)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            self.rules.begin(ids)
+            with self.autocast():
+                logits = self.step_model(x)
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            aux = self.rules.collect(mb, T)
+            # mb * T / n_targets = this micro-batch's share of the (global) step's sequences
+            loss = ce / n_targets + sum(aux.values()) * (mb * T / n_targets)
+            (loss * self.grad_scale).backward()
+            lm_sum += ce.detach()
+            for k, v in aux.items():
+                aux_sum[k] = aux_sum.get(k, 0.0) + v.detach() * (mb / n_seq)
+        grad_norm = self.clip_grad_norm(self.step_model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_layers = max(1, len(self.rules.layers))
+        return {"lm_loss": float(lm_sum) / n_targets, "lr": lr, "grad_norm": float(grad_norm),
+                "aux": {k: float(v) / n_layers for k, v in aux_sum.items()}, "tokens": n_seq * T}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token cross-entropy (nats) over the fixed validation windows; no dropping."""
+        self.step_model.eval()
+        total, count = 0.0, 0
+        for tokens in self.val_data.fixed_batches(self.cfg.data.val_batches, self.cfg.batch.micro_batch):
+            tokens = tokens.to(self.device)
+            with self.autocast():
+                logits = self.step_model(tokens[:, :-1])
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += tokens[:, 1:].numel()
+            for m in self.rules.layers:
+                m.last_routing = m.last_keep = None
+        self.step_model.train()
+        return total / max(1, count)
+
+    # -------------------------------------------------------------------- fit
+    def fit(self, resume: str | None = None) -> dict:
+        cfg = self.cfg
+        resumed = self.resume(resume)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.metrics = MetricsWriter(self.out / "metrics.jsonl", append=resumed)
+            if resumed:
+                self.metrics.truncate_after(self.state.step)
+            self.print(f"pretrain: {self.model.num_params():,} parameters ({self.model.active_params():,} active), "
+                       f"{len(self.schedule)} steps, {self.schedule.total_tokens:,} tokens, device {self.device}, "
+                       f"{self.precision}; MoE rules: D={self.rules.D} M={self.rules.M} "
+                       f"drop={'on' if self.rules.policy else 'off'} a=({cfg.moe.exp_bal}, {cfg.moe.dev_bal}, "
+                       f"{cfg.moe.comm_bal})")
+        t_window, tok_window, t_start = time.time(), 0, time.time()
+        steps_done_here = 0
+        for step in range(self.state.step, len(self.schedule)):
+            out = self.train_step(step)
+            self.state.step, self.state.tokens = step + 1, self.state.tokens + out["tokens"]
+            tok_window += out["tokens"]
+            steps_done_here += 1
+            done = self.state.step == len(self.schedule)
+            if self.state.step % cfg.log_every == 0 or done:
+                self._log(out, tok_window, time.time() - t_window, time.time() - t_start, steps_done_here)
+                t_window, tok_window = time.time(), 0
+            if self.rules.layers and (self.state.step % cfg.moe.load_every == 0 or done):
+                self._log_load()
+            if self.state.step % cfg.eval_every == 0 or done:
+                self._eval()
+            if self.state.step % cfg.save_every == 0 or done:
+                self.save()
+        result = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": self.last_val,
+                  "unigram_val_loss": self.card.get("unigram_val_loss")}
+        if self.is_main and cfg.export:
+            result["export"] = str(self.export())
+        if self.metrics:
+            self.metrics.close()
+        return result
+
+    def _log(self, out, tok_window, dt_window, dt_total, steps_here) -> None:
+        tok_s = tok_window / max(dt_window, 1e-9)
+        mfu = tok_s * self.flops_per_token / self.peak if self.peak else None
+        remaining = sum(self.schedule.seqs[self.state.step:]) * self.cfg.data.seq_len
+        eta = remaining / max(1e-9, (self.state.tokens - self.schedule.tokens_before[self.state.step - steps_here])
+                              / max(dt_total, 1e-9))
+        drop = self.rules.drop_rate() if self.rules.policy else None
+        loss = out["lm_loss"] + sum(out["aux"].values()) * max(1, len(self.rules.layers))
+        self.print(step_line(self.state.step, len(self.schedule), out["lm_loss"], out["aux"], drop, out["lr"],
+                             tok_s, mfu, eta))
+        if self.metrics:
+            self.metrics.write("train", step=self.state.step, tokens=self.state.tokens, loss_nats=loss,
+                               lm_loss_nats=out["lm_loss"], **{f"{k}": v for k, v in out["aux"].items()},
+                               drop_rate=drop, lr=out["lr"], grad_norm=out["grad_norm"], tokens_per_s=tok_s, mfu=mfu)
+
+    def _log_load(self) -> None:
+        if self.metrics:
+            load = self.rules.load_LE.float()
+            share = (load / load.sum(-1, keepdim=True).clamp(min=1)).tolist()
+            self.metrics.write("load", step=self.state.step, expert_share=share,
+                               max_over_mean=float((load.amax(-1) / load.mean(-1).clamp(min=1e-9)).mean()),
+                               drop_rate=self.rules.drop_rate() if self.rules.policy else None)
+        self.rules.reset_stats()
+
+    def _eval(self) -> None:
+        self.last_val = self.evaluate()
+        self.print(f"step {self.state.step}: val loss {self.last_val:.4f} nats "
+                   f"(unigram baseline {self.card.get('unigram_val_loss', float('nan')):.4f})")
+        if self.metrics:
+            self.metrics.write("val", step=self.state.step, tokens=self.state.tokens, val_loss_nats=self.last_val)
+
+    def export(self) -> Path:
+        """The final model as a Hugging Face directory with its tokenizer."""
+        path = self.out / "hf"
+        tok = self.card.get("tokenizer")
+        self.model.save_pretrained(path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
+        self.print(f"exported {path} (config.json + model.safetensors + tokenizer)")
+        return path
+
+

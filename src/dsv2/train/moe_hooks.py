@@ -1,0 +1,72 @@
+"""Wires the MoE training rules into a model through the hooks `MoE` exposes.
+
+`MoERules(model, moe_cfg)` finds every MoE layer, turns on routing capture, and sets the
+token-dropping policy. After each training forward, `collect(B, T)` reads each layer's
+routing, returns the balance losses (summed over layers, one term per layer as in the
+paper) and accumulates per-expert loads and drop counts for the metrics; `begin(ids)`
+tells the policy which sequences of the coming micro-batch are protected.
+
+Shape legend: B sequences, T tokens, N = B*T, E routed experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.moe import MoE
+from .balance import balance_losses
+from .config import MoEConfig
+from .dropping import DropPolicy
+from .routing import expert_groups, routing_groups
+
+
+class MoERules:
+    def __init__(self, model: nn.Module, cfg: MoEConfig, seed: int = 0):
+        self.cfg = cfg
+        self.layers: list[MoE] = [m for m in model.modules() if isinstance(m, MoE)]
+        mcfg = model.config
+        self.n_experts = mcfg.n_routed_experts or 0
+        self.D, self.M = routing_groups(mcfg, cfg.device_groups) if self.layers else (1, 1)
+        self.group_E = expert_groups(self.n_experts, self.D) if self.layers else None
+        self.policy = (DropPolicy(self.group_E, self.D, cfg.capacity_factor, cfg.protect_fraction, seed)
+                       if cfg.drop_tokens and self.layers else None)
+        for m in self.layers:
+            m.record_routing = True
+            m.drop_policy = self.policy
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.load_LE = torch.zeros(len(self.layers), max(1, self.n_experts), dtype=torch.long)
+        self.copies = 0
+        self.dropped = 0
+
+    def begin(self, sample_ids_B: torch.Tensor) -> None:
+        if self.policy is not None:
+            self.policy.set_batch(sample_ids_B)
+
+    def collect(self, B: int, T: int) -> dict[str, torch.Tensor]:
+        """Balance losses of the last forward, summed over MoE layers; updates load statistics."""
+        total: dict[str, torch.Tensor] = {}
+        c = self.cfg
+        for li, m in enumerate(self.layers):
+            r, keep = m.last_routing, m.last_keep
+            m.last_routing = m.last_keep = None  # free the graph references
+            if r is None:
+                continue
+            group_E = self.group_E.to(r.idx_NK.device)
+            K = r.idx_NK.shape[-1]
+            losses = balance_losses(r.scores_NE.view(B, T, -1), r.idx_NK.view(B, T, K), group_E, self.D, self.M,
+                                    c.exp_bal, c.dev_bal, c.comm_bal)
+            for k, v in losses.items():
+                total[k] = total[k] + v if k in total else v
+            with torch.no_grad():
+                idx = r.idx_NK if keep is None else r.idx_NK[keep]
+                self.load_LE[li] += torch.bincount(idx.flatten(), minlength=self.n_experts).cpu()
+                self.copies += r.idx_NK.numel()
+                if keep is not None:
+                    self.dropped += int((~keep).sum())
+        return total
+
+    def drop_rate(self) -> float:
+        return self.dropped / self.copies if self.copies else 0.0

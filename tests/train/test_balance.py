@@ -1,0 +1,86 @@
+"""The three balance losses against their closed forms, perfect balance, and gradient flow."""
+
+import pytest
+import torch
+
+from dsv2.train.balance import balance_losses, comm_balance, device_balance, expert_balance
+from dsv2.train.routing import expert_groups
+
+
+def _hand_routing():
+    # 1 sequence, T = 2 tokens, E = 4 experts in D = 2 groups {0,1} {2,3}, K = 2, M = 1.
+    scores = torch.tensor([[[0.4, 0.3, 0.2, 0.1],
+                            [0.1, 0.2, 0.3, 0.4]]])
+    idx = torch.tensor([[[0, 1], [2, 0]]])
+    return scores, idx
+
+
+def test_expert_balance_closed_form():
+    scores, idx = _hand_routing()
+    # counts per expert: e0 2, e1 1, e2 1, e3 0;  f_i = N_r/(K_r T) count = 4/4 count = count
+    f = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    P = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    assert expert_balance(scores, idx, 0.5).item() == pytest.approx(0.5 * float((f * P).sum()))  # = 0.5
+
+
+def test_device_and_comm_balance_closed_form():
+    scores = torch.tensor([[[0.5, 0.2, 0.2, 0.1],
+                            [0.6, 0.3, 0.05, 0.05]]])
+    idx = torch.tensor([[[0, 1], [0, 2]]])
+    g = expert_groups(4, 2)
+    f = torch.tensor([2.0, 1.0, 1.0, 0.0])                  # 4/(2*2) x counts
+    P = scores[0].mean(0)                                   # [0.55, 0.25, 0.125, 0.075]
+    f_dev = torch.tensor([(f[0] + f[1]) / 2, (f[2] + f[3]) / 2])
+    P_dev = torch.tensor([P[0] + P[1], P[2] + P[3]])
+    assert device_balance(scores, idx, g, 2, 2.0).item() == pytest.approx(2.0 * float((f_dev * P_dev).sum()))
+    # token 0 reaches group 0 only; token 1 groups 0 and 1.  f'' = D/(M T) x tokens sent = 2/(1*2) x [2, 1]
+    f_comm = torch.tensor([2.0, 1.0])
+    assert comm_balance(scores, idx, g, 2, 1, 3.0).item() == pytest.approx(3.0 * float((f_comm * P_dev).sum()))
+
+
+def test_losses_average_over_sequences():
+    scores, idx = _hand_routing()
+    two = balance_losses(torch.cat([scores, scores.flip(-1)]), torch.cat([idx, 3 - idx]), expert_groups(4, 2), 2, 1,
+                         1.0, 1.0, 1.0)
+    one_a = balance_losses(scores, idx, expert_groups(4, 2), 2, 1, 1.0, 1.0, 1.0)
+    one_b = balance_losses(scores.flip(-1), 3 - idx, expert_groups(4, 2), 2, 1, 1.0, 1.0, 1.0)
+    for k in two:
+        assert two[k].item() == pytest.approx((one_a[k].item() + one_b[k].item()) / 2)
+
+
+def test_perfect_balance_equals_coefficient():
+    # E = 8 in D = 4 groups of 2, K = 2, M = 2: token t picks experts t and t + 2 (mod 8), i.e. groups
+    # t//2 and t//2 + 1: every expert is chosen twice, every group reached by 4 tokens, uniform scores.
+    T, E, D, K = 8, 8, 4, 2
+    idx = torch.tensor([[[t % E, (t + 2) % E] for t in range(T)]])
+    scores = torch.full((1, T, E), 1.0 / E)
+    g = expert_groups(E, D)
+    M = 2
+    losses = balance_losses(scores, idx, g, D, M, 0.003, 0.05, 0.02)
+    assert losses["exp_bal"].item() == pytest.approx(0.003)
+    assert losses["dev_bal"].item() == pytest.approx(0.05)
+    assert losses["comm_bal"].item() == pytest.approx(0.02)
+
+
+def test_zero_coefficient_turns_a_loss_off():
+    scores, idx = _hand_routing()
+    assert set(balance_losses(scores, idx, expert_groups(4, 2), 2, 1, 0.0, 0.1, 0.0)) == {"dev_bal"}
+
+
+def test_gradients_flow_through_the_gate():
+    from dsv2.config import ModelConfig
+    from dsv2.model.moe import MoE
+    cfg = ModelConfig.from_preset("tiny", hidden_size=32, moe_intermediate_size=16)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    moe.record_routing = True
+    x = torch.randn(2, 5, 32)
+    moe(x)
+    r = moe.last_routing
+    g = expert_groups(cfg.n_routed_experts, cfg.n_group)
+    loss = sum(balance_losses(r.scores_NE.view(2, 5, -1), r.idx_NK.view(2, 5, -1), g, cfg.n_group, cfg.topk_group,
+                              0.003, 0.05, 0.02).values())
+    loss.backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0

@@ -1,0 +1,69 @@
+"""Config presets, dotted overrides, loud errors; the paper's LR and batch schedules."""
+
+import pytest
+
+from dsv2.config import ConfigError
+from dsv2.train.config import list_pretrain_presets, load_config
+from dsv2.train.optim import build_optimizer, param_groups
+from dsv2.train.schedule import Schedule
+
+
+def test_presets_load_and_build_their_model_config():
+    assert {"tiny", "small"} <= set(list_pretrain_presets())
+    for name in list_pretrain_presets():
+        cfg = load_config(name)
+        assert cfg.model_config().num_hidden_layers > 0
+
+
+def test_dotted_overrides_and_path_form(tmp_path):
+    cfg = load_config("tiny", ["optim.lr=1e-3", "moe.drop_tokens=false", "model.num_hidden_layers=2",
+                               "optim.decay_at=[0.8, 0.9]", "steps=7"])
+    assert cfg.optim.lr == 1e-3 and cfg.moe.drop_tokens is False and cfg.steps == 7
+    assert cfg.model_config().num_hidden_layers == 2 and cfg.optim.decay_at == [0.8, 0.9]
+    p = tmp_path / "mine.yaml"
+    p.write_text("model: {preset: tiny}\nsteps: 3\n")
+    assert load_config(str(p)).steps == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["optim.lrr=1"], "unknown training config key 'optim.lrr'"),
+    (["model.hiden_size=8"], "unknown config key 'hiden_size'"),
+    (["steps"], "has no '='"),
+    (["batch.start=5"], "multiples of batch.micro_batch"),
+])
+def test_bad_overrides_are_one_clear_sentence(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", bad)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_config("nope")
+
+
+def test_lr_warmup_then_steps_at_token_fractions():
+    cfg = load_config("tiny", ["steps=100", "optim.warmup_steps=10", "optim.lr=1.0", "batch.ramp_tokens=0"])
+    s = Schedule(cfg)
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)
+    assert s.lr(59) == pytest.approx(1.0) and s.lr(60) == pytest.approx(0.316)
+    assert s.lr(90) == pytest.approx(0.316 ** 2)
+
+
+def test_batch_ramp_in_whole_micro_batches():
+    cfg = load_config("tiny", ["steps=50", "batch.micro_batch=4", "batch.start=4", "batch.final=16",
+                               "batch.ramp_tokens=20000", "data.seq_len=100"])
+    s = Schedule(cfg)
+    assert s.seqs[0] == 4 and s.seqs[-1] == 16 and all(n % 4 == 0 for n in s.seqs)
+    assert s.seqs == sorted(s.seqs) and s.total_tokens == sum(s.seqs) * 100
+
+
+def test_weight_decay_on_matrices_only():
+    import torch
+    from dsv2.model import DeepseekV2
+    cfg = load_config("tiny")
+    model = DeepseekV2(cfg.model_config())
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    opt = build_optimizer(model, cfg.optim)
+    assert opt.defaults["betas"] == (0.9, 0.95) and isinstance(opt, torch.optim.AdamW)
