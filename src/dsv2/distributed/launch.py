@@ -1,0 +1,155 @@
+"""`dsv2 pretrain` on many processes: torchrun entry, `--nproc N` convenience, the trainer's seams.
+
+    torchrun --nproc-per-node 4 -m dsv2 pretrain --config tiny --ep 2 data.dir=runs/data      # 1 machine
+    dsv2 pretrain --config tiny --nproc 4 --ep 2 data.dir=runs/data                           # same, CPU/GPU
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+             -m dsv2 pretrain --config my.yaml --ep 8                                         # 2 machines
+
+`--nproc N` re-runs the same command under `python -m torch.distributed.run --standalone`
+(a free port on this machine). Under torchrun every process builds the same model, and
+the single-process Trainer (dsv2.train) runs unchanged through its seams:
+
+    parallelize     dsv2.distributed.parallelize (EP, checkpointing, compile, FSDP2)
+    count_targets   all_reduce SUM: every rank divides its CE by the GLOBAL target count
+    grad_scale      1: parallelize() makes FSDP2 sum gradients instead of averaging
+    clip_grad_norm  one norm over gradients living on different meshes
+    checkpointer    DCPCheckpointer (sharded, reshardable)
+    dp_rank/size    every process is a data-parallel rank (EP borrows from them)
+
+Batch sizes in the config (`batch.start`, `batch.final`) are GLOBAL sequences per step;
+`batch.micro_batch` is per rank. The step line and metrics report global losses, balance
+losses and drop rates (all-reduced); tokens and tok/s are per rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import DCPCheckpointer
+from .grad_norm import clip_grad_norm_
+from .memory import describe
+from .mesh import Layout, init_layout, log0, shutdown
+from .parallelize import parallelize
+
+
+def relaunch(args, argv: list[str]) -> int:
+    """Run `dsv2 <argv minus --nproc>` under torchrun with args.nproc processes; returns its exit code."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "dsv2", *rest]
+    print("launching: " + " ".join(cmd[2:]), flush=True)
+    return subprocess.call(cmd)
+
+
+def run(args, cfg, argv: list[str] | None = None) -> int:
+    """`dsv2 pretrain` with the distributed flags: relaunch under torchrun, or be one of its ranks."""
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return relaunch(args, argv if argv is not None else sys.argv[1:])
+    layout = init_layout(args.ep, device=None if cfg.device == "auto" else cfg.device)
+    try:
+        result = train(cfg, layout, resume=args.resume, activation_checkpointing=args.ac,
+                       param_dtype=torch.bfloat16 if args.fsdp_bf16 else None)
+        log0(f"done: step {result['step']}, val loss {result['val_loss']:.4f} nats", layout=layout)
+    finally:
+        shutdown()
+    return 0
+
+
+def per_rank_config(cfg, layout: Layout):
+    """Global batch sizes -> this rank's; checks that they divide."""
+    b, W = cfg.batch, layout.world
+    for name in ("start", "final"):
+        n = getattr(b, name)
+        if n % (W * b.micro_batch):
+            raise ValueError(f"batch.{name}={n} sequences must be a multiple of processes x batch.micro_batch "
+                             f"({W} x {b.micro_batch}); change it or batch.micro_batch.")
+        setattr(b, name, n // W)
+    b.ramp_tokens //= W
+    return cfg
+
+
+def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointing: bool = False,
+          param_dtype: torch.dtype | None = None) -> dict:
+    from ..train.loop import Trainer
+
+    class DistributedTrainer(Trainer):
+        """The Trainer, with its step's reported scalars made global (all-reduced)."""
+
+        def train_step(self, step: int) -> dict:
+            d0, c0 = self.rules.dropped, self.rules.copies
+            out = super().train_step(step)
+            if not layout.distributed:
+                return out
+            keys = sorted(out["aux"])
+            local = [out["lm_loss"]] + [out["aux"][k] for k in keys] + [self.rules.dropped - d0, self.rules.copies - c0]
+            t = torch.tensor(local, dtype=torch.float64, device=layout.device)
+            dist.all_reduce(t)
+            vals = t.tolist()
+            out["lm_loss"] = vals[0]                                   # shares of the global mean: add up
+            out["aux"] = {k: v / layout.world for k, v in zip(keys, vals[1:])}   # per-rank means: average
+            self.rules.dropped, self.rules.copies = d0 + int(vals[-2]), c0 + int(vals[-1])
+            out["dropped"] = int(vals[-2])
+            return out
+
+    compile_blocks = cfg.compile
+    cfg.compile = False               # compiled per block inside parallelize(), inside the FSDP hooks
+    export = cfg.export and layout.distributed
+    if layout.distributed:
+        cfg.export = False            # export needs every rank (parameters are sharded); done below
+    per_rank_config(cfg, layout)
+    mcfg = cfg.model_config()
+    log0(describe(mcfg, layout.dp, layout.ep, cfg.batch.micro_batch * cfg.data.seq_len,
+                  2 if cfg.precision == "bf16" or param_dtype else 4, activation_checkpointing), layout=layout)
+    trainer = DistributedTrainer(
+        cfg, parallelize=functools.partial(parallelize, layout=layout, activation_checkpointing=activation_checkpointing,
+                                           compile=compile_blocks, param_dtype=param_dtype),
+        checkpointer=DCPCheckpointer(os.path.join(cfg.out_dir, "checkpoints"), cfg.keep_last),
+        count_targets=functools.partial(_all_sum_int, device=layout.device) if layout.distributed else None,
+        is_main=layout.rank == 0,
+        dp_rank=layout.rank, dp_size=layout.world, grad_scale=1.0, clip_grad_norm=clip_grad_norm_,
+        print_fn=functools.partial(log0, layout=layout))
+    result = trainer.fit(resume=resume)
+    if export:
+        result["export"] = str(export_from_ranks(trainer, layout))
+    return result
+
+
+def _all_sum_int(n: int, device) -> int:
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def export_from_ranks(trainer, layout: Layout):
+    """Gather full parameters (every rank takes part), rank 0 writes the Hugging Face directory."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..model import DeepseekV2
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    path = Path(trainer.cfg.out_dir) / "hf"
+    if layout.rank == 0:
+        plain = DeepseekV2(trainer.model.config)   # fresh init (incl. rope buffers), then overwritten
+        plain.load_state_dict(full)
+        tok = trainer.card.get("tokenizer")
+        plain.save_pretrained(path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
+        log0(f"exported {path}", layout=layout)
+    dist.barrier()
+    return path
