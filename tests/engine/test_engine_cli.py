@@ -24,12 +24,12 @@ def test_generate_prints_completions(tmp_path, capsys):
     ckpt = str(_tiny.checkpoint())
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("深度求索\n\nThe quick\n", encoding="utf-8")
-    assert main(["generate", ckpt, "Hello", "--file", str(prompts), "--max-new-tokens", "4", "--no-compile"]) == 0
+    assert main(["generate", ckpt, "Hello", "--file", str(prompts), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr()
     assert out.out.count("--- [") == 3 and "tokens/s" in out.err and "bytes/token" in out.err
-    assert main(["generate", ckpt, "--no-compile"]) == 2
+    assert main(["generate", ckpt]) == 2
     assert "no prompts" in capsys.readouterr().err
-    assert main(["generate", ckpt, "hi", "--temperature", "-1", "--no-compile"]) == 2
+    assert main(["generate", ckpt, "hi", "--temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
 
 
@@ -64,7 +64,7 @@ def test_chat_repl_commands():
 
 def test_bench_runs_both_engines(capsys):
     assert main(["bench", "--preset", "tiny", "--dtypes", "float32", "--prefill-len", "16", "--prompt-len", "8",
-                 "--new-tokens", "4", "--batches", "1,2", "--no-compile"]) == 0
+                 "--new-tokens", "4", "--batches", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "dsv2 " in out and "transformers" in out and "ratio to transformers float32" in out
     assert "decode b2 tok/s" in out and "roofline" in out

@@ -66,3 +66,18 @@ def test_cancel_frees_the_slot(llm):
     assert eng.cancel("a") and not eng.cancel("zz")
     assert {o.request_id for o in eng.step()} == {"b"}
     assert eng.has_free_slot()
+
+
+def test_compile_failure_falls_back_to_eager_with_a_notice(monkeypatch, capsys):
+    import dsv2.engine.decode as decode
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(decode.torch, "compile", broken)
+    model = dsv2.load_pretrained(_tiny.checkpoint())
+    eng = Engine(model, max_batch_slots=1, max_len=16, compile=True)
+    assert not eng._decode.compiled
+    assert "decoding eagerly" in capsys.readouterr().err
+    eng.add(Request([3, 4], SamplingParams(max_new_tokens=3, ignore_eos=True)))
+    assert sum(len(eng.step()) for _ in range(3)) == 3

@@ -24,7 +24,7 @@ def _sampling_args(p) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--no-compile", action="store_true", help="eager decode (no torch.compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (opt-in)")
 
 
 def _sampling(args) -> dict:
@@ -38,7 +38,7 @@ def _load(args):
     from .llm import LLM
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, compile=False if args.no_compile else None)
+    return LLM(args.model, dtype=args.dtype, compile=args.compile)
 
 
 def add_parser(sub) -> None:

@@ -2,6 +2,11 @@
 
 Kept apart from the engine's bookkeeping so it can be compiled: its inputs are a [B, 1]
 token tensor, the slots' positions and the attended length, and it returns [B, V] logits.
+
+torch.compile is opt-in (compile=True). Measured on the project's 2-vCPU AVX2 machine, the
+compiled decode attention block was ~10% faster than eager after ~80 s of compilation, and
+the MoE's host-side expert choice splits the graph per layer; eager is the default there.
+Where compilation fails, decoding falls back to eager with a one-line notice on stderr.
 """
 
 from __future__ import annotations
@@ -18,12 +23,35 @@ class DecodeStep:
         self.model = model
         self.fn = self._eager
         self.compiled = False
+        if compile:
+            try:
+                self.fn = torch.compile(self._eager, dynamic=True)
+                self.compiled = True
+            except Exception as e:  # noqa: BLE001 - any failure means: decode eagerly
+                self._fallback(e)
 
-    def _eager(self, tokens_B1, positions_B1, kv_len: int, kv) -> torch.Tensor:
-        slots = torch.arange(kv_len, device=tokens_B1.device)
-        step = KVStep(positions_B1, kv_len, slots[None, None, :] <= positions_B1[:, :, None])
+    def _fallback(self, e: Exception) -> None:
+        print(f"dsv2: torch.compile unavailable for decode ({type(e).__name__}: {str(e)[:120]}); "
+              "decoding eagerly.", file=sys.stderr)
+        self.fn, self.compiled = self._eager, False
+
+    def _eager(self, tokens_B1, positions_B1, kv_len: int, kv, masked: bool) -> torch.Tensor:
+        mask = None
+        if masked:  # slots of different lengths: each attends to its own prefix only
+            slots = torch.arange(kv_len, device=tokens_B1.device)
+            mask = slots[None, None, :] <= positions_B1[:, :, None]
+        step = KVStep(positions_B1, kv_len, mask)
         return self.model(tokens_B1, kv=kv, step=step, absorb=True, last_only=True)[:, 0]
 
     def __call__(self, tokens_B1, pos: list[int], kv_len: int, cache, hi: int) -> torch.Tensor:
         positions_B1 = torch.tensor(pos, dtype=torch.long, device=tokens_B1.device)[:, None]
-        return self.fn(tokens_B1, positions_B1, kv_len, cache.layers(slice(0, hi)))
+        # Unmasked when every row attends to exactly [0, kv_len) (e.g. batch 1).
+        masked = any(p != kv_len - 1 for p in pos)
+        args = (tokens_B1, positions_B1, kv_len, cache.layers(slice(0, hi)), masked)
+        if not self.compiled:
+            return self.fn(*args)
+        try:
+            return self.fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self._fallback(e)
+            return self.fn(*args)

@@ -9,8 +9,8 @@ API (stable; the OpenAI-compatible server builds continuous batching on it)
         dsv2.Tokenizer, needed only for stop strings and text deltas. max_len: positions per
         slot (default min(max_position_embeddings, 2048)). The LatentCache of
         [max_batch_slots, max_len, d_c] + [.., d_h^R] per layer is allocated here, per engine.
-        compile: torch.compile the decode step (None = when available; a one-line notice on
-        stderr when it falls back to eager).
+        compile: torch.compile the decode step (opt-in, see engine/decode.py; a one-line
+        notice on stderr when it falls back to eager).
 
     slot = engine.add(Request(prompt_ids=[...], params=SamplingParams(...), id=None))
         Validates, takes a free slot (raises EngineFull when none is free; check

@@ -78,20 +78,20 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * cfg.v_head_dim, d, bias=cfg.attention_bias)          # W^O
 
     # ------------------------------------------------------------ projections
-    def _query(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> q_nope [B, T, H, N], q_pe [B, T, H, R] (rotated)."""
+    def _query(self, x_BTD: torch.Tensor, cos, sin, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> q_nope [B, T, H, N], q_pe [B, T, H, R] (rotated unless rotate=False)."""
         if self.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
         q = q.unflatten(-1, (self.n_heads, self.nope_dim + self.rope_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
+        return q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None]) if rotate else q_pe
 
-    def latent(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the cache stores: c^KV [B, T, C] (normed) and k^R [B, T, R] (rotated)."""
+    def latent(self, x_BTD: torch.Tensor, cos, sin, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores: c^KV [B, T, C] (normed) and k^R [B, T, R] (rotated unless rotate=False)."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin) if rotate else k_pe
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W^UK [H, N, C] and W^UV [H, V, C], views of kv_b_proj's weight."""
@@ -108,8 +108,11 @@ class MLA(nn.Module):
               written at `step.positions` before attending.
         absorb: use the weight-absorbed path (decode); otherwise decompress K/V (naive).
         """
-        q_nope, q_pe = self._query(x_BTD, cos, sin)
-        c_kv, k_pe = self.latent(x_BTD, cos, sin)
+        q_nope, q_pe = self._query(x_BTD, cos, sin, rotate=False)
+        c_kv, k_pe = self.latent(x_BTD, cos, sin, rotate=False)
+        # One rotation for the H query parts and the shared key part: half the small ops per step.
+        pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos[:, :, None], sin[:, :, None])
+        q_pe, k_pe = pe[:, :, :-1], pe[:, :, -1]
         mask = None
         if kv is not None:
             c_buf, pe_buf = kv

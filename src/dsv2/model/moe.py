@@ -33,6 +33,11 @@ from ..config import ModelConfig
 from .ffn import SwiGLU
 
 
+# Up to this many routed token copies (N x K) take MoE._forward_padded at inference; beyond,
+# padding waste outgrows the saving in calls and the sorted per-expert path is used.
+PADDED_MAX_COPIES = 512
+
+
 @dataclass
 class Routing:
     """The gate's decision for N tokens."""
@@ -92,14 +97,18 @@ class GroupedExperts(nn.Module):
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e."""
-        out = torch.empty_like(x_MD)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out[start:start + n] = self.expert(e, x_MD[start:start + n])
-                start += n
-        return out
+        """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e.
+
+        For training, weights are unbound once and outputs concatenated: indexing `[e]` per
+        expert and writing into slices of one output make backward allocate and zero-fill a
+        full [E, ...] gradient per expert and copy the whole output per slice (4x the step)."""
+        w13_E, w2_E = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = []
+        for e, x in enumerate(x_MD.split(counts)):
+            if x.shape[0]:
+                gate, up = F.linear(x, w13_E[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w2_E[e]))
+        return torch.cat(outs) if outs else torch.empty_like(x_MD)
 
 
 @dataclass
@@ -157,8 +166,11 @@ class MoE(nn.Module):
         keep = self.drop_policy(route, x_BTD.shape) if (self.training and self.drop_policy) else None
         if self.record_routing:
             self.last_routing, self.last_keep = route, keep
-        if x_ND.shape[0] == 1 and keep is None and isinstance(self.dispatcher, LocalDispatcher):
+        local = keep is None and isinstance(self.dispatcher, LocalDispatcher) and not torch.is_grad_enabled()
+        if local and x_ND.shape[0] == 1:
             out = self._forward_one_token(x_ND, route)
+        elif local and x_ND.shape[0] * self.gate.top_k <= PADDED_MAX_COPIES:
+            out = self._forward_padded(x_ND, route)
         else:
             x_MD, counts, state = self.dispatcher.dispatch(x_ND, route.idx_NK, self.n_experts, keep)
             y_MD = self.experts(x_MD, counts)
@@ -175,6 +187,25 @@ class MoE(nn.Module):
             y = self.experts.expert(e, x_1D)
             out = y.mul_(w) if out is None else out.add_(y, alpha=w)
         return out
+
+    def _forward_padded(self, x_ND: torch.Tensor, route: Routing) -> torch.Tensor:
+        """Inference on a few tokens (batched decode): each expert's copies padded to the largest
+        expert's count C, so all experts run as two bmm calls instead of 2 x E small matmuls,
+        whose per-call cost dominates at a handful of rows each."""
+        N, D = x_ND.shape
+        flat_M = route.idx_NK.flatten()
+        counts_E = torch.bincount(flat_M, minlength=self.n_experts)
+        C = int(counts_E.max())
+        order_M = flat_M.argsort(stable=True)
+        expert_M = flat_M[order_M]
+        row_M = torch.arange(order_M.shape[0], device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
+        x_ECD = x_ND.new_zeros(self.n_experts, C, D)
+        x_ECD[expert_M, row_M] = x_ND[order_M // route.idx_NK.shape[1]]
+        gate, up = torch.bmm(x_ECD, self.experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        y_ECD = torch.bmm(F.silu(gate) * up, self.experts.down_proj.transpose(1, 2))
+        y_MD = y_ECD[expert_M, row_M] * route.weight_NK.flatten()[order_M].to(x_ND.dtype)[:, None]
+        out_MD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD)
+        return out_MD.view(N, -1, D).sum(dim=1)
 
     def reference_forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The plain loop over every expert with a mask over every token (tests only)."""
