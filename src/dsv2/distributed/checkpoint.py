@@ -72,9 +72,12 @@ def _model_optim_state(model: nn.Module, optim) -> dict:
 class DCPCheckpointer:
     """Checkpointer protocol over DCP: save(step, state, meta), latest(), load(path, state)."""
 
-    def __init__(self, root: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, root: str | os.PathLike, keep_last: int = 3, reseed=None):
+        """reseed(step): called on load instead of restoring the saved RNG state, which is one
+        rank's (DCP keeps one copy of an unsharded tensor); see mesh.seed_rank."""
         self.root = Path(root)
         self.keep_last = keep_last
+        self.reseed = reseed
 
     def _steps(self) -> list[Path]:
         if not self.root.is_dir():
@@ -115,7 +118,7 @@ class DCPCheckpointer:
             raise FileNotFoundError(f"no DCP checkpoint at {path} (a step_* directory with .metadata): "
                                     "give one, or use --resume auto.")
         sd = _model_optim_state(state["model"], state.get("optim"))
-        rng = state.get("rng")
+        rng = state.get("rng") if self.reseed is None else None
         if rng is not None:
             sd["rng"] = {k: v for k, v in rng.state_dict().items() if isinstance(v, torch.Tensor)}
         dcp.load(sd, checkpoint_id=str(path), no_dist=not _dist())
@@ -126,6 +129,8 @@ class DCPCheckpointer:
         if rng is not None:
             rng.load_state_dict({**rng.state_dict(), **sd["rng"]})
         saved = json.loads((path / "state.json").read_text())
+        if self.reseed is not None:
+            self.reseed(int(saved["meta"]["step"]))
         for k in LAYOUT_FREE:
             if k in state and k in saved:
                 state[k].load_state_dict(_to_local(k, saved[k], state[k].state_dict()))

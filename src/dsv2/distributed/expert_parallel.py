@@ -37,6 +37,10 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from ..model.moe import DispatchState, GroupedExperts, LocalDispatcher, MoE, Routing
 
 
+# torch >= 2.10 names it all_gather_single; older releases only have all_gather_into_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass
 class EPState:
     local: DispatchState          # the sender-side sort (which token each sent row came from)
@@ -136,7 +140,7 @@ class EPDropDomain:
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         out = t.new_empty((self.ranks * t.shape[0],) + tuple(t.shape[1:]))
-        dist.all_gather_into_tensor(out, t.detach().contiguous(), group=self.group)
+        _all_gather(out, t.detach().contiguous(), group=self.group)
         return out
 
     def __call__(self, route: Routing, shape: torch.Size) -> torch.Tensor:

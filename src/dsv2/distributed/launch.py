@@ -31,10 +31,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ..train.loop import Trainer
 from .checkpoint import DCPCheckpointer
 from .grad_norm import clip_grad_norm_
 from .memory import describe
-from .mesh import Layout, init_layout, log0, shutdown
+from .mesh import Layout, init_layout, log0, seed_rank, shutdown
 from .parallelize import parallelize
 
 
@@ -65,7 +66,8 @@ def run(args, cfg, argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, layout, resume=args.resume, activation_checkpointing=args.ac,
                        param_dtype=torch.bfloat16 if args.fsdp_bf16 else None)
-        log0(f"done: step {result['step']}, val loss {result['val_loss']:.4f} nats", layout=layout)
+        val = result["val_loss"]
+        log0(f"done: step {result['step']}" + (f", val loss {val:.4f} nats" if val is not None else ""), layout=layout)
     finally:
         shutdown()
     return 0
@@ -84,29 +86,37 @@ def per_rank_config(cfg, layout: Layout):
     return cfg
 
 
+class DistributedTrainer(Trainer):
+    """The single-process Trainer, with each step's reported scalars made global (all-reduced).
+
+    Only what is printed and written to metrics changes: the LM loss (each rank holds its
+    share of the global mean, so shares add up), the balance losses (per-rank means over
+    equal numbers of sequences, so they are averaged) and the drop counters.
+    """
+
+    def __init__(self, cfg, layout: Layout, **kwargs):
+        self.layout = layout
+        super().__init__(cfg, **kwargs)
+
+    def train_step(self, step: int) -> dict:
+        d0, c0 = self.rules.dropped, self.rules.copies
+        out = super().train_step(step)
+        if not self.layout.distributed:
+            return out
+        keys = sorted(out["aux"])
+        local = [out["lm_loss"]] + [out["aux"][k] for k in keys] + [self.rules.dropped - d0, self.rules.copies - c0]
+        t = torch.tensor(local, dtype=torch.float64, device=self.layout.device)
+        dist.all_reduce(t)
+        vals = t.tolist()
+        out["lm_loss"] = vals[0]
+        out["aux"] = {k: v / self.layout.world for k, v in zip(keys, vals[1:])}
+        self.rules.dropped, self.rules.copies = d0 + int(vals[-2]), c0 + int(vals[-1])
+        return out
+
+
 def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointing: bool = False,
           param_dtype: torch.dtype | None = None) -> dict:
-    from ..train.loop import Trainer
-
-    class DistributedTrainer(Trainer):
-        """The Trainer, with its step's reported scalars made global (all-reduced)."""
-
-        def train_step(self, step: int) -> dict:
-            d0, c0 = self.rules.dropped, self.rules.copies
-            out = super().train_step(step)
-            if not layout.distributed:
-                return out
-            keys = sorted(out["aux"])
-            local = [out["lm_loss"]] + [out["aux"][k] for k in keys] + [self.rules.dropped - d0, self.rules.copies - c0]
-            t = torch.tensor(local, dtype=torch.float64, device=layout.device)
-            dist.all_reduce(t)
-            vals = t.tolist()
-            out["lm_loss"] = vals[0]                                   # shares of the global mean: add up
-            out["aux"] = {k: v / layout.world for k, v in zip(keys, vals[1:])}   # per-rank means: average
-            self.rules.dropped, self.rules.copies = d0 + int(vals[-2]), c0 + int(vals[-1])
-            out["dropped"] = int(vals[-2])
-            return out
-
+    """Run the Trainer as one rank of `layout` (or as one plain process); returns fit()'s result."""
     compile_blocks = cfg.compile
     cfg.compile = False               # compiled per block inside parallelize(), inside the FSDP hooks
     export = cfg.export and layout.distributed
@@ -116,10 +126,18 @@ def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointi
     mcfg = cfg.model_config()
     log0(describe(mcfg, layout.dp, layout.ep, cfg.batch.micro_batch * cfg.data.seq_len,
                   2 if cfg.precision == "bf16" or param_dtype else 4, activation_checkpointing), layout=layout)
+
+    def parallelize_then_seed(model):
+        model = parallelize(model, layout, activation_checkpointing=activation_checkpointing, compile=compile_blocks,
+                            param_dtype=param_dtype)
+        if layout.distributed:        # weights were drawn identically everywhere; from here on, per rank
+            seed_rank(cfg.seed, layout.rank)
+        return model
+
+    reseed = functools.partial(seed_rank, cfg.seed, layout.rank) if layout.distributed else None
     trainer = DistributedTrainer(
-        cfg, parallelize=functools.partial(parallelize, layout=layout, activation_checkpointing=activation_checkpointing,
-                                           compile=compile_blocks, param_dtype=param_dtype),
-        checkpointer=DCPCheckpointer(os.path.join(cfg.out_dir, "checkpoints"), cfg.keep_last),
+        cfg, layout, parallelize=parallelize_then_seed,
+        checkpointer=DCPCheckpointer(os.path.join(cfg.out_dir, "checkpoints"), cfg.keep_last, reseed=reseed),
         count_targets=functools.partial(_all_sum_int, device=layout.device) if layout.distributed else None,
         is_main=layout.rank == 0,
         dp_rank=layout.rank, dp_size=layout.world, grad_scale=1.0, clip_grad_norm=clip_grad_norm_,

@@ -38,7 +38,8 @@ class Layout:
     dp: int
     ep: int
     device: torch.device
-    mesh: DeviceMesh | None = None
+    mesh: DeviceMesh | None = None        # ("dp", "ep")
+    flat: DeviceMesh | None = None        # "dp_all": the same ranks as one dimension
 
     @property
     def distributed(self) -> bool:
@@ -55,7 +56,7 @@ class Layout:
     @property
     def dp_all_mesh(self) -> DeviceMesh:
         """All W ranks as one data-parallel dimension (FSDP of the dense parameters)."""
-        return self.mesh["dp_all"]
+        return self.flat
 
     @property
     def ep_group(self):
@@ -89,24 +90,24 @@ def init_layout(ep: int = 1, device: str | None = None) -> Layout:
                          f"choose an EP size among {[d for d in range(1, world + 1) if world % d == 0]}.")
     if not dist.is_initialized():
         dist.init_process_group(backend_for(dev), device_id=dev if dev.type == "cuda" else None)
-    return Layout(world=world, rank=rank, dp=world // ep, ep=ep, device=dev, mesh=build_mesh(dev, world // ep, ep))
+    mesh, flat = build_mesh(dev, world // ep, ep)
+    return Layout(world=world, rank=rank, dp=world // ep, ep=ep, device=dev, mesh=mesh, flat=flat)
 
 
-def build_mesh(device: torch.device, dp: int, ep: int) -> DeviceMesh:
-    """The (dp, ep) mesh plus its flattened "dp_all" view (one DeviceMesh family, as FSDP2 wants)."""
+def build_mesh(device: torch.device, dp: int, ep: int) -> tuple[DeviceMesh, DeviceMesh]:
+    """The (dp, ep) mesh and its flattened "dp_all" view (one DeviceMesh family, as FSDP2 wants)."""
     mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
-    mesh["dp", "ep"]._flatten("dp_all")
-    return mesh
+    return mesh, mesh["dp", "ep"]._flatten("dp_all")
 
 
-def seed_everything(seed: int, layout: Layout) -> torch.Generator:
-    """Same seed for the weights everywhere; a per-rank stream for anything rank-local (dropout, sampling).
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Per-rank random stream (dropout and anything else rank-local), after the weights are built.
 
-    Returns the rank-local generator; the global torch seed is the shared one, so every rank
-    builds identical initial weights before they are sharded.
+    The weights are drawn with the same seed on every rank (identical before sharding);
+    afterwards each rank draws differently. The stream depends only on (seed, rank, step), so a
+    resumed run re-seeds it instead of restoring one rank's saved state onto all ranks.
     """
-    torch.manual_seed(seed)
-    return torch.Generator(device="cpu").manual_seed(seed * 1000 + layout.rank + 1)
+    torch.manual_seed((seed * 1_000_003 + step) * 65_537 + rank + 1)
 
 
 def log0(*args, layout: Layout | None = None, **kwargs) -> None:
