@@ -85,7 +85,7 @@ def free_port() -> int:
 def start_server(ckpt: Path, port: int, args, max_len: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "dsv2", "serve", str(ckpt), "--port", str(port), "--slots", str(args.clients),
-           "--max-len", str(max_len), "--dtype", args.dtype, "--no-compile", "--log-level", "warning"]
+           "--max-len", str(max_len), "--dtype", args.dtype, "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -7,37 +7,18 @@ tests; it is deliberately small (4 slots, a queue of 4) so that the burst test c
 
 from __future__ import annotations
 
-import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+# The serve tests share serve_helpers.py; put this folder on the path whatever pytest's import mode.
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_helpers import API_KEY, MAX_BODY, MAX_LEN, MAX_QUEUE, SLOTS, train_tokenizer  # noqa: E402
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-API_KEY = "test-key"
-SLOTS, MAX_QUEUE, MAX_LEN, MAX_BODY = 4, 4, 256, 64 * 1024
-CORPUS = [
-    "DeepSeek-V2 is a strong, economical and efficient mixture-of-experts language model.",
-    "Multi-head latent attention caches a small latent vector instead of keys and values.",
-    "深度求索发布了混合专家语言模型，它既强大又经济。你好，世界！",
-    "Emoji travel well over UTF-8: 🙂 🚀 ✨. Numbers too: 0 1 2 3 4 5 6 7 8 9.",
-    "User: hello there\n\nAssistant: hi, how can I help?",
-]
-
-
-def train_tokenizer(path, vocab_size: int = 384) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": specials[0], "eos_token": specials[1], "add_bos_token": True}))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from conftest import MAX_LEN
+from serve_helpers import MAX_LEN
 
 MODEL = "tiny-chat"
 PROMPT = "Multi-head latent attention"

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
-import json
-from urllib.parse import urlparse
-
 import pytest
 
-from conftest import API_KEY, MAX_BODY, MAX_LEN
+from serve_helpers import MAX_BODY, MAX_LEN, post
 
 MODEL = "tiny-chat"
 GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def post(url: str, path: str, body, key: str | None = API_KEY, method: str = "POST"):
-    """Raw HTTP (the openai client would refuse to send most of these) -> (status, parsed JSON)."""
-    u = urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    conn.request(method, path, body=data if method == "POST" else None, headers=headers)
-    r = conn.getresponse()
-    status, payload = r.status, r.read()
-    conn.close()
-    return status, json.loads(payload)
 
 
 CASES = [

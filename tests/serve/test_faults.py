@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from conftest import MAX_QUEUE, SLOTS
-from test_errors import post
+from serve_helpers import MAX_QUEUE, SLOTS, post
 from dsv2.serve.metrics import parse_prometheus
 
 MODEL = "tiny-chat"

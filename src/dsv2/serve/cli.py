@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request size limit (then 413)")
     p.add_argument("--prefill-budget", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps (bounds the stall a burst causes)")
-    p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (opt-in: minutes of compilation; see engine/decode.py)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -58,6 +59,6 @@ def run(args) -> int:
                        max_queue=args.max_queue, model_name=args.model_name, api_key=args.api_key,
                        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                        max_body_bytes=args.max_body_bytes, prefill_budget=args.prefill_budget,
-                       compile=False if args.no_compile else None)
+                       compile=True if args.compile else None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -42,7 +42,7 @@ def test_serve_subprocess_logs_capacity(model_dir, tmp_path):
         port = s.getsockname()[1]
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "dsv2", "serve", str(model_dir), "--port", str(port), "--slots", "2",
-           "--max-len", "128", "--no-compile"]
+           "--max-len", "128"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
