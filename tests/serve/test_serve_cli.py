@@ -22,7 +22,8 @@ def test_help(capsys):
 
 
 @pytest.mark.parametrize("flags,word", [(["--slots", "0"], "--slots"), (["--port", "70000"], "--port"),
-                                        (["--max-queue", "-1"], "--max-queue")])
+                                        (["--max-queue", "-1"], "--max-queue"), (["--dtype", "fp8"], "dtype"),
+                                        (["--max-len", "99999"], "max_len")])
 def test_bad_flags_are_one_sentence(model_dir, capsys, flags, word):
     from dsv2.cli import main
     assert main(["serve", str(model_dir), *flags]) == 2

@@ -41,6 +41,8 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
         raise FileNotFoundError(f"no tokenizer.json in {tok_path}: the server needs the model's tokenizer; "
                                 "pass --tokenizer DIR.")
     if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype '{dtype}': use float32 or bfloat16.")
         dtype = getattr(torch, dtype)
     model = load_pretrained(model_path, dtype=dtype)
     tokenizer = load_tokenizer(tok_path, model.config.vocab_size)
