@@ -68,12 +68,22 @@ def expand(paths: list[str | Path] | None) -> list[Path]:
     return files
 
 
+def select(files: list[Path], max_bytes: int | None) -> list[Path]:
+    """Every k-th file so that about `max_bytes` remain, spread over the whole corpus (a prefix
+    of the sorted list would be one corner of it, e.g. only `asyncio`)."""
+    if max_bytes is None:
+        return files
+    total = sum(f.stat().st_size for f in files)
+    k = max(1, -(-total // max(1, max_bytes)))
+    return files[k // 2::k] or files[:1]
+
+
 def iter_documents(paths: list[str | Path] | None = None, skipped: Skipped | None = None,
                    max_bytes: int | None = None) -> Iterator[str]:
-    """Yield each document's text; stop after about `max_bytes` of text when given."""
+    """Yield each document's text; about `max_bytes` of it (files spread over the corpus) when given."""
     skipped = skipped if skipped is not None else Skipped()
     total = 0
-    for f in expand(paths):
+    for f in select(expand(paths), max_bytes):
         try:
             raw = f.read_bytes()
         except OSError as e:

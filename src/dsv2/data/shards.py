@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import Skipped, add_corpus_arguments, expand, iter_documents
+from .corpus import Skipped, add_corpus_arguments, expand, iter_documents, select
 
 SHARD_TOKENS = 1 << 24
 
@@ -81,7 +81,7 @@ def prepare_shards(paths, tokenizer_dir: str | Path, out_dir: str | Path, val_fr
     writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
     skipped = Skipped()
     t0 = time.time()
-    n_files = len(expand(paths))
+    n_files = len(select(expand(paths), None if max_mb is None else int(max_mb * 1e6)))
     docs = iter_documents(paths, skipped, None if max_mb is None else int(max_mb * 1e6))
     bar = tqdm(total=n_files, unit="doc", desc="tokenising", disable=not verbose, mininterval=1.0)
     i = 0

@@ -3,6 +3,7 @@
     dsv2 pretrain --config tiny data.dir=runs/data out_dir=runs/tiny steps=600
     dsv2 pretrain --config my.yaml --resume auto
     dsv2 pretrain --config tiny --print-config
+    dsv2 pretrain --config tiny --nproc 4 --ep 2 ...           # distributed: see dsv2.distributed
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def run(args) -> int:
         return 0
     from ..distributed import cli as distributed
     if distributed.wanted(args, cfg):  # several processes: torchrun ranks or --nproc N (issue 5)
+        return distributed.run(args, cfg)
+    from ..distributed import cli as distributed
+    if distributed.wanted(args, cfg):  # several processes, expert parallelism, or a DCP checkpoint
         return distributed.run(args, cfg)
     from .loop import Trainer
     result = Trainer(cfg).fit(resume=args.resume)

@@ -1,0 +1,145 @@
+"""Training step throughput: dsv2's trainer beside transformers' DeepseekV2ForCausalLM, same run.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/train_step.py                       # small preset, CPU
+    OMP_WAIT_POLICY=PASSIVE python bench/train_step.py --batch 8 --seq 512 --steps 5
+    python bench/train_step.py --device cuda --batch 32 --seq 1024           # one GPU
+
+Measures tokens/s of a full optimizer step (forward + backward + AdamW step) on the same
+config (`small` by default), interleaving the engines round by round so machine load hits
+both alike; the median round of each is reported.
+- ours: `Trainer.train_step` itself (CE / target tokens + balance losses, clip, fused AdamW,
+  precision `auto`: bf16 autocast where the CPU has AMX/AVX512-BF16 or on CUDA, else fp32),
+  on random token shards written to a temporary directory. Token dropping off, so both
+  engines do the same expert work (`--drop` shows it on).
+- theirs: transformers' DeepseekV2ForCausalLM(config).train(), loss from `labels`, its
+  fastest attention of eager/sdpa (both timed), torch.optim.AdamW (fused where available),
+  clip 1.0, the same precision as ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def random_data(root: Path, vocab: int, tokens: int) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", tokens), ("val", 4096)):
+        rng.integers(2, vocab, n, dtype=np.uint16).tofile(root / f"{split}_00000.bin")
+    card = {"documents": {"train": 1, "val": 1}, "tokens": {"train": tokens, "val": 4096}, "vocab_size": vocab,
+            "dtype": "uint16", "bos_id": 0, "eos_id": 1, "tokenizer": "", "unigram_val_loss": float(np.log(vocab)),
+            "shards": {"train": [{"file": "train_00000.bin", "tokens": tokens}],
+                       "val": [{"file": "val_00000.bin", "tokens": 4096}]}, "skipped": []}
+    (root / "card.json").write_text(json.dumps(card))
+    return root
+
+
+def ours(args, data_dir: Path):
+    from dsv2.train.config import load_config
+    from dsv2.train.loop import Trainer
+    cfg = load_config("tiny", [f"model={{preset: {args.preset}}}", f"data.dir={data_dir}", f"data.seq_len={args.seq}",
+                               f"batch.micro_batch={args.batch}", f"batch.start={args.batch}",
+                               f"batch.final={args.batch}", "batch.ramp_tokens=0", f"steps={10 * args.steps + 10}",
+                               f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
+                               f"moe.drop_tokens={args.drop}", "export=false", f"out_dir={data_dir / 'run'}"])
+    tr = Trainer(cfg, print_fn=lambda *_: None)
+    state = {"step": 0}
+
+    def step():
+        tr.train_step(state["step"])
+        state["step"] += 1
+    return step, tr.precision, tr.model.num_params()
+
+
+def theirs(args, attn: str, precision: str):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    from dsv2.config import ModelConfig
+    mcfg = ModelConfig.from_preset(args.preset)
+    hf_cfg = DeepseekV2Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures",)})
+    hf_cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = DeepseekV2ForCausalLM(hf_cfg).to(device).train()
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+
+    def step():
+        x = torch.randint(2, mcfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(step, device: str) -> float:
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    step()
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--steps", type=int, default=3, help="timed rounds after one warm-up (default 3)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="auto | bf16 | fp32 (both engines use the same)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our step model")
+    p.add_argument("--drop", action="store_true", help="token dropping on in ours")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        from dsv2.config import ModelConfig
+        vocab = ModelConfig.from_preset(args.preset).vocab_size
+        data_dir = random_data(Path(tmp), vocab, (args.seq + 1) * args.batch * (10 * args.steps + 12))
+        our_step, precision, n_params = ours(args, data_dir)
+        engines = {"dsv2": our_step}
+        if not args.no_peer:
+            for attn in ("eager", "sdpa"):
+                engines[f"transformers ({attn})"] = theirs(args, attn, precision)
+        times = {name: [] for name in engines}
+        for name, step in engines.items():   # warm-up: allocator, kernels, compile
+            timed(step, args.device)
+        for _ in range(args.steps):
+            for name, step in engines.items():
+                times[name].append(timed(step, args.device))
+    tokens = args.batch * args.seq
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(f"training step (fwd + bwd + AdamW), preset {args.preset} ({n_params / 1e6:.1f}M params), "
+          f"batch {args.batch} x {args.seq} tokens, {precision}, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} rounds")
+    for name, r in rate.items():
+        print(f"  {name:26s} {r:10.0f} tokens/s   ({statistics.median(times[name]):.3f} s/step)")
+    peers = [r for n, r in rate.items() if n != "dsv2"]
+    if peers:
+        print(f"  dsv2 / best transformers:  {rate['dsv2'] / max(peers):.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tokens_per_s": rate, "precision": precision, "args": vars(args)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
