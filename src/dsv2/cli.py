@@ -22,6 +22,7 @@ VERBS = {
     "tokenizer": "dsv2.data.bpe",
     "data": "dsv2.data.shards",
     "pretrain": "dsv2.train.cli",
+    "export": "dsv2.distributed.cli",
     "plot": "dsv2.train.plot",
     "serve": "dsv2.serve.cli",
     "generate": "dsv2.engine.cli",

@@ -18,7 +18,7 @@ never leaves a half-written step under a real name. The data loader's per-rank c
 stored as the global window position, which is what lets a different number of ranks
 continue on exactly the next windows.
 
-    python -c "from dsv2.distributed.checkpoint import export_hf; ..."   # or `dsv2 export-dcp`
+    dsv2 export runs/x/checkpoints runs/x/hf          # the newest step, from any layout, one process
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ losses and drop rates (all-reduced); tokens and tok/s are per rank.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -122,6 +123,7 @@ def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointi
     export = cfg.export and layout.distributed
     if layout.distributed:
         cfg.export = False            # export needs every rank (parameters are sharded); done below
+    global_batch = dataclasses.replace(cfg.batch)
     per_rank_config(cfg, layout)
     mcfg = cfg.model_config()
     log0(describe(mcfg, layout.dp, layout.ep, cfg.batch.micro_batch * cfg.data.seq_len,
@@ -142,6 +144,7 @@ def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointi
         is_main=layout.rank == 0,
         dp_rank=layout.rank, dp_size=layout.world, grad_scale=1.0, clip_grad_norm=clip_grad_norm_,
         print_fn=functools.partial(log0, layout=layout))
+    cfg.batch = global_batch          # the schedule is planned; config.yaml and checkpoints record what was asked
     result = trainer.fit(resume=resume)
     if export:
         result["export"] = str(export_from_ranks(trainer, layout))
