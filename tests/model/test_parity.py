@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsv2
-from conftest import VARIANTS
+from hf_models import VARIANTS
 
 
 @contextlib.contextmanager
