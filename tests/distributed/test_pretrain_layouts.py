@@ -3,8 +3,9 @@
 One process, then 4 processes (EP 2 x DP 2, via `torchrun -m dsv2 pretrain`), train the
 tiny preset with device-limited routing D = 2, M = 1, all three balance losses and token
 dropping, on the same global batch of 8 sequences per step. The 4-process checkpoint of
-step 2 is then resumed under 2 processes (EP 2, activation checkpointing, via
-`dsv2 pretrain --nproc 2`) and under 1 process. Losses, drop counts and parameters must
+step 2 is then resumed under 2 processes (EP 2, activation checkpointing, the model built
+on the meta device and only each rank's shards allocated, via `dsv2 pretrain --nproc 2`)
+and under 1 process. Losses, drop counts and parameters must
 agree. Drop domains agree because each EP group's micro-batch (2 ranks x 1 sequence)
 holds the same sequences as the one-process micro-batch of 2 (see docs/distributed.md).
 """
@@ -38,7 +39,7 @@ def runs(token_data, tmp_path_factory):
              timeout=240)
     step2 = root / "four" / "checkpoints" / "step_00000002"
     run_cmd([*dsv2, *common, f"out_dir={root / 'two'}", "batch.micro_batch=1", "--nproc", "2", "--ep", "2", "--ac",
-             "--resume", str(step2)], timeout=240)
+             "--meta-init", "--resume", str(step2)], timeout=240)
     run_cmd([*dsv2, *common, f"out_dir={root / 'one_resumed'}", "batch.micro_batch=2", "--resume", str(step2)],
             timeout=120)
     return root

@@ -17,6 +17,9 @@ def add_arguments(p) -> None:
     g.add_argument("--ep", type=int, default=1,
                    help="expert-parallel size: ranks the routed experts are spread over (divides the process count)")
     g.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
+    g.add_argument("--meta-init", action="store_true",
+                   help="build the model on the meta device and allocate only each rank's shards (big models); "
+                        "weights are then drawn per shard, not as one process would draw them")
     g.add_argument("--fsdp-bf16", action="store_true",
                    help="FSDP2 mixed precision: bf16 parameters for compute and all-gathers, fp32 reductions")
 

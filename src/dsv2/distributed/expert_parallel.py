@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from ..model.moe import DispatchState, GroupedExperts, LocalDispatcher, MoE, Routing
 
@@ -113,9 +113,13 @@ def shard_experts(experts: GroupedExperts, ep_mesh: DeviceMesh) -> None:
     n_experts = experts.gate_up_proj.shape[0]
     if n_experts % ep_mesh.size():
         raise ValueError(f"EP size {ep_mesh.size()} must divide the number of routed experts ({n_experts}).")
+    # Every rank built the same full tensor (or a meta one), so each keeps its own slice: no
+    # communication, and it works on the meta device before materialisation.
+    rank, size = ep_mesh.get_local_rank(), ep_mesh.size()
     for name, p in list(experts.named_parameters(recurse=False)):
-        experts.register_parameter(name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]),
-                                                      requires_grad=p.requires_grad))
+        local = p.data.chunk(size, dim=0)[rank].clone()
+        dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+        experts.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
     cls = type(experts)
     if not issubclass(cls, _LocalShardForward):
         experts.__class__ = type(f"EP{cls.__name__}", (_LocalShardForward, cls), {})

@@ -66,7 +66,7 @@ def run(args, cfg, argv: list[str] | None = None) -> int:
     layout = init_layout(args.ep, device=None if cfg.device == "auto" else cfg.device)
     try:
         result = train(cfg, layout, resume=args.resume, activation_checkpointing=args.ac,
-                       param_dtype=torch.bfloat16 if args.fsdp_bf16 else None)
+                       param_dtype=torch.bfloat16 if args.fsdp_bf16 else None, meta_init=args.meta_init)
         val = result["val_loss"]
         log0(f"done: step {result['step']}" + (f", val loss {val:.4f} nats" if val is not None else ""), layout=layout)
     finally:
@@ -116,7 +116,7 @@ class DistributedTrainer(Trainer):
 
 
 def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointing: bool = False,
-          param_dtype: torch.dtype | None = None) -> dict:
+          param_dtype: torch.dtype | None = None, meta_init: bool = False) -> dict:
     """Run the Trainer as one rank of `layout` (or as one plain process); returns fit()'s result."""
     compile_blocks = cfg.compile
     cfg.compile = False               # compiled per block inside parallelize(), inside the FSDP hooks
@@ -132,13 +132,17 @@ def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointi
     def parallelize_then_seed(model):
         model = parallelize(model, layout, activation_checkpointing=activation_checkpointing, compile=compile_blocks,
                             param_dtype=param_dtype)
+        if meta_init:                 # built on "meta": allocate only this rank's shards, then draw them
+            model.to_empty(device=layout.device)
+            seed_rank(cfg.seed, layout.rank, step=-1)   # independent draws per shard
+            model.init_weights()
         if layout.distributed:        # weights were drawn identically everywhere; from here on, per rank
             seed_rank(cfg.seed, layout.rank)
         return model
 
     reseed = functools.partial(seed_rank, cfg.seed, layout.rank) if layout.distributed else None
     trainer = DistributedTrainer(
-        cfg, layout, parallelize=parallelize_then_seed,
+        cfg, layout, parallelize=parallelize_then_seed, init_device=torch.device("meta") if meta_init else None,
         checkpointer=DCPCheckpointer(os.path.join(cfg.out_dir, "checkpoints"), cfg.keep_last, reseed=reseed),
         count_targets=functools.partial(_all_sum_int, device=layout.device) if layout.distributed else None,
         is_main=layout.rank == 0,

@@ -107,7 +107,7 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
     afterwards each rank draws differently. The stream depends only on (seed, rank, step), so a
     resumed run re-seeds it instead of restoring one rank's saved state onto all ranks.
     """
-    torch.manual_seed((seed * 1_000_003 + step) * 65_537 + rank + 1)
+    torch.manual_seed(((seed * 1_000_003 + step) * 65_537 + rank + 1) % 2**63)
 
 
 def log0(*args, layout: Layout | None = None, **kwargs) -> None:
