@@ -120,3 +120,12 @@ def test_one_process_dcp_roundtrip_is_exact(tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     with pytest.raises(FileNotFoundError, match="no DCP checkpoint"):
         dcp_ckpt.DCPCheckpointer(tmp_path).load(tmp_path / "nothing", {"model": b})
+
+
+def test_bad_layouts_are_refused_with_one_sentence(token_data, capsys):
+    from dsv2.cli import main
+    base = ["pretrain", "--config", "tiny", f"data.dir={token_data}", "steps=1"]
+    assert main([*base, "--nproc", "4", "--ep", "3"]) == 2
+    assert "--ep 3 must divide --nproc 4; choose an EP size among [1, 2, 4]" in capsys.readouterr().err
+    assert main([*base, "--ep", "2"]) == 2
+    assert "--ep 2 needs 2 or more processes" in capsys.readouterr().err

@@ -62,6 +62,9 @@ def relaunch(args, argv: list[str]) -> int:
 def run(args, cfg, argv: list[str] | None = None) -> int:
     """`dsv2 pretrain` with the distributed flags: relaunch under torchrun, or be one of its ranks."""
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if args.ep < 1 or args.nproc % args.ep:
+            raise ValueError(f"--ep {args.ep} must divide --nproc {args.nproc}; choose an EP size among "
+                             f"{[d for d in range(1, args.nproc + 1) if args.nproc % d == 0]}.")
         return relaunch(args, argv if argv is not None else sys.argv[1:])
     layout = init_layout(args.ep, device=None if cfg.device == "auto" else cfg.device)
     try:
