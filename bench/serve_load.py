@@ -3,6 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py                   # small preset, 64 clients
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --clients 16 --max-tokens 64 --dtype bfloat16
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --sequential 64   # replay all 64 one by one (~15 min)
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --engine-baseline # + the bare engine, same prompts
 
 A `small` DeepSeek-V2 with random weights and a byte-level BPE trained on this repository's
 text are written to a temporary folder; `dsv2 serve` runs on it in a child process on a free
@@ -49,6 +50,8 @@ def _args(argv=None):
                    help="how many of the requests to replay one by one (default 8; 0 = all)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    p.add_argument("--engine-baseline", action="store_true",
+                   help="also time the bare engine (dsv2.LLM.generate, no HTTP) on the same 64 prompts")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     return p.parse_args(argv)
 
@@ -99,6 +102,18 @@ def start_server(ckpt: Path, port: int, args, max_len: int) -> subprocess.Popen:
             time.sleep(0.5)
     proc.kill()
     raise SystemExit("the server did not become healthy within 300 s.")
+
+
+def engine_alone(ckpt: Path, prompts: list[str], args) -> float:
+    """Generated tokens/s of the bare engine on the same prompts at the same batch: the server's cost."""
+    import torch
+
+    from dsv2.engine.llm import LLM
+    torch.set_num_threads(args.threads)
+    llm = LLM(ckpt, dtype=args.dtype, max_batch_slots=len(prompts))
+    t0 = time.perf_counter()
+    out = llm.generate(prompts, max_new_tokens=args.max_tokens, temperature=1.0, seed=0, ignore_eos=True)
+    return sum(len(o.token_ids) for o in out) / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------ clients
@@ -184,6 +199,8 @@ def main(argv=None) -> int:
         finally:
             server.terminate()
             server.wait(30)
+        load_bare = os.getloadavg()[0]
+        bare = engine_alone(ckpt, prompts, args) if args.engine_baseline else None
     bad = [i for i, r in enumerate(conc + seq) if r["tokens"] != args.max_tokens or r["finish"] != "length"]
     same = sum(a["text"] == b["text"] for a, b in zip(conc, seq))
     s_c, s_s = summarize("concurrent", conc, wall_c), summarize("sequential", seq, wall_s)
@@ -195,12 +212,17 @@ def main(argv=None) -> int:
     show(s_c)
     show(s_s)
     print(f"speed-up (aggregate tokens/s, concurrent over one at a time): {speedup:.1f}x (target >= 5x)")
+    if bare is not None:
+        print(f"bare engine (LLM.generate, no HTTP) on the same {len(prompts)} prompts: {bare:.1f} tok/s; the server "
+              f"delivered {s_c['tokens_per_s'] / bare:.0%} of it (load average {load_bare:.1f} when it started; "
+              "a ratio across different loads means little)")
     print(f"token counts: {len(conc) + len(seq) - len(bad)}/{len(conc) + len(seq)} requests returned exactly "
           f"{args.max_tokens} tokens with finish_reason 'length'; identical text concurrent vs sequential: "
           f"{same}/{len(seq)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "concurrent": s_c, "sequential": s_s,
                                                "speedup": speedup, "wrong_counts": len(bad),
+                                               "bare_engine_tokens_per_s": bare,
                                                "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
                                                "same_text": same}, indent=1))
     return 1 if bad else 0
