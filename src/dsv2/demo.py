@@ -67,7 +67,7 @@ def run(args) -> int:
     print(f"[3/5] pretraining `tiny` for {cfg.steps} steps (metrics: {out / 'pretrain' / 'metrics.jsonl'})")
     result = Trainer(cfg).fit()
     hf_dir = result["export"]
-    print(f"[4/5] sample from {hf_dir} (dsv2.LLM, temperature 0.8):")
+    print(f"[4/5] sample from {hf_dir} (dsv2.LLM, temperature 0.6, top-k 20):")
     text = _sample(hf_dir, max_new_tokens=24 if args.fast else 120)
     print("-" * 60 + f"\n{PROMPT}{text}\n" + "-" * 60)
     print("[5/5] plots:")
@@ -77,10 +77,10 @@ def run(args) -> int:
     print(f"val loss {result['val_loss']:.3f} nats vs the tokenizer's unigram baseline {base:.3f} "
           f"({base - result['val_loss']:+.3f}); {result['tokens']:,} training tokens; "
           f"{time.time() - t0:.0f}s in all, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"try: dsv2 generate {hf_dir} 'import os' --temperature 0.8")
+    print(f"try: dsv2 generate {hf_dir} 'import os' --temperature 0.6 --top-k 20")
     return 0
 
 
 def _sample(hf_dir: str, max_new_tokens: int) -> str:
     from .engine import LLM
-    return LLM(hf_dir).generate([PROMPT], max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=0)[0].text
+    return LLM(hf_dir).generate([PROMPT], max_new_tokens=max_new_tokens, temperature=0.6, top_k=20, seed=0)[0].text
