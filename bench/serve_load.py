@@ -111,6 +111,7 @@ def engine_alone(ckpt: Path, prompts: list[str], args) -> float:
     from dsv2.engine.llm import LLM
     torch.set_num_threads(args.threads)
     llm = LLM(ckpt, dtype=args.dtype, max_batch_slots=len(prompts))
+    llm.generate(prompts[:2], max_new_tokens=8, ignore_eos=True)          # warm-up, as the server had
     t0 = time.perf_counter()
     out = llm.generate(prompts, max_new_tokens=args.max_tokens, temperature=1.0, seed=0, ignore_eos=True)
     return sum(len(o.token_ids) for o in out) / (time.perf_counter() - t0)
