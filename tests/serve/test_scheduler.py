@@ -38,7 +38,7 @@ class StubEngine:
         return slot
 
     def step(self):
-        time.sleep(0.002)           # a forward takes time; the event loop runs meanwhile
+        time.sleep(0.005)           # a forward takes time; the event loop runs meanwhile
         self.log.append(("step", sorted(q[0] for q in self.seqs.values())))
         outs = []
         for slot, q in sorted(self.seqs.items()):
