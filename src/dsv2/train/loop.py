@@ -83,7 +83,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, parallelize: Callable[[nn.Module], nn.Module] | None = None,
                  checkpointer: Checkpointer | None = None, count_targets: Callable[[int], int] | None = None,
                  is_main: bool = True, dp_rank: int = 0, dp_size: int = 1, grad_scale: float = 1.0,
-                 print_fn: Callable[[str], None] = print, clip_grad_norm: Callable | None = None):
+                 print_fn: Callable[[str], None] = print, clip_grad_norm: Callable | None = None,
+                 init_device: torch.device | None = None):
         cfg.validate()
         self.cfg, self.is_main, self.print = cfg, is_main, (print_fn if is_main else (lambda *_: None))
         if cfg.threads:
@@ -97,7 +98,8 @@ class Trainer:
         if card["vocab_size"] > mcfg.vocab_size:
             raise ValueError(f"the data in {cfg.data.dir} uses {card['vocab_size']} token ids but the model's "
                              f"vocab_size is {mcfg.vocab_size}: set model.vocab_size={card['vocab_size']} or retokenise.")
-        self.model = build_model(mcfg, self.device, cfg.seed)
+        # issue 5: init_device="meta" builds without memory; `parallelize` then shards and materialises
+        self.model = build_model(mcfg, init_device or self.device, cfg.seed)
         self.rules = MoERules(self.model, cfg.moe, cfg.seed)
         self.step_model = parallelize(self.model) if parallelize else self.model
         if cfg.compile:
@@ -205,16 +207,17 @@ class Trainer:
                        f"drop={'on' if self.rules.policy else 'off'} a=({cfg.moe.exp_bal}, {cfg.moe.dev_bal}, "
                        f"{cfg.moe.comm_bal})")
         t_window, tok_window, t_start = time.time(), 0, time.time()
-        steps_done_here = 0
+        steps_done_here, window = 0, []
         for step in range(self.state.step, len(self.schedule)):
             out = self.train_step(step)
+            window.append(out)
             self.state.step, self.state.tokens = step + 1, self.state.tokens + out["tokens"]
             tok_window += out["tokens"]
             steps_done_here += 1
             done = self.state.step == len(self.schedule)
             if self.state.step % cfg.log_every == 0 or done:
-                self._log(out, tok_window, time.time() - t_window, time.time() - t_start, steps_done_here)
-                t_window, tok_window = time.time(), 0
+                self._log(_mean(window), tok_window, time.time() - t_window, time.time() - t_start, steps_done_here)
+                t_window, tok_window, window = time.time(), 0, []
             if self.rules.layers and (self.state.step % cfg.moe.load_every == 0 or done):
                 self._log_load()
             if self.state.step % cfg.eval_every == 0 or done:
@@ -268,4 +271,11 @@ class Trainer:
         self.print(f"exported {path} (config.json + model.safetensors + tokenizer)")
         return path
 
+
+def _mean(outs: list[dict]) -> dict:
+    """Losses averaged over the steps since the last step line (one step alone is noisy)."""
+    n = len(outs)
+    last = outs[-1]
+    return {**last, "lm_loss": sum(o["lm_loss"] for o in outs) / n,
+            "aux": {k: sum(o["aux"][k] for o in outs) / n for k in last["aux"]}}
 

@@ -1,6 +1,6 @@
 """Metrics: one JSON object per line (units in the key names), and the one-line step report.
 
-Records have a `kind`: "train" (every log_every steps), "val" (every eval_every), "load"
+Records have a `kind`: "train" (every log_every steps; losses are means over those steps), "val" (every eval_every), "load"
 (tokens per expert per layer, every moe.load_every). `dsv2 plot` reads them back.
 """
 
