@@ -39,6 +39,10 @@ def test_resume_is_bit_identical(data_dir, tmp_path, tiny_overrides):
         sd = other.model.state_dict()
         assert all(torch.equal(ref[k], sd[k]) for k in ref), "parameters differ after resume"
         assert other.train_data.state_dict() == straight.train_data.state_dict()
+    # resuming a finished run trains nothing and still reports a val loss
+    done = _run(tiny_overrides, data_dir, tmp_path / "c", N, resume="auto")
+    assert done.state.step == N and done.last_val is not None
+    assert all(torch.equal(ref[k], done.model.state_dict()[k]) for k in ref)
     a = straight.optimizer.state_dict()["state"]
     b = twice.optimizer.state_dict()["state"]
     assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)

@@ -224,6 +224,8 @@ class Trainer:
                 self._eval()
             if self.state.step % cfg.save_every == 0 or done:
                 self.save()
+        if self.last_val is None:  # resumed a run that had already finished
+            self._eval()
         result = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": self.last_val,
                   "unigram_val_loss": self.card.get("unigram_val_loss")}
         if self.is_main and cfg.export:
