@@ -84,3 +84,16 @@ def test_gradients_flow_through_the_gate():
                               0.003, 0.05, 0.02).values())
     loss.backward()
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_gate_affinities_stay_float32_under_bf16_autocast():
+    # balance losses and dropping read these scores: bf16 would round them (ties, biased f/P)
+    from dsv2.config import ModelConfig
+    from dsv2.model.moe import Gate
+    gate = Gate(ModelConfig.from_preset("tiny"))
+    torch.nn.init.normal_(gate.weight)
+    x = torch.randn(8, gate.weight.shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = gate(x)
+    assert r.scores_NE.dtype == torch.float32
+    torch.testing.assert_close(r.scores_NE, gate(x).scores_NE)

@@ -69,7 +69,8 @@ class Gate(nn.Module):
         return mask_NG.repeat_interleave(self.n_experts // self.n_group, dim=1)
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
-        scores = F.linear(x_ND.float(), self.weight.float()).softmax(dim=-1)
+        with torch.autocast(x_ND.device.type, enabled=False):  # bf16 autocast would round the affinities
+            scores = F.linear(x_ND.float(), self.weight.float()).softmax(dim=-1)
         masked = scores
         if self.method == "group_limited_greedy":
             masked = scores.masked_fill(~self.group_mask(scores), 0.0)
