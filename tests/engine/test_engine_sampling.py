@@ -74,3 +74,13 @@ def test_early_finisher_leaves_the_batch_and_others_continue():
             assert o.finished == (len(got[o.request_id]) == lens[o.request_id])
     assert [got[i] for i in range(3)] == [f.token_ids[:n] for f, n in zip(full, lens)]
     assert eng.step() == []
+
+
+def test_more_prompts_than_slots_are_queued_in_order():
+    m = llm()
+    prompts = ["Hello", "深度求索", "quick", "Emoji 🙂", "fox"]
+    want = m.generate(prompts, max_new_tokens=5, ignore_eos=True)
+    m.max_batch_slots = 2
+    got = m.generate(prompts, max_new_tokens=5, ignore_eos=True)
+    assert m.last_engine.slots == 2
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
