@@ -38,7 +38,7 @@ to edit its loop. The loop itself contains no torch.distributed code.
    int tensor mapping each routed expert to its group (D groups; `routing.expert_groups`).
    Under expert parallelism a group is the rank holding those experts: pass that mapping
    and the same functions give L_DevBal / L_CommBal / capacity per rank. Dropping is
-   `DropPolicy(group_E, capacity_factor, ...)`, a callable the trainer sets as each
+   `DropPolicy(group_E, n_groups, capacity_factor, protect_fraction)`, a callable the trainer sets as each
    `MoE.drop_policy`; it sees only local tokens (capacity = factor x average group load of
    this micro-batch) and is applied before the dispatcher, so an all_to_all dispatcher
    receives the already-filtered `keep_NK`.
