@@ -20,6 +20,7 @@ other jobs), torch 2.13:
     small, batch 4 x 256:  dsv2 248 tok/s, transformers eager 258 / sdpa 250  -> 0.96x (CPU time: 0.96x)
                            (an earlier, busier run: 214 against 253 / 225    -> 0.85x)
     small, --compile:      dsv2 215 tok/s, transformers eager 218 / sdpa 234  -> 0.92x
+                           (a second run: 47 against 313 / 306 -> 0.15x: the MoE's expert counts recompile)
     tiny, batch 8 x 256, --compile: dsv2 1554, transformers 1244 / 1358      -> 1.14x
 Both engines run the same GEMMs, ~65% of the step; the target of 1.5x is not reached here.
 """
