@@ -84,3 +84,12 @@ def test_more_prompts_than_slots_are_queued_in_order():
     got = m.generate(prompts, max_new_tokens=5, ignore_eos=True)
     assert m.last_engine.slots == 2
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_sampler_keeps_its_tensors_on_the_logits_device():
+    """GPU models: temperature, top-k/top-p masks and the seeded draws must live on the logits'
+    device. The meta device stands in for a GPU here (mixing it with CPU tensors raises too)."""
+    ps = [SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1), SamplingParams(temperature=0.7, top_k=3, seed=2),
+          SamplingParams()]
+    out = sample(torch.zeros(3, 50, device="meta"), ps, [p.generator() for p in ps])
+    assert out.device.type == "meta" and out.shape == (3,)

@@ -82,14 +82,15 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
         return tokens_B
     ps = [params[i] for i in rows]
     V = logits_BV.shape[-1]
-    x = logits_BV[rows] / torch.tensor([p.temperature for p in ps], dtype=logits_BV.dtype)[:, None]
+    dev = logits_BV.device  # helper tensors live with the logits (GPU models); generators stay on CPU
+    x = logits_BV[rows] / torch.tensor([p.temperature for p in ps], dtype=logits_BV.dtype, device=dev)[:, None]
     ks = [min(p.top_k or (TOP_P_CANDIDATES if p.top_p is not None else V), V) for p in ps]
     k = max(ks)
     nucleus = any(p.top_p is not None and p.top_p < 1 for p in ps)
     if k < V or nucleus:  # top_p needs the survivors sorted
         vals, idx = x.topk(k, dim=-1)
         if min(ks) < k:  # rows with a smaller top_k mask their tail
-            keep = torch.arange(k)[None] < torch.tensor(ks)[:, None]
+            keep = torch.arange(k, device=dev)[None] < torch.tensor(ks, device=dev)[:, None]
             vals = vals.masked_fill(~keep, float("-inf"))
     else:
         vals, idx = x, None
@@ -97,11 +98,11 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
     if nucleus:
         # top-k output is sorted, so the nucleus is a prefix: drop tokens whose preceding mass
         # already reaches top_p (the first token always stays).
-        top_p = torch.tensor([p.top_p if p.top_p is not None else 1.0 for p in ps])[:, None]
+        top_p = torch.tensor([p.top_p if p.top_p is not None else 1.0 for p in ps], device=dev)[:, None]
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)
     cdf = probs.cumsum(dim=-1)
-    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]) * cdf[:, -1]
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(dev) * cdf[:, -1]
     j = torch.searchsorted(cdf, u[:, None]).clamp_(max=cdf.shape[-1] - 1)
     picked = j[:, 0] if idx is None else idx.gather(1, j)[:, 0]
     tokens_B[rows] = picked
