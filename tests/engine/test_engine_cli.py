@@ -68,3 +68,21 @@ def test_bench_runs_both_engines(capsys):
     out = capsys.readouterr().out
     assert "dsv2 " in out and "transformers" in out and "ratio to transformers float32" in out
     assert "decode b2 tok/s" in out and "roofline" in out
+
+
+def test_chat_after_a_stop_string_feeds_the_model_what_the_history_says():
+    """A stop string cuts the reply inside its sampled tokens; the next turn must not carry the cut
+    text in its token ids, so it is rebuilt from the rendered history."""
+    llm = dsv2.LLM(_tiny.checkpoint(), compile=False)
+    probe = ChatSession(llm)
+    text = "".join(probe.send("你好", max_new_tokens=12))
+    assert len(text) >= 4
+    stop = text[len(text) // 2]
+    chat = ChatSession(llm)
+    cut = "".join(chat.send("你好", max_new_tokens=12, stop=[stop]))
+    assert stop not in cut and text.startswith(cut) and chat.messages[-1]["content"] == cut
+    "".join(chat.send("again", max_new_tokens=3))
+    tok = llm.tokenizer
+    rendered = tok.apply_chat_template(chat.history()[:-1], add_generation_prompt=True)
+    want = tok.encode(rendered, add_bos=False)
+    assert chat.ids[:len(want)] == want

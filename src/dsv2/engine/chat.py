@@ -66,19 +66,23 @@ class ChatSession:
         self.engine.add(req)
         self.last_prefill_tokens = len(prompt) - min(_shared(cached, prompt), len(prompt) - 1)
         reply, n, t1 = [], 0, time.perf_counter()
-        generated = []
+        generated, reason = [], None
         while self.engine.seqs:
             for out in self.engine.step():
                 n += 1
                 generated.append(out.token_id)
+                reason = out.finish_reason or reason
                 if out.text:
                     reply.append(out.text)
                     yield out.text
         dt = time.perf_counter() - t1
         self.messages.append({"role": "assistant", "content": "".join(reply)})
+        # A stop string cuts the reply text inside the sampled tokens: the ids would hold text the
+        # history does not, so the next turn re-renders the whole conversation instead.
+        cut = reason == "stop" and bool(generated) and generated[-1] not in (tok.eos_id, *params.stop_token_ids)
         if tok.eos_id is not None and (not generated or generated[-1] != tok.eos_id):
             generated.append(tok.eos_id)  # the template closes every assistant turn with EOS
-        self.ids = prompt + generated
+        self.ids = [] if cut else prompt + generated
         self.last_stats = (f"[{self.last_prefill_tokens} prompt tokens prefilled in {t1 - t0:.2f}s, "
                            f"{n} tokens at {n / max(dt, 1e-9):.1f} tokens/s]")
 
