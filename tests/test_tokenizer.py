@@ -5,20 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from dsv2.data.bpe import byte_level_bpe
 from dsv2.tokenizer import DEEPSEEK_CHAT_TEMPLATE, Tokenizer, TokenizerError, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(["def hello(world):\n    return world * 2\n", "你好，世界 🙂"] * 20, trainer)
+    tk = byte_level_bpe(["def hello(world):\n    return world * 2\n", "你好，世界 🙂"] * 20, 300,
+                        special_tokens=["<bos>", "<eos>"])
     tk.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>"}))
     return d

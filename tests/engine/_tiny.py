@@ -25,16 +25,10 @@ CORPUS = [
 
 @functools.lru_cache(maxsize=None)
 def checkpoint(vocab_size: int = 384) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     import dsv2
+    from dsv2.data.bpe import byte_level_bpe
     out = Path(tempfile.mkdtemp(prefix="dsv2_engine_tiny_"))
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(CORPUS * 20, trainer)
+    tk = byte_level_bpe(CORPUS * 20, vocab_size, special_tokens=["<bos>", "<eos>"])
     tk.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True}))

@@ -21,14 +21,9 @@ CORPUS = [
 
 
 def train_tokenizer(path, vocab_size: int = 384) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer)
+    from dsv2.data.bpe import BOS, EOS, byte_level_bpe
+    specials = [BOS, EOS]
+    tok = byte_level_bpe(CORPUS * 20, vocab_size, special_tokens=specials)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": specials[0], "eos_token": specials[1], "add_bos_token": True}))

@@ -23,10 +23,21 @@ BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 
 
+def byte_level_bpe(texts: list[str], vocab_size: int, special_tokens=(BOS, EOS)):
+    """A byte-level BPE (tokenizers.Tokenizer) trained on `texts`; the special tokens get ids 0, 1, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer, length=len(texts))
+    return tk
+
+
 def train_tokenizer(paths, out_dir: str | Path, vocab_size: int = 4096, max_mb: float | None = None,
                     verbose: bool = True) -> Path:
     """Train on the documents under `paths` (default corpus when empty); returns `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     if vocab_size < 256 + 2:
         raise ValueError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least 258 "
                          "(256 bytes + BOS + EOS).")
@@ -41,12 +52,7 @@ def train_tokenizer(paths, out_dir: str | Path, vocab_size: int = 4096, max_mb: 
         print(f"tokenizer: {len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f}M characters")
         if skipped.items:
             print(skipped.report())
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(docs, trainer, length=len(docs))
+    tk = byte_level_bpe(docs, vocab_size)
     tk.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
