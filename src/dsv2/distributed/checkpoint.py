@@ -36,6 +36,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from ..train.checkpoint import publish_step
+
 _STEP = re.compile(r"^step_(\d+)$")
 SHARDED = ("model", "optim")        # go through DCP, resharded on load
 LAYOUT_FREE = ("trainer", "data")   # small, global: JSON written by rank 0
@@ -104,11 +106,7 @@ class DCPCheckpointer:
         if _rank() == 0:
             (tmp / "state.json").write_text(json.dumps({**free, "meta": {"step": step, "world": _world(), **(meta or {})}},
                                                        indent=1, default=str) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in self._steps()[: -self.keep_last] if self.keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            publish_step(tmp, final, self._steps, self.keep_last)
         _barrier()
         return final
 

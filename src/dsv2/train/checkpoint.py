@@ -50,6 +50,21 @@ class RNGState:
             torch.cuda.set_rng_state_all(sd["cuda"])
 
 
+def publish_step(tmp: Path, final: Path, steps, keep_last: int) -> None:
+    """Move a fully written `tmp` step directory to `final`, then keep only the last `keep_last`
+    step directories listed by `steps()` (oldest first, including `final`). Re-saving a step (e.g. after a resume) swaps
+    the directories, so there is never a moment with no copy."""
+    if final.exists():
+        old = final.with_name(f".old_{final.name}_{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    for d in (steps()[: -keep_last] if keep_last > 0 else []):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 class LocalCheckpointer:
     def __init__(self, root: str | Path, keep_last: int = 3):
         self.root = Path(root)
@@ -73,15 +88,7 @@ class LocalCheckpointer:
         tmp.mkdir()
         torch.save({k: v.state_dict() for k, v in state.items()}, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **(meta or {})}, indent=2, default=str) + "\n")
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, never a gap with no copy
-            old = self.root / f".old_step_{step:08d}_{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        for d in self._steps()[: -self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(d, ignore_errors=True)
+        publish_step(tmp, final, self._steps, self.keep_last)
         return final
 
     def load(self, path: str | Path, state: dict[str, Stateful]) -> None:
