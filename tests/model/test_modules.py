@@ -128,6 +128,19 @@ def test_grouped_experts_backward_equals_autograd_loop(counts):
     assert fast[1][1].abs().sum() == 0 and (sum(counts) == 0 or fast[1][0].abs().sum() > 0)
 
 
+def test_moe_padded_decode_path_only_where_padding_is_cheap():
+    """Few tokens over many experts take the sorted path (padding would run every expert);
+    a batch that covers the experts takes the padded one. Both equal the reference loop."""
+    for n_experts, n_tokens, padded in ((64, 4, False), (4, 16, True)):
+        moe = make_moe(n_routed_experts=n_experts, num_experts_per_tok=2, n_group=None, topk_group=None,
+                       topk_method="greedy").eval()
+        x = torch.randn(1, n_tokens, moe.gate.weight.shape[1])
+        with torch.no_grad():
+            assert (moe._forward_padded(x[0], moe.gate(x[0])) is not None) == padded
+            fast, ref = moe(x), moe.reference_forward(x)
+        assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_group_limited_routing_uses_at_most_topk_group_groups():
     moe = make_moe(n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=6)
     route = moe.gate(torch.randn(500, moe.gate.weight.shape[1]))

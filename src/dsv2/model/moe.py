@@ -36,6 +36,10 @@ from .ffn import SwiGLU
 # Up to this many routed token copies (N x K) take MoE._forward_padded at inference; beyond,
 # padding waste outgrows the saving in calls and the sorted per-expert path is used.
 PADDED_MAX_COPIES = 512
+# ... and only while the padded rows (E x the busiest expert's count) are at most this many
+# times the real copies: with many experts and few tokens (DeepSeek-V2's 160 experts at a small
+# decode batch) padding would read every expert's weights for the few that were chosen.
+PADDED_MAX_WASTE = 3
 
 
 @dataclass
@@ -226,11 +230,12 @@ class MoE(nn.Module):
         if self.record_routing:
             self.last_routing, self.last_keep = route, keep
         local = keep is None and isinstance(self.dispatcher, LocalDispatcher) and not torch.is_grad_enabled()
+        out = None
         if local and x_ND.shape[0] == 1:
             out = self._forward_one_token(x_ND, route)
         elif local and x_ND.shape[0] * self.gate.top_k <= PADDED_MAX_COPIES:
-            out = self._forward_padded(x_ND, route)
-        else:
+            out = self._forward_padded(x_ND, route)  # None where padding would waste too much
+        if out is None:
             x_MD, counts, state = self.dispatcher.dispatch(x_ND, route.idx_NK, self.n_experts, keep)
             y_MD = self.experts(x_MD, counts)
             out = self.dispatcher.combine(y_MD, state, route.weight_NK, x_ND.shape[0])
@@ -247,14 +252,17 @@ class MoE(nn.Module):
             out = y.mul_(w) if out is None else out.add_(y, alpha=w)
         return out
 
-    def _forward_padded(self, x_ND: torch.Tensor, route: Routing) -> torch.Tensor:
+    def _forward_padded(self, x_ND: torch.Tensor, route: Routing) -> torch.Tensor | None:
         """Inference on a few tokens (batched decode): each expert's copies padded to the largest
         expert's count C, so all experts run as two bmm calls instead of 2 x E small matmuls,
-        whose per-call cost dominates at a handful of rows each."""
+        whose per-call cost dominates at a handful of rows each. None (use the sorted path) when
+        the E x C padded rows exceed PADDED_MAX_WASTE x the real copies."""
         N, D = x_ND.shape
         flat_M = route.idx_NK.flatten()
         counts_E = torch.bincount(flat_M, minlength=self.n_experts)
         C = int(counts_E.max())
+        if self.n_experts * C > PADDED_MAX_WASTE * flat_M.numel():
+            return None
         order_M = flat_M.argsort(stable=True)
         expert_M = flat_M[order_M]
         row_M = torch.arange(order_M.shape[0], device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
