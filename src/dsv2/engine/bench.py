@@ -300,9 +300,8 @@ def run(args) -> int:
 
 
 def _run_child(spec: dict) -> dict:
-    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     proc = subprocess.run([sys.executable, "-m", "dsv2.engine.bench", "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
