@@ -5,10 +5,28 @@ Holds what generation and chat need: encode/decode, BOS/EOS ids and the chat tem
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table): bytes that are
+    printable stand for themselves, the other 68 take the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 # DeepSeek-V2-Chat's format: "User: {prompt}\n\nAssistant: {answer}<eos>", BOS once at the start.
 DEEPSEEK_CHAT_TEMPLATE = (
@@ -67,6 +85,23 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A byte-level BPE token may hold part of a UTF-8
+        character, so these need not decode on their own (logprobs report them as such)."""
+        piece = self.tk.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if type(self.tk.decoder).__name__ == "ByteLevel" and token_id not in self._added:
+            try:
+                return bytes(_BYTE_OF_CHAR[c] for c in piece)
+            except KeyError:
+                pass
+        return piece.encode("utf-8")
+
+    @functools.cached_property
+    def _added(self) -> set[int]:
+        return set(self.tk.get_added_tokens_decoder())
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the tokenizer's own template, else DeepSeek-V2's format."""

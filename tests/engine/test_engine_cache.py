@@ -87,3 +87,32 @@ def test_moe_inference_paths_equal_reference():
     x = torch.randn(1, 3, cfg.hidden_size, requires_grad=True)
     moe(x).sum().backward()
     assert moe.experts.gate_up_proj.grad is not None
+
+
+def test_chunked_prefill_equals_one_pass():
+    """A prompt prefilled in chunks (each attending to the cache so far) writes the same latents
+    and gives the same first logits and greedy tokens as one pass."""
+    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = dsv2.DeepseekV2(cfg).eval()
+    prompt = torch.randint(2, 256, (23,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    runs = {}
+    for chunk in (2048, 5, 1):
+        eng = Engine(model, max_batch_slots=1, max_len=64, compile=False, prefill_chunk=chunk)
+        logits = eng._prefill(0, prompt, 0)
+        latents = [t[0, :len(prompt)].clone() for t in eng.cache.layers(slice(0, 1))[0]]
+        eng.cached_ids[0] = []
+        eng.add(Request(prompt, params))
+        tokens = []
+        while eng.seqs:
+            tokens += [o.token_id for o in eng.step()]
+        runs[chunk] = logits, latents, tokens
+    whole = runs[2048]
+    for chunk in (5, 1):
+        logits, latents, tokens = runs[chunk]
+        assert (logits - whole[0]).abs().max() <= 1e-4 * whole[0].abs().max()
+        assert all((a - b).abs().max() <= 1e-5 for a, b in zip(latents, whole[1]))
+        assert tokens == whole[2]
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, max_batch_slots=1, max_len=64, compile=False, prefill_chunk=0)

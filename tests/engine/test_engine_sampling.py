@@ -93,3 +93,30 @@ def test_sampler_keeps_its_tensors_on_the_logits_device():
           SamplingParams()]
     out = sample(torch.zeros(3, 50, device="meta"), ps, [p.generator() for p in ps])
     assert out.device.type == "meta" and out.shape == (3,)
+
+
+def test_logprobs_are_the_models_log_softmax():
+    """Each generated token's logprob (and its top alternatives) equals the log-softmax of a full
+    forward over prompt + tokens so far, for greedy and sampled rows in one batch."""
+    m = llm()
+    prompts = ["深度求索", "The quick brown"]
+    greedy, sampled = (m.generate([p], max_new_tokens=6, ignore_eos=True, logprobs=3, **kw)[0]
+                       for p, kw in zip(prompts, ({}, dict(temperature=1.5, seed=1))))
+    batch = m.generate(prompts, max_new_tokens=6, ignore_eos=True, logprobs=3, temperature=1.5, seed=1)
+    assert batch[1].token_ids == sampled.token_ids
+    for prompt, r in ((prompts[0], greedy), (prompts[1], sampled), (prompts[1], batch[1])):
+        ids = m.encode(prompt) + r.token_ids
+        with torch.no_grad():
+            ref = m.model(torch.tensor([ids]))[0].log_softmax(-1)[len(ids) - len(r.token_ids) - 1: -1]
+        want = ref.gather(1, torch.tensor(r.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(r.logprobs), want, atol=1e-4)
+        for row, top in zip(ref, r.top_logprobs):
+            vals, idx = row.topk(3)
+            assert [t for t, _ in top] == idx.tolist()
+            assert torch.allclose(torch.tensor([v for _, v in top]), vals, atol=1e-4)
+    # greedy picks the most likely token, so its logprob is the top alternative's
+    assert all(abs(lp - top[0][1]) < 1e-6 for lp, top in zip(greedy.logprobs, greedy.top_logprobs))
+    assert m.generate(prompts, max_new_tokens=2)[0].logprobs is None
+    import pytest
+    with pytest.raises(ValueError, match="logprobs"):
+        m.generate(prompts, max_new_tokens=2, logprobs=21)

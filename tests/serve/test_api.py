@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import torch
+
 from serve_helpers import MAX_LEN
 
 MODEL = "tiny-chat"
@@ -133,3 +135,36 @@ def test_metrics_count_requests_and_tokens(server, client):
                  "dsv2_time_to_first_token_seconds_count", "dsv2_inter_token_latency_seconds_count"):
         assert name in after, name
     assert after["dsv2_cache_capacity_tokens"] == 1024
+
+
+def test_logprobs_completions_and_chat(model_dir, client):
+    """Completions (legacy shape) and chat (content shape) report each token's logprob as the offline
+    engine computes it, with the asked number of alternatives; streamed chunks carry the same."""
+    from dsv2.engine.llm import LLM
+    llm = LLM(model_dir, max_batch_slots=1, compile=False)
+    [want] = llm.generate(["深度求索 🙂"], max_new_tokens=10, ignore_eos=True, logprobs=2)
+    kw = dict(model=MODEL, prompt="深度求索 🙂", max_tokens=10, temperature=0, extra_body=NO_EOS)
+    lp = client.completions.create(logprobs=2, **kw).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 10
+    assert all(abs(a - b) < 1e-4 for a, b in zip(lp.token_logprobs, want.logprobs))
+    assert all(len(t) == 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(10)]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, logprobs=2, **kw)
+                if c.choices and c.choices[0].logprobs]
+    assert torch.allclose(torch.tensor([x for c in streamed for x in c.token_logprobs]),
+                          torch.tensor(lp.token_logprobs), atol=1e-5)
+    assert client.completions.create(**kw).choices[0].logprobs is None
+
+    messages = [{"role": "user", "content": "你好"}]
+    chat = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body=NO_EOS)
+    r = client.chat.completions.create(logprobs=True, top_logprobs=3, **chat)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 8 and all(len(c.top_logprobs) == 3 for c in content)
+    # greedy: the chosen token is the most likely one; the bytes spell the answer exactly
+    assert all(c.top_logprobs[0].logprob == c.logprob for c in content)
+    assert bytes(b for c in content for b in c.bytes).decode("utf-8", "replace") == r.choices[0].message.content
+    chunks = [c.choices[0].logprobs for c in client.chat.completions.create(stream=True, logprobs=True, **chat)
+              if c.choices and c.choices[0].logprobs]
+    assert torch.allclose(torch.tensor([x.logprob for c in chunks for x in c.content]),
+                          torch.tensor([c.logprob for c in content]), atol=1e-5)
+    assert [x.top_logprobs for c in chunks for x in c.content] == [[]] * 8

@@ -4,13 +4,15 @@ API (stable; the OpenAI-compatible server builds continuous batching on it)
 --------------------------------------------------------------------------
     from dsv2.engine import Engine, Request, SamplingParams, StepOutput, EngineFull
 
-    engine = Engine(model, tokenizer=None, max_batch_slots=8, max_len=None, compile=None)
+    engine = Engine(model, tokenizer=None, max_batch_slots=8, max_len=None, compile=None,
+                    prefill_chunk=2048)
         model: a DeepseekV2 in eval mode (its dtype is the cache's dtype). tokenizer: a
         dsv2.Tokenizer, needed only for stop strings and text deltas. max_len: positions per
         slot (default min(max_position_embeddings, 2048)). The LatentCache of
         [max_batch_slots, max_len, d_c] + [.., d_h^R] per layer is allocated here, per engine.
         compile: torch.compile the decode step (opt-in, see engine/decode.py; a one-line
-        notice on stderr when it falls back to eager).
+        notice on stderr when it falls back to eager). prefill_chunk (default 2048): prompts
+        longer than this are prefilled in chunks of this many tokens, bounding prefill memory.
 
     slot = engine.add(Request(prompt_ids=[...], params=SamplingParams(...), id=None))
         Validates, takes a free slot (raises EngineFull when none is free; check
@@ -26,7 +28,9 @@ API (stable; the OpenAI-compatible server builds continuous batching on it)
         absorbed-MLA decode forward over all of them. StepOutput fields:
             request_id, slot, token_id (int), text (UTF-8-safe delta, "" without a
             tokenizer or while bytes/stop-string prefixes are held back),
-            finished (bool), finish_reason ("stop" | "length" | None).
+            finished (bool), finish_reason ("stop" | "length" | None), and with
+            SamplingParams(logprobs=n): logprob (the token's log-probability under the model)
+            and top_logprobs ([(token id, logprob)] of the n most likely tokens), else None.
         A finished request frees its slot by itself (its cache rows stay readable for
         prefix reuse until the slot is taken again). Returns [] when nothing is active.
 
@@ -57,7 +61,7 @@ import torch
 
 from ..model.attention import KVStep
 from .cache import LatentCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, token_logprobs
 from .text import TextStream
 
 
@@ -80,6 +84,8 @@ class StepOutput:
     text: str
     finished: bool
     finish_reason: str | None
+    logprob: float | None = None          # with SamplingParams.logprobs: this token's logprob
+    top_logprobs: list | None = None      # ... and [(token id, logprob)] of the most likely tokens
 
 
 @dataclass
@@ -90,14 +96,18 @@ class _Seq:
     stream: TextStream | None
     stop_ids: frozenset
     last_token: int = -1
+    last_logprobs: tuple | None = None   # (logprob, top) of last_token when the request asks for them
     emitted: bool = False          # last_token has been handed out and awaits decoding
     n_generated: int = 0
 
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_slots: int = 8, max_len: int | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, prefill_chunk: int = 2048):
         cfg = model.config
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}.")
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.max_len = min(cfg.max_position_embeddings, 2048) if max_len is None else max_len
         if self.max_len > cfg.max_position_embeddings:
@@ -166,7 +176,10 @@ class Engine:
                    TextStream(self.tokenizer, p.stop) if self.tokenizer is not None else None,
                    frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids)))
         logits = self._prefill(slot, ids[reuse:], reuse)
-        seq.last_token = int(sample(logits, [p], [seq.generator])[0])
+        token = sample(logits, [p], [seq.generator])
+        seq.last_token = int(token[0])
+        if p.logprobs is not None:
+            seq.last_logprobs = token_logprobs(logits, token, p.logprobs)[0]
         self.cached_ids[slot] = ids
         self.seqs[slot] = seq
         return slot
@@ -184,15 +197,21 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """Write the latents of ids at positions [start, start+T) of `slot`; -> last logits [1, V]."""
-        T = len(ids)
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(start, start + T, device=self.device)[None]
-        # A fresh prompt is plain causal attention (mask None lets SDPA use its causal kernel).
-        mask = None if start == 0 else (self._slot_range[: start + T][None, None] <= pos[:, :, None])
-        step = KVStep(pos, start + T, mask)
-        self.cache.lengths[slot] = start + T
-        logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step, last_only=True)
+        """Write the latents of ids at positions [start, start+T) of `slot`; -> last logits [1, V].
+
+        Long prompts go through in chunks of `prefill_chunk` tokens, each attending to the cache
+        written so far: the naive path's decompressed keys and values (and the MoE's buffers)
+        then scale with the chunk, not with the prompt."""
+        for c in range(0, len(ids), self.prefill_chunk):
+            chunk, at = ids[c: c + self.prefill_chunk], start + c
+            T = len(chunk)
+            x = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            pos = torch.arange(at, at + T, device=self.device)[None]
+            # A fresh prompt is plain causal attention (mask None lets SDPA use its causal kernel).
+            mask = None if at == 0 else (self._slot_range[: at + T][None, None] <= pos[:, :, None])
+            step = KVStep(pos, at + T, mask)
+            self.cache.lengths[slot] = at + T
+            logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step, last_only=True)
         return logits[:, -1]
 
     # ------------------------------------------------------------------ step
@@ -229,8 +248,14 @@ class Engine:
         logits = self._decode(self._tokens[:hi], pos, kv_len, self.cache, hi)
         params = [self.seqs[s].request.params for s in decoding]
         gens = [self.seqs[s].generator for s in decoding]
-        picked = sample(logits[decoding] if len(decoding) < hi else logits, params, gens).tolist()
-        for s, t in zip(decoding, picked):
+        logits = logits[decoding] if len(decoding) < hi else logits
+        picked_B = sample(logits, params, gens)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            lps = token_logprobs(logits[want], picked_B[want], max(params[i].logprobs for i in want))
+            for i, (c, top) in zip(want, lps):
+                self.seqs[decoding[i]].last_logprobs = (c, top[: params[i].logprobs])
+        for s, t in zip(decoding, picked_B.tolist()):
             q = self.seqs[s]
             self.cached_ids[s].append(q.last_token)
             lengths[s] += 1
@@ -252,7 +277,8 @@ class Engine:
             reason = "length"
         if reason is not None and q.stream is not None:
             text += q.stream.finish()
-        return StepOutput(q.request.id, slot, t, text, reason is not None, reason)
+        lp, top = q.last_logprobs if q.last_logprobs is not None else (None, None)
+        return StepOutput(q.request.id, slot, t, text, reason is not None, reason, lp, top)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

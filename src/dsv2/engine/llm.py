@@ -29,6 +29,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[float] | None = None       # with generate(logprobs=n): per generated token
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # ... and its n most likely alternatives
 
 
 class LLM:
@@ -89,12 +91,14 @@ class LLM:
     # ------------------------------------------------------------ generation
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None,
-                 ignore_eos: bool = False) -> list[Completion]:
-        """Complete every prompt; results in prompt order."""
+                 ignore_eos: bool = False, logprobs: int | None = None) -> list[Completion]:
+        """Complete every prompt; results in prompt order. logprobs=n (0-20) also returns each
+        generated token's log-probability under the model and the n most likely alternatives."""
         if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
             raise ValueError("generate takes a list of prompts; wrap a single prompt in a list or use stream().")
         params = SamplingParams.make(stop=stop, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+                                     top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                                     logprobs=logprobs)
         params.validate(self.model.config.vocab_size)
         ids = [self.encode(p) for p in prompts]
         if not ids:
@@ -106,6 +110,8 @@ class LLM:
         tokens: list[list[int]] = [[] for _ in ids]
         texts = [""] * len(ids)
         reasons: list[str | None] = [None] * len(ids)
+        lps: list[list] = [[] for _ in ids]
+        tops: list[list] = [[] for _ in ids]
         pending = iter(requests)
         nxt = next(pending, None)
         while nxt is not None or eng.seqs:
@@ -115,11 +121,17 @@ class LLM:
             for out in eng.step():
                 tokens[out.request_id].append(out.token_id)
                 texts[out.request_id] += out.text
+                if logprobs is not None:
+                    lps[out.request_id].append(out.logprob)
+                    tops[out.request_id].append(out.top_logprobs)
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
         if self.tokenizer is None:
             texts = [""] * len(ids)
-        return [Completion(t, tok, r, len(p)) for t, tok, r, p in zip(texts, tokens, reasons, ids)]
+        if logprobs is None:
+            return [Completion(t, tok, r, len(p)) for t, tok, r, p in zip(texts, tokens, reasons, ids)]
+        return [Completion(t, tok, r, len(p), lp, top)
+                for t, tok, r, p, lp, top in zip(texts, tokens, reasons, ids, lps, tops)]
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop=None,

@@ -16,6 +16,8 @@ import torch
 # With top_p but no top_k, only this many most likely tokens are considered: the mass past
 # the 1024th token of a language model's distribution is negligible and a full sort is slow.
 TOP_P_CANDIDATES = 1024
+# The most alternatives a request may ask logprobs for (OpenAI's limit for top_logprobs).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -34,6 +36,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None   # None: none; n >= 0: each token's logprob and the n most likely
 
     @classmethod
     def make(cls, stop=None, **kw) -> "SamplingParams":
@@ -57,6 +60,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}.")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}.")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}.")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}.")
@@ -107,3 +113,17 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
     picked = j[:, 0] if idx is None else idx.gather(1, j)[:, 0]
     tokens_B[rows] = picked
     return tokens_B
+
+
+def token_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, n_top: int) -> list[tuple[float, list]]:
+    """Per row: (log-probability of tokens_B[row], [(token id, logprob)] of the n_top most likely).
+
+    Log-probabilities are the model's own distribution (log-softmax of the float32 logits),
+    before temperature, top-k and top-p: what a token costs under the model, whichever way
+    it was drawn."""
+    lp = logits_BV.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens_B.to(lp.device)[:, None])[:, 0].tolist()
+    if n_top == 0:
+        return [(c, []) for c in chosen]
+    vals, idx = lp.topk(n_top, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, idx.tolist(), vals.tolist())]

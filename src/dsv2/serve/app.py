@@ -82,7 +82,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _sse(jobs, events, rid, limits.model_name, chat, n_prompt, include_usage)
+            body = _sse(jobs, events, rid, limits.model_name, chat, n_prompt, include_usage, tokenizer)
             return _SSEResponse(body, on_close=lambda: scheduler.cancel(jobs), media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -91,14 +91,16 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
             scheduler.cancel(jobs)      # no-op for finished jobs; frees slots if the client left
         if answer is None:
             return Response(status_code=499)   # nobody is listening; uvicorn drops it
-        texts, reasons, counts = answer
+        texts, reasons, counts, lps = answer
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=sum(counts), total_tokens=n_prompt + sum(counts))
+        logprobs = [_LogprobFormat(tokenizer, chat)(lp) if lp else None for lp in lps]
         if chat:
-            choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r)
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r, logprobs=lp)
+                       for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
             return ChatCompletion(id=rid, created=int(time.time()), model=limits.model_name, choices=choices,
                                   usage=usage)
-        choices = [CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [CompletionChoice(index=i, text=t, finish_reason=r, logprobs=lp)
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         return Completion(id=rid, created=int(time.time()), model=limits.model_name, choices=choices, usage=usage)
 
     @app.post("/v1/completions")
@@ -115,7 +117,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
 # ------------------------------------------------------------------ answers
 async def _collect(jobs, events: asyncio.Queue):
     n = len(jobs)
-    texts, reasons, counts = [""] * n, [None] * n, [0] * n
+    texts, reasons, counts, lps = [""] * n, [None] * n, [0] * n, [[] for _ in range(n)]
     left = n
     while left:
         ev = await events.get()
@@ -123,10 +125,46 @@ async def _collect(jobs, events: asyncio.Queue):
             raise APIError(ev.get("status", 503), ev["error"])
         i = ev["index"]
         texts[i] += ev["text"]
+        if "lp" in ev:
+            lps[i].append(ev["lp"])
         if "finish_reason" in ev:
             reasons[i], counts[i] = ev["finish_reason"], ev["completion_tokens"]
             left -= 1
-    return texts, reasons, counts
+    return texts, reasons, counts, lps
+
+
+class _LogprobFormat:
+    """(token id, logprob, [(id, logprob)]) entries -> OpenAI's logprobs object: for chat
+    {"content": [{token, logprob, bytes, top_logprobs}]}, for completions the legacy
+    {tokens, token_logprobs, top_logprobs, text_offset}. Every generated token is listed,
+    a final EOS included; a token holding part of a UTF-8 character shows U+FFFD in `token`
+    and its exact bytes in `bytes` (chat)."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tok, self.chat, self.offset = tokenizer, chat, 0
+
+    def _piece(self, token_id: int) -> tuple[str, list[int]]:
+        if self.tok is None:
+            return str(token_id), []
+        b = self.tok.token_bytes(token_id)
+        return b.decode("utf-8", errors="replace"), list(b)
+
+    def __call__(self, entries: list[tuple]) -> dict:
+        if self.chat:
+            content = []
+            for t, lp, top in entries:
+                s, b = self._piece(t)
+                alts = [dict(zip(("token", "bytes"), self._piece(a)), logprob=v) for a, v in top]
+                content.append({"token": s, "logprob": lp, "bytes": b, "top_logprobs": alts})
+            return {"content": content}
+        tokens, offsets = [], []
+        for t, _, _ in entries:
+            tokens.append(self._piece(t)[0])
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{self._piece(a)[0]: v for a, v in top} for _, _, top in entries],
+                "text_offset": offsets}
 
 
 async def _until_done_or_gone(request: Request, work):
@@ -150,13 +188,13 @@ async def _disconnected(request: Request) -> None:
 
 
 def _chunk(rid: str, model: str, chat: bool, index: int, text: str | None, finish: str | None,
-           role: bool = False) -> str:
+           role: bool = False, logprobs: dict | None = None) -> str:
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         obj = "text_completion"
     return _data({"id": rid, "object": obj, "created": int(time.time()), "model": model,
                   "choices": [choice], "usage": None})
@@ -166,8 +204,10 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(jobs, events: asyncio.Queue, rid: str, model: str, chat: bool, n_prompt: int, include_usage: bool):
+async def _sse(jobs, events: asyncio.Queue, rid: str, model: str, chat: bool, n_prompt: int, include_usage: bool,
+               tokenizer):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    fmts = {job.index: _LogprobFormat(tokenizer, chat) for job in jobs}  # text offsets run per choice
     if chat:
         for job in jobs:
             yield _chunk(rid, model, chat, job.index, None, None, role=True)
@@ -178,8 +218,9 @@ async def _sse(jobs, events: asyncio.Queue, rid: str, model: str, chat: bool, n_
             yield _data(error_body(ev.get("status", 503), ev["error"]))
             return
         finish = ev.get("finish_reason")
-        if ev["text"] or finish:
-            yield _chunk(rid, model, chat, ev["index"], ev["text"], finish)
+        if ev["text"] or finish or "lp" in ev:
+            lp = fmts[ev["index"]]([ev["lp"]]) if "lp" in ev else None
+            yield _chunk(rid, model, chat, ev["index"], ev["text"], finish, logprobs=lp)
         if finish:
             left -= 1
             completion_tokens += ev["completion_tokens"]

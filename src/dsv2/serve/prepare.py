@@ -106,6 +106,13 @@ def max_new_tokens(req, n_prompt: int, limits: Limits) -> int:
     return req.max_tokens
 
 
+def logprobs_wanted(req) -> int | None:
+    """How many alternatives per token the answer reports, or None for no logprobs."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
 def make_jobs(req, ids: list[int], max_new: int) -> tuple[list[Job], asyncio.Queue]:
     """n jobs sharing one event queue; choice i uses seed + i so the n answers differ but repeat."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -114,7 +121,7 @@ def make_jobs(req, ids: list[int], max_new: int) -> tuple[list[Job], asyncio.Que
         params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k or None,
                                 top_p=req.top_p if req.top_p < 1.0 else None,
                                 seed=None if req.seed is None else req.seed + i, stop=list(req.stop_strings),
-                                ignore_eos=req.ignore_eos)
+                                ignore_eos=req.ignore_eos, logprobs=logprobs_wanted(req))
         jobs.append(Job(list(ids), params, loop, events, index=i))
     return jobs, events
 
@@ -122,8 +129,6 @@ def make_jobs(req, ids: list[int], max_new: int) -> tuple[list[Job], asyncio.Que
 async def prepare(request: Request, kind: type, limits: Limits, tokenizer, vocab_size: int):
     """-> (validated request, jobs, their shared event queue, prompt length)."""
     req = parse(kind, await read_json(request, limits), limits)
-    if isinstance(req, CompletionRequest) and req.logprobs:
-        raise APIError(400, "logprobs is not supported by this server's engine; leave it out.", "logprobs")
     ids = prompt_ids(req, tokenizer, vocab_size)
     max_new = max_new_tokens(req, len(ids), limits)
     jobs, events = make_jobs(req, ids, max_new)

@@ -41,7 +41,8 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class Job:
     """One sequence to generate. Events go to `events` (an asyncio.Queue on `loop`) as dicts:
-    {"index", "text"} per token, and a last one with "finish_reason" and "completion_tokens"."""
+    {"index", "text"} per token, and a last one with "finish_reason" and "completion_tokens";
+    with logprobs asked for, every token's event also has "lp": (token id, logprob, top)."""
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
@@ -195,11 +196,12 @@ class Scheduler:
             job.t_last = now
             job.n_generated += 1
             self.metrics.inc("generation_tokens_total")
+            lp = None if out.logprob is None else (out.token_id, out.logprob, out.top_logprobs)
             if out.finished:            # the engine has freed the slot already
                 del self._running[job.id]
-                self._finish(job, out.finish_reason, out.text)
-            elif out.text:
-                self._emit(job, {"index": job.index, "text": out.text})
+                self._finish(job, out.finish_reason, out.text, lp)
+            elif out.text or lp:
+                self._emit(job, {"index": job.index, "text": out.text} | ({"lp": lp} if lp else {}))
 
     def _retire(self, job: Job, reason: str) -> None:
         """End a job early (cancelled): free its slot now."""
@@ -209,11 +211,11 @@ class Scheduler:
             self.engine.cancel(job.id)
         self._finish(job, reason)
 
-    def _finish(self, job: Job, reason: str, text: str = "") -> None:
+    def _finish(self, job: Job, reason: str, text: str = "", lp: tuple | None = None) -> None:
         job.finish_reason = reason
         self.metrics.inc("requests_finished_total", reason=reason)
         self._emit(job, {"index": job.index, "text": text, "finish_reason": reason,
-                         "completion_tokens": job.n_generated})
+                         "completion_tokens": job.n_generated} | ({"lp": lp} if lp else {}))
 
     def _fail_all(self) -> None:
         with self._lock:

@@ -115,12 +115,13 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _chat(self):
-        if self.logprobs:
-            raise ValueError("logprobs is not supported for chat completions by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.max_completion_tokens is not None:
             # The newer spelling of max_tokens; one number decides.
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
