@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dsv2
@@ -117,6 +118,22 @@ def test_logprobs_are_the_models_log_softmax():
     # greedy picks the most likely token, so its logprob is the top alternative's
     assert all(abs(lp - top[0][1]) < 1e-6 for lp, top in zip(greedy.logprobs, greedy.top_logprobs))
     assert m.generate(prompts, max_new_tokens=2)[0].logprobs is None
-    import pytest
+    # Prompt logprobs: position t scores prompt token t + 1; the same whether or not a cached
+    # prefix could have been reused, and in prefill chunks of any size.
+    ids = m.encode(prompts[1]) + greedy.token_ids[:3]
+    with torch.no_grad():
+        ref = m.model(torch.tensor([ids]))[0].log_softmax(-1)
+    want = [None] + ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    for chunk in (2048, 3):
+        eng = Engine(m.model, max_batch_slots=1, max_len=64, compile=False, prefill_chunk=chunk)
+        for _ in range(2):  # the second time the slot holds the whole prompt already
+            eng.add(Request(ids, SamplingParams(max_new_tokens=1, prompt_logprobs=2)))
+            [out] = eng.step()
+            got = out.prompt_logprobs
+            assert len(got) == len(ids) and got[0] == (None, [])
+            assert all(abs(g[0] - w) < 1e-4 for g, w in zip(got[1:], want[1:]))
+            assert all(len(g[1]) == 2 and g[1][0][1] >= g[0] - 1e-6 for g in got[1:])
+    [r] = m.generate([ids], max_new_tokens=1, prompt_logprobs=0)
+    assert [lp for lp, _ in r.prompt_logprobs[1:]] == pytest.approx(want[1:], abs=1e-4)
     with pytest.raises(ValueError, match="logprobs"):
         m.generate(prompts, max_new_tokens=2, logprobs=21)

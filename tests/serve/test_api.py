@@ -168,3 +168,25 @@ def test_logprobs_completions_and_chat(model_dir, client):
     assert torch.allclose(torch.tensor([x.logprob for c in chunks for x in c.content]),
                           torch.tensor([c.logprob for c in content]), atol=1e-5)
     assert [x.top_logprobs for c in chunks for x in c.content] == [[]] * 8
+
+
+def test_echo_scores_the_prompt(model_dir, client):
+    """echo + logprobs (how evaluation harnesses score a text): the prompt comes back in front of
+    the completion with its tokens' logprobs, equal to the offline engine's prompt logprobs."""
+    from dsv2.engine.llm import LLM
+    llm = LLM(model_dir, max_batch_slots=1, compile=False)
+    prompt = "深度求索 is a model"
+    [want] = llm.generate([prompt], max_new_tokens=1, prompt_logprobs=1)
+    n_prompt = len(want.prompt_logprobs)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True, extra_body=NO_EOS)
+    r = client.completions.create(logprobs=1, **kw).choices[0]
+    assert r.text.startswith(prompt) and len(r.text) > len(prompt)
+    lp = r.logprobs
+    assert len(lp.token_logprobs) == n_prompt + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:n_prompt]),
+                          torch.tensor([x for x, _ in want.prompt_logprobs[1:]]), atol=1e-4)
+    streamed = [c.choices[0] for c in client.completions.create(stream=True, logprobs=1, **kw) if c.choices]
+    assert streamed[0].text == prompt and len(streamed[0].logprobs.token_logprobs) == n_prompt
+    assert "".join(c.text for c in streamed) == r.text
+    assert client.completions.create(**kw).choices[0].text == r.text  # echo without logprobs

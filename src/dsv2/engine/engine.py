@@ -86,6 +86,8 @@ class StepOutput:
     finish_reason: str | None
     logprob: float | None = None          # with SamplingParams.logprobs: this token's logprob
     top_logprobs: list | None = None      # ... and [(token id, logprob)] of the most likely tokens
+    prompt_logprobs: list | None = None   # with SamplingParams.prompt_logprobs, on a request's first
+                                          # output: per prompt token (logprob, top); the first is (None, [])
 
 
 @dataclass
@@ -97,6 +99,7 @@ class _Seq:
     stop_ids: frozenset
     last_token: int = -1
     last_logprobs: tuple | None = None   # (logprob, top) of last_token when the request asks for them
+    prompt_logprobs: list | None = None  # handed out with the first output
     emitted: bool = False          # last_token has been handed out and awaits decoding
     n_generated: int = 0
 
@@ -170,12 +173,14 @@ class Engine:
         if request.id is None:
             request.id = next(self._ids)
         ids = list(request.prompt_ids)
-        slot, reuse = self._pick_slot(ids)
         p = request.params
+        slot, reuse = self._pick_slot(ids)
+        if p.prompt_logprobs is not None:
+            reuse = 0  # every prompt position's logits are needed, cached ones too
         seq = _Seq(request, None if p.greedy else p.generator(),
                    TextStream(self.tokenizer, p.stop) if self.tokenizer is not None else None,
                    frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids)))
-        logits = self._prefill(slot, ids[reuse:], reuse)
+        logits, seq.prompt_logprobs = self._prefill(slot, ids[reuse:], reuse, p.prompt_logprobs)
         token = sample(logits, [p], [seq.generator])
         seq.last_token = int(token[0])
         if p.logprobs is not None:
@@ -196,12 +201,14 @@ class Engine:
         return best, reuse
 
     @torch.inference_mode()
-    def _prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """Write the latents of ids at positions [start, start+T) of `slot`; -> last logits [1, V].
+    def _prefill(self, slot: int, ids: list[int], start: int, n_top: int | None = None):
+        """Write the latents of ids at positions [start, start+T) of `slot`.
+        -> (last logits [1, V], and with n_top: [(logprob, top)] of every prompt token, else None).
 
         Long prompts go through in chunks of `prefill_chunk` tokens, each attending to the cache
         written so far: the naive path's decompressed keys and values (and the MoE's buffers)
         then scale with the chunk, not with the prompt."""
+        scores = None if n_top is None else [(None, [])]  # the first token has no context to score it
         for c in range(0, len(ids), self.prefill_chunk):
             chunk, at = ids[c: c + self.prefill_chunk], start + c
             T = len(chunk)
@@ -211,8 +218,12 @@ class Engine:
             mask = None if at == 0 else (self._slot_range[: at + T][None, None] <= pos[:, :, None])
             step = KVStep(pos, at + T, mask)
             self.cache.lengths[slot] = at + T
-            logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step, last_only=True)
-        return logits[:, -1]
+            logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step,
+                                last_only=scores is None)
+            if scores is not None:  # position t scores the prompt's token t + 1
+                nxt = torch.tensor(ids[c + 1: c + 1 + T], device=self.device)
+                scores += token_logprobs(logits[0, : len(nxt)], nxt, n_top)
+        return logits[:, -1], scores
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -278,7 +289,8 @@ class Engine:
         if reason is not None and q.stream is not None:
             text += q.stream.finish()
         lp, top = q.last_logprobs if q.last_logprobs is not None else (None, None)
-        return StepOutput(q.request.id, slot, t, text, reason is not None, reason, lp, top)
+        prompt, q.prompt_logprobs = q.prompt_logprobs, None
+        return StepOutput(q.request.id, slot, t, text, reason is not None, reason, lp, top, prompt)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

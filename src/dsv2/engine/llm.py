@@ -31,6 +31,8 @@ class Completion:
     prompt_tokens: int
     logprobs: list[float] | None = None       # with generate(logprobs=n): per generated token
     top_logprobs: list[list[tuple[int, float]]] | None = None   # ... and its n most likely alternatives
+    prompt_logprobs: list[tuple[float | None, list]] | None = None  # with prompt_logprobs=n: per prompt
+                                                                    # token (logprob, top); the first (None, [])
 
 
 class LLM:
@@ -91,14 +93,16 @@ class LLM:
     # ------------------------------------------------------------ generation
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None,
-                 ignore_eos: bool = False, logprobs: int | None = None) -> list[Completion]:
+                 ignore_eos: bool = False, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> list[Completion]:
         """Complete every prompt; results in prompt order. logprobs=n (0-20) also returns each
-        generated token's log-probability under the model and the n most likely alternatives."""
+        generated token's log-probability under the model and the n most likely alternatives;
+        prompt_logprobs=n the same for every prompt token (scoring a text)."""
         if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
             raise ValueError("generate takes a list of prompts; wrap a single prompt in a list or use stream().")
         params = SamplingParams.make(stop=stop, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                                     logprobs=logprobs)
+                                     logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         params.validate(self.model.config.vocab_size)
         ids = [self.encode(p) for p in prompts]
         if not ids:
@@ -112,6 +116,7 @@ class LLM:
         reasons: list[str | None] = [None] * len(ids)
         lps: list[list] = [[] for _ in ids]
         tops: list[list] = [[] for _ in ids]
+        prompt_lps: list = [None] * len(ids)
         pending = iter(requests)
         nxt = next(pending, None)
         while nxt is not None or eng.seqs:
@@ -121,6 +126,8 @@ class LLM:
             for out in eng.step():
                 tokens[out.request_id].append(out.token_id)
                 texts[out.request_id] += out.text
+                if out.prompt_logprobs is not None:
+                    prompt_lps[out.request_id] = out.prompt_logprobs
                 if logprobs is not None:
                     lps[out.request_id].append(out.logprob)
                     tops[out.request_id].append(out.top_logprobs)
@@ -128,10 +135,9 @@ class LLM:
                     reasons[out.request_id] = out.finish_reason
         if self.tokenizer is None:
             texts = [""] * len(ids)
-        if logprobs is None:
-            return [Completion(t, tok, r, len(p)) for t, tok, r, p in zip(texts, tokens, reasons, ids)]
-        return [Completion(t, tok, r, len(p), lp, top)
-                for t, tok, r, p, lp, top in zip(texts, tokens, reasons, ids, lps, tops)]
+        lps, tops = (lps, tops) if logprobs is not None else ([None] * len(ids), [None] * len(ids))
+        return [Completion(t, tok, r, len(p), lp, top, plp)
+                for t, tok, r, p, lp, top, plp in zip(texts, tokens, reasons, ids, lps, tops, prompt_lps)]
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop=None,

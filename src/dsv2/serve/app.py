@@ -80,9 +80,11 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
             raise APIError(503, str(e)) from None
         chat = kind is ChatCompletionRequest
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        echo = None if chat or not req.echo else (req.prompt if isinstance(req.prompt, str)
+                                                   else tokenizer.decode(req.prompt))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _sse(jobs, events, rid, limits.model_name, chat, n_prompt, include_usage, tokenizer)
+            body = _sse(jobs, events, rid, limits.model_name, chat, n_prompt, include_usage, tokenizer, echo)
             return _SSEResponse(body, on_close=lambda: scheduler.cancel(jobs), media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -94,6 +96,8 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
         texts, reasons, counts, lps = answer
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=sum(counts), total_tokens=n_prompt + sum(counts))
         logprobs = [_LogprobFormat(tokenizer, chat)(lp) if lp else None for lp in lps]
+        if echo is not None:
+            texts = [echo + t for t in texts]
         if chat:
             choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r, logprobs=lp)
                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
@@ -125,6 +129,7 @@ async def _collect(jobs, events: asyncio.Queue):
             raise APIError(ev.get("status", 503), ev["error"])
         i = ev["index"]
         texts[i] += ev["text"]
+        lps[i] += ev.get("prompt_lp", [])
         if "lp" in ev:
             lps[i].append(ev["lp"])
         if "finish_reason" in ev:
@@ -137,8 +142,9 @@ class _LogprobFormat:
     """(token id, logprob, [(id, logprob)]) entries -> OpenAI's logprobs object: for chat
     {"content": [{token, logprob, bytes, top_logprobs}]}, for completions the legacy
     {tokens, token_logprobs, top_logprobs, text_offset}. Every generated token is listed,
-    a final EOS included; a token holding part of a UTF-8 character shows U+FFFD in `token`
-    and its exact bytes in `bytes` (chat)."""
+    a final EOS included (with echo, the prompt's tokens first: the first has no logprob); a
+    token holding part of a UTF-8 character shows U+FFFD in `token` and its exact bytes in
+    `bytes` (chat)."""
 
     def __init__(self, tokenizer, chat: bool):
         self.tok, self.chat, self.offset = tokenizer, chat, 0
@@ -163,7 +169,8 @@ class _LogprobFormat:
             offsets.append(self.offset)
             self.offset += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{self._piece(a)[0]: v for a, v in top} for _, _, top in entries],
+                "top_logprobs": [None if lp is None else {self._piece(a)[0]: v for a, v in top}
+                                 for _, lp, top in entries],
                 "text_offset": offsets}
 
 
@@ -205,9 +212,11 @@ def _data(obj) -> str:
 
 
 async def _sse(jobs, events: asyncio.Queue, rid: str, model: str, chat: bool, n_prompt: int, include_usage: bool,
-               tokenizer):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+               tokenizer, echo: str | None = None):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. With echo, each
+    choice's first chunk is the prompt (and its logprobs when asked for)."""
     fmts = {job.index: _LogprobFormat(tokenizer, chat) for job in jobs}  # text offsets run per choice
+    echoed = set()
     if chat:
         for job in jobs:
             yield _chunk(rid, model, chat, job.index, None, None, role=True)
@@ -218,6 +227,10 @@ async def _sse(jobs, events: asyncio.Queue, rid: str, model: str, chat: bool, n_
             yield _data(error_body(ev.get("status", 503), ev["error"]))
             return
         finish = ev.get("finish_reason")
+        if echo is not None and ev["index"] not in echoed:
+            echoed.add(ev["index"])
+            lp = fmts[ev["index"]](ev["prompt_lp"]) if "prompt_lp" in ev else None
+            yield _chunk(rid, model, chat, ev["index"], echo, None, logprobs=lp)
         if ev["text"] or finish or "lp" in ev:
             lp = fmts[ev["index"]]([ev["lp"]]) if "lp" in ev else None
             yield _chunk(rid, model, chat, ev["index"], ev["text"], finish, logprobs=lp)

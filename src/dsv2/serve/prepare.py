@@ -121,7 +121,8 @@ def make_jobs(req, ids: list[int], max_new: int) -> tuple[list[Job], asyncio.Que
         params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k or None,
                                 top_p=req.top_p if req.top_p < 1.0 else None,
                                 seed=None if req.seed is None else req.seed + i, stop=list(req.stop_strings),
-                                ignore_eos=req.ignore_eos, logprobs=logprobs_wanted(req))
+                                ignore_eos=req.ignore_eos, logprobs=logprobs_wanted(req),
+                                prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
         jobs.append(Job(list(ids), params, loop, events, index=i))
     return jobs, events
 

@@ -42,7 +42,8 @@ class QueueFull(Exception):
 class Job:
     """One sequence to generate. Events go to `events` (an asyncio.Queue on `loop`) as dicts:
     {"index", "text"} per token, and a last one with "finish_reason" and "completion_tokens";
-    with logprobs asked for, every token's event also has "lp": (token id, logprob, top)."""
+    with logprobs asked for, every token's event also has "lp": (token id, logprob, top), and with
+    prompt logprobs the first event has "prompt_lp": [(token id, logprob or None, top)]."""
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
@@ -196,12 +197,14 @@ class Scheduler:
             job.t_last = now
             job.n_generated += 1
             self.metrics.inc("generation_tokens_total")
-            lp = None if out.logprob is None else (out.token_id, out.logprob, out.top_logprobs)
+            extra = {} if out.logprob is None else {"lp": (out.token_id, out.logprob, out.top_logprobs)}
+            if out.prompt_logprobs is not None:
+                extra["prompt_lp"] = [(t, lp, top) for t, (lp, top) in zip(job.prompt_ids, out.prompt_logprobs)]
             if out.finished:            # the engine has freed the slot already
                 del self._running[job.id]
-                self._finish(job, out.finish_reason, out.text, lp)
-            elif out.text or lp:
-                self._emit(job, {"index": job.index, "text": out.text} | ({"lp": lp} if lp else {}))
+                self._finish(job, out.finish_reason, out.text, extra)
+            elif out.text or extra:
+                self._emit(job, {"index": job.index, "text": out.text} | extra)
 
     def _retire(self, job: Job, reason: str) -> None:
         """End a job early (cancelled): free its slot now."""
@@ -211,11 +214,11 @@ class Scheduler:
             self.engine.cancel(job.id)
         self._finish(job, reason)
 
-    def _finish(self, job: Job, reason: str, text: str = "", lp: tuple | None = None) -> None:
+    def _finish(self, job: Job, reason: str, text: str = "", extra: dict | None = None) -> None:
         job.finish_reason = reason
         self.metrics.inc("requests_finished_total", reason=reason)
         self._emit(job, {"index": job.index, "text": text, "finish_reason": reason,
-                         "completion_tokens": job.n_generated} | ({"lp": lp} if lp else {}))
+                         "completion_tokens": job.n_generated} | (extra or {}))
 
     def _fail_all(self) -> None:
         with self._lock:

@@ -85,8 +85,6 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported by this server; leave it false")
         if self.suffix:
             raise ValueError("suffix (insertion) is not supported by this server; leave it out")
         return self
