@@ -25,7 +25,11 @@ from .conftest import run_cmd, torchrun
 COMMON = ["--config", "tiny", "steps=4", "model.n_group=2", "model.topk_group=1", "model.num_hidden_layers=3",
           "model.vocab_size=512", "data.seq_len=16", "batch.start=8", "batch.final=8", "batch.ramp_tokens=0",
           "precision=fp32", "optim.warmup_steps=1", "log_every=1", "eval_every=100", "save_every=2", "threads=1",
-          "data.val_batches=1"]
+          "data.val_batches=1", "optim.eps=1e-6"]
+# Adam's eps is raised from 1e-8: an element whose gradient nearly cancels (|g| ~ 1e-9) gets a
+# near-unit update whose sign follows float32 rounding, which differs with the layout's
+# summation order; with eps 1e-6 such elements move ~1000x less and the check below measures
+# the layouts, not the rounding of cancelled sums.
 REL = 1e-5
 
 

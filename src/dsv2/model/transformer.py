@@ -12,6 +12,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MLA, KVStep
 from .ffn import SwiGLU
+from .loss import lm_head_cross_entropy
 from .moe import MoE, GroupedExperts, Gate
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -68,8 +69,12 @@ class DeepseekV2(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv: list | None = None, step: KVStep | None = None, absorb: bool = False,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] in float32 (or [B, 1, vocab] with last_only).
+
+        With `targets` [B, T] (the token each position should predict; IGNORE_INDEX = -100 is
+        skipped) it returns the summed cross-entropy instead, a float32 scalar, computed by
+        chunks without ever holding the [B, T, vocab] logits (model/loss.py).
 
         Without `kv` this is plain causal attention over the given tokens (training, scoring).
         With `kv` (one (c_kv, k_pe) buffer pair per layer) and `step`, the new tokens' latents
@@ -78,6 +83,8 @@ class DeepseekV2(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
         h = self.hidden_states(input_ids, positions, kv, step, absorb)
+        if targets is not None:
+            return lm_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             h = h[:, -1:]
         return self._head(h).float()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -158,8 +157,7 @@ class Trainer:
             x, y = tokens[:, :-1], tokens[:, 1:]
             self.rules.begin(ids)
             with self.autocast():
-                logits = self.step_model(x)
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+                ce = self.step_model(x, targets=y)  # summed, without materialising the logits
             aux = self.rules.collect(mb, T)
             # mb * T / n_targets = this micro-batch's share of the (global) step's sequences
             loss = ce / n_targets + sum(aux.values()) * (mb * T / n_targets)
@@ -182,9 +180,7 @@ class Trainer:
         for tokens in self.val_data.fixed_batches(self.cfg.data.val_batches, self.cfg.batch.micro_batch):
             tokens = tokens.to(self.device)
             with self.autocast():
-                logits = self.step_model(tokens[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                                           reduction="sum"))
+                total += float(self.step_model(tokens[:, :-1], targets=tokens[:, 1:]))
             count += tokens[:, 1:].numel()
             for m in self.rules.layers:
                 m.last_routing = m.last_keep = None

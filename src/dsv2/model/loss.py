@@ -1,0 +1,87 @@
+"""The language-model loss without the [tokens, vocab] logits: head and cross-entropy fused, by chunks.
+
+    loss = sum_t [ logsumexp(W h_t) - (W h_t)_{y_t} ]          over targets y_t != IGNORE_INDEX
+
+With DeepSeek-V2's 102,400-token vocabulary the logits of a 4,096-token micro-batch are
+1.6 GB in float32, and cross-entropy keeps two more tensors that size (log-softmax and its
+gradient). Here the rows go through in chunks: each chunk's logits give its loss and, at
+once, d loss / d logits = softmax - onehot, which is folded straight into dL/dh and dL/dW
+before the next chunk. Peak extra memory is one chunk of logits; the matmuls are the same
+three as head + cross-entropy (W h, then dL/dh and dL/dW). The gradients are computed in the
+forward and scaled by the incoming gradient in backward, so call it only when a backward
+follows (the model does: grad mode on and a parameter or input that needs it).
+
+Shape legend: N rows (tokens), D hidden, V vocabulary, C rows per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+# About this many logits per chunk (16 MiB of float32): few enough to stay small next to the
+# model, many enough rows (>= 128) that the chunk's matmuls run at full speed.
+CHUNK_LOGITS = 2**22
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(128, CHUNK_LOGITS // vocab)
+
+
+def lm_head_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, y_N: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (float32 scalar) of logits h W^T against targets y (IGNORE_INDEX skipped)."""
+    if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
+        return _HeadCrossEntropy.apply(h_ND, w_VD, y_N)
+    total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+    for rows in _chunks(h_ND.shape[0], w_VD.shape[0]):
+        logits = _logits(h_ND[rows], w_VD)
+        total += _chunk_loss(logits, y_N[rows])
+    return total
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, y_N):
+        dt = torch.get_autocast_dtype(h_ND.device.type) if torch.is_autocast_enabled(h_ND.device.type) else h_ND.dtype
+        with torch.autocast(h_ND.device.type, enabled=False):
+            w_c = w_VD.to(dt)
+            dh_ND = torch.empty_like(h_ND)
+            dw_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+            total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+            for rows in _chunks(h_ND.shape[0], w_VD.shape[0]):
+                h_c, y = h_ND[rows].to(dt), y_N[rows]
+                logits = torch.mm(h_c, w_c.t()).float()
+                total += _chunk_loss(logits, y)
+                # softmax - onehot, zero on ignored rows: d(sum of losses) / d logits
+                g = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()
+                keep = y != IGNORE_INDEX
+                g[torch.arange(len(y), device=y.device)[keep], y[keep]] -= 1.0
+                g.mul_(keep[:, None])
+                g = g.to(dt)
+                dh_ND[rows] = torch.mm(g, w_c).to(dh_ND.dtype)
+                if dt == torch.float32:
+                    dw_VD.addmm_(g.t(), h_c)
+                else:  # each chunk's product rounded once, the sum kept in float32
+                    dw_VD.add_(torch.mm(g.t(), h_c))
+        ctx.save_for_backward(dh_ND, dw_VD.to(w_VD.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh_ND, dw_VD = ctx.saved_tensors
+        return dh_ND * grad.to(dh_ND.dtype), dw_VD * grad.to(dw_VD.dtype), None
+
+
+def _chunks(n: int, vocab: int):
+    c = chunk_rows(vocab)
+    return [slice(s, min(s + c, n)) for s in range(0, n, c)]
+
+
+def _logits(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    return torch.mm(h_CD, w_VD.t().to(h_CD.dtype)).float()
+
+
+def _chunk_loss(logits_CV: torch.Tensor, y_C: torch.Tensor) -> torch.Tensor:
+    keep = y_C != IGNORE_INDEX
+    picked = logits_CV.gather(1, y_C.clamp_min(0)[:, None])[:, 0]
+    return ((logits_CV.logsumexp(-1) - picked) * keep).sum()
