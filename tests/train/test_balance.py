@@ -36,6 +36,14 @@ def test_device_and_comm_balance_closed_form():
     # token 0 reaches group 0 only; token 1 groups 0 and 1.  f'' = D/(M T) x tokens sent = 2/(1*2) x [2, 1]
     f_comm = torch.tensor([2.0, 1.0])
     assert comm_balance(scores, idx, g, 2, 1, 3.0).item() == pytest.approx(3.0 * float((f_comm * P_dev).sum()))
+    # Dropped copies are not sent. Token 0 keeps e1 (group 0) of its two group-0 copies; token 1
+    # keeps e0 (group 0) and loses e2, its only copy to group 1: f'' = 2/(1*2) x [2, 0].
+    keep = torch.tensor([[[False, True], [True, False]]])
+    f_sent = torch.tensor([2.0, 0.0])
+    assert comm_balance(scores, idx, g, 2, 1, 3.0, keep).item() == pytest.approx(
+        3.0 * float((f_sent * P_dev).sum()))
+    assert comm_balance(scores, idx, g, 2, 1, 3.0, torch.ones_like(keep)).item() == pytest.approx(
+        3.0 * float((f_comm * P_dev).sum()))
 
 
 def test_losses_average_over_sequences():

@@ -8,7 +8,9 @@ N_r routed experts, K_r chosen per token, D groups (devices), M groups per token
     L_CommBal = a3 sum_d f''_d P''_d   f''_d = D/(M T) sum_t 1(t sent to d),   P''_d = sum_{i in E_d} P_i
 
 f counts are constants (no gradient); the gradient reaches the gate through P. Each loss
-equals its coefficient under perfect balance. Each function returns the mean over the
+equals its coefficient under perfect balance. With token dropping, f and f' count what the
+router selected, and f'' what is actually sent: a group counts for a token only if at least
+one of the token's copies to it was kept. Each function returns the mean over the
 B sequences; inputs are one MoE layer's routing for a micro-batch reshaped per sequence.
 
 Shape legend: B sequences, T tokens per sequence, E routed experts, K experts per token,
@@ -48,23 +50,26 @@ def device_balance(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor, group_E: tor
 
 
 def comm_balance(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor, group_E: torch.Tensor, n_groups: int,
-                 max_groups: int, coef: float) -> torch.Tensor:
+                 max_groups: int, coef: float, keep_BTK: torch.Tensor | None = None) -> torch.Tensor:
     B, T, K = idx_BTK.shape
     g_BTK = group_E[idx_BTK]
-    sent_BTD = torch.zeros(B, T, n_groups, device=idx_BTK.device).scatter_(2, g_BTK, 1.0)  # any copy -> 1
+    sent_BTK = torch.ones(B, T, K, device=idx_BTK.device) if keep_BTK is None else keep_BTK.float()
+    sent_BTD = torch.zeros(B, T, n_groups, device=idx_BTK.device).scatter_reduce_(2, g_BTK, sent_BTK, "amax")
     f_BD = sent_BTD.sum(1) * (n_groups / (max_groups * T))
     P_BD = group_sum(scores_BTE.float().mean(dim=1), group_E, n_groups)
     return coef * (f_BD * P_BD).sum(-1).mean()
 
 
 def balance_losses(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor, group_E: torch.Tensor, n_groups: int,
-                   max_groups: int, a1: float, a2: float, a3: float) -> dict[str, torch.Tensor]:
-    """The enabled losses (coefficient > 0) for one layer: {"exp_bal", "dev_bal", "comm_bal"}."""
+                   max_groups: int, a1: float, a2: float, a3: float,
+                   keep_BTK: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The enabled losses (coefficient > 0) for one layer: {"exp_bal", "dev_bal", "comm_bal"};
+    keep_BTK (token dropping) marks the copies that were sent."""
     out = {}
     if a1:
         out["exp_bal"] = expert_balance(scores_BTE, idx_BTK, a1)
     if a2:
         out["dev_bal"] = device_balance(scores_BTE, idx_BTK, group_E, n_groups, a2)
     if a3:
-        out["comm_bal"] = comm_balance(scores_BTE, idx_BTK, group_E, n_groups, max_groups, a3)
+        out["comm_bal"] = comm_balance(scores_BTE, idx_BTK, group_E, n_groups, max_groups, a3, keep_BTK)
     return out

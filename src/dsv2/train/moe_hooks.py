@@ -57,7 +57,7 @@ class MoERules:
             group_E = self.group_E.to(r.idx_NK.device)
             K = r.idx_NK.shape[-1]
             losses = balance_losses(r.scores_NE.view(B, T, -1), r.idx_NK.view(B, T, K), group_E, self.D, self.M,
-                                    c.exp_bal, c.dev_bal, c.comm_bal)
+                                    c.exp_bal, c.dev_bal, c.comm_bal, None if keep is None else keep.view(B, T, K))
             for k, v in losses.items():
                 total[k] = total[k] + v if k in total else v
             with torch.no_grad():
