@@ -1,8 +1,8 @@
 """Generation benchmark: dsv2's engine beside transformers' DeepseekV2ForCausalLM, same weights, same run.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/generate.py                  # small preset, fp32 + bf16
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/generate.py --dtypes float32 --no-peer
-    OMP_WAIT_POLICY=PASSIVE dsv2 bench                                           # the same, installed
+    .venv/bin/python bench/generate.py                  # small preset, fp32 + bf16
+    .venv/bin/python bench/generate.py --dtypes float32 --no-peer
+    dsv2 bench                                          # the same, installed
 
 What is measured and how is in dsv2/engine/bench.py's docstring; this file is its entry point.
 """

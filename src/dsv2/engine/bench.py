@@ -1,12 +1,15 @@
 """`dsv2 bench` / bench/generate.py: dsv2's engine beside transformers, same weights, same run.
 
-    OMP_WAIT_POLICY=PASSIVE dsv2 bench                       # small preset, float32 and bfloat16
-    OMP_WAIT_POLICY=PASSIVE python bench/generate.py --dtypes float32 --no-peer
+    dsv2 bench                                               # small preset, float32 and bfloat16
+    python bench/generate.py --dtypes float32 --no-peer
+    OMP_WAIT_POLICY=PASSIVE dsv2 bench                       # on cores shared with other jobs
 
 Random weights for the preset are written once to a temporary directory in Hugging Face
 format; each (engine, dtype) is then measured in its own child process, which loads them,
 so peak memory (max RSS) is that engine's alone and one engine's allocator state cannot slow
-the next. Measured per engine:
+the next. Children inherit the caller's environment: spinning OpenMP threads (the default)
+decode 1.3-1.8x faster than OMP_WAIT_POLICY=PASSIVE on an idle machine, for both engines;
+PASSIVE keeps other jobs on the same cores from stalling them. Measured per engine:
 - prefill tokens/s: one 512-token prompt, batch 1 (ours: Engine.add, which writes the cache
   and samples; theirs: a forward with use_cache=True and logits_to_keep=1, as its generate()
   prefills). Best of 3.
@@ -21,25 +24,24 @@ the next. Measured per engine:
   is expected to touch under uniform routing, E(1 - (1 - K/E)^B)) over the measured copy
   bandwidth, times B.
 
-Measured on the project's machine (2 vCPUs of an AMD EPYC, AVX2 only, shared with other
-jobs; fp32, 2 threads, load 0.2-2.6): prefill 1,338 vs 1,147 tokens/s (1.17x), decode batch 1
-33.6 vs 21.6 (1.55x), batch 16 182.9 vs 61.2 (2.99x; 3.61x on whole-run averages). The
-issue's targets (6x, 5x, 3x, set on a Sapphire Rapids machine) are not met here, because:
-- prefill: both run the same GEMMs through the same MKL sgemm (~50-60 GFLOP/s here; the two
-  vCPUs barely scale), ~60% of the time; dsv2 saves the unfused attention (flash SDPA) and
-  the prompt's logits. 3x needs a faster GEMM: vLLM's 2.9x came from AMX bf16, and on AVX2
-  bf16 is slower than fp32 for both engines.
-- decode batch 1 is weight streaming (122 MB of fp32 weights per step), and on this VM
-  small matrices stream at ~3-8 GB/s (a cold 0.75 MB gemv takes ~230 us) against 26 GB/s
-  for one large copy; transformers' extra work at a 128-256 context (re-expanding the latent)
-  is small beside that, so the ratio is bounded near 2x here. What would close it: fewer,
-  larger kernels (RMSNorm as one op instead of eight, q_a and kv_a as one matmul, compiled
-  decode once its compile time pays), weights in huge pages, bf16/int8 weights on hardware
-  that computes them natively.
-- decode batch 16 is small-M GEMMs (MKL reaches ~15-30 GFLOP/s at M <= 16 on this CPU);
-  dsv2 avoids transformers' per-step re-expansion of 16 caches and runs the routed experts
-  as two padded bmm calls. Both engines decode faster with 1 thread than 2 on this VM
-  (`--threads 1`); the table compares them at the same thread count.
+Measured on the project's machine (2 vCPUs of an AMD EPYC, AVX2 only; fp32, 2 threads, load
+0.8-2.3): prefill 1,256 vs 1,165 tokens/s (1.08x), decode batch 1 49.2 vs 35.6 (1.38x; 1.49x
+on whole-run averages), batch 16 290.5 vs 105.6 (2.75x; 3.09x). The issue's targets (6x, 5x,
+3x, set on a Sapphire Rapids machine) are not met here, because:
+- prefill: both run the same GEMMs through the same MKL sgemm at 110-135 GFLOP/s (this CPU's
+  rate), ~60% of the time; dsv2 saves the unfused attention (flash SDPA) and the prompt's
+  logits. 3x needs a faster GEMM than fp32 on two AVX2 cores has: vLLM's 2.9x came from AMX
+  bf16, and without bf16 arithmetic bf16 is slower than fp32 for both engines.
+- decode batch 1 streams 122 MB of fp32 weights per step; small matrices read cold run at
+  5-10 GB/s against 25 GB/s for one large copy (24% of that roofline for dsv2), and the
+  ~800 small ops of a step cost ~5 ms. transformers' extra work at a 128-256 context
+  (re-expanding the latent) is small beside that, so the ratio stays near 1.5x. What would
+  close it: fewer, larger kernels (a compiled or C++ decode step), and fewer bytes per
+  weight (int8 weights measured 1.6-4.3x faster per matrix-vector product here).
+- decode batch 16 is small-M GEMMs: MKL reaches 25-60 GFLOP/s at 16 rows here, and the
+  routed experts' two padded bmm per layer (every expert's weights, ~40% of the step) read at
+  8-10 GB/s. dsv2 avoids transformers' per-step re-expansion of 16 caches and its Python
+  loop over experts.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Kept apart from the engine's bookkeeping so it can be compiled: its inputs are a
 token tensor, the slots' positions and the attended length, and it returns [B, V] logits.
 
 torch.compile is opt-in (compile=True). Measured on the project's 2-vCPU AVX2 machine, the
-compiled decode attention block was ~10% faster than eager after ~80 s of compilation, and
-the MoE's host-side expert choice splits the graph per layer; eager is the default there.
+compiled decode step was no faster than eager (41 vs 49 tokens/s at batch 1, 233 vs 229 at
+batch 16, `dsv2 bench --compile`) after ~80 s of compilation: the MoE's host-side expert
+choice splits the graph per layer. Eager is the default.
 Where compilation fails, decoding falls back to eager with a one-line notice on stderr.
 """
 
