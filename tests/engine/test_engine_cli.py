@@ -63,11 +63,14 @@ def test_chat_repl_commands():
 
 
 def test_bench_runs_both_engines(capsys):
-    assert main(["bench", "--preset", "tiny", "--dtypes", "float32", "--prefill-len", "16", "--prompt-len", "8",
+    assert main(["bench", "--preset", "tiny", "--dtypes", "float32,int8", "--prefill-len", "16", "--prompt-len", "8",
                  "--new-tokens", "4", "--batches", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "dsv2 " in out and "transformers" in out and "ratio to transformers float32" in out
     assert "decode b2 tok/s" in out and "roofline" in out
+    rows = [line.split("|")[:2] for line in out.splitlines() if line.count("|") > 5]
+    assert [r[0].strip() for r in rows if r[1].strip() == "int8"] == ["dsv2"]  # int8 is dsv2's alone
+    assert "dsv2 int8" in out   # and gets its ratio line
 
 
 def test_chat_after_a_stop_string_feeds_the_model_what_the_history_says():

@@ -66,7 +66,9 @@ def _args(argv=None):
 
 def add_arguments(p) -> None:
     p.add_argument("--preset", default="small", help="model preset (default small, the benchmark config)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list (default float32,bfloat16)")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8",
+                   help="comma list of float32, bfloat16, int8 (dsv2's int8 weights with float32 activations; "
+                        "no peer row). Default: all three")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -115,7 +117,7 @@ def _child_dsv2(path, dtype, a) -> dict:
     from .engine import Engine, Request
     from .llm import LLM
     from .sampling import SamplingParams
-    llm = LLM(path, dtype=dtype, compile=a["compile"])
+    llm = LLM(path, dtype=dtype, compile=a["compile"], quantize="int8" if a["dtype"] == "int8" else None)
     cfg = llm.model.config
     res = {}
     eng = Engine(llm.model, max_batch_slots=1, max_len=a["prefill_len"] + 8, compile=False)
@@ -218,7 +220,7 @@ def _tensors(obj, seen=None):
 def _child(spec: str) -> None:
     a = json.loads(spec)
     torch.set_num_threads(a["threads"])
-    dtype = getattr(torch, a["dtype"])
+    dtype = torch.float32 if a["dtype"] == "int8" else getattr(torch, a["dtype"])
     fn = _child_dsv2 if a["engine"] == "dsv2" else _child_peer
     res = fn(a["path"], dtype, a)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -262,8 +264,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
-        if d not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtypes takes float32 and/or bfloat16, got {d!r}.")
+        if d not in ("float32", "bfloat16", "int8"):
+            raise ValueError(f"--dtypes takes float32, bfloat16 and/or int8, got {d!r}.")
     batches = [int(b) for b in args.batches.split(",")]
     cfg = ModelConfig.from_preset(args.preset)
     torch.manual_seed(0)
@@ -280,7 +282,7 @@ def run(args) -> int:
         # each figure is the best over rounds.
         for rnd in range(args.repeat):
             for dtype in dtypes:
-                for engine in ["dsv2"] + ([] if args.no_peer else ["transformers"]):
+                for engine in ["dsv2"] + ([] if args.no_peer or dtype == "int8" else ["transformers"]):
                     spec = dict(engine=engine, dtype=dtype, path=tmp, threads=args.threads, batches=batches,
                                 prefill_len=args.prefill_len, prompt_len=args.prompt_len,
                                 new_tokens=args.new_tokens, compile=args.compile)
@@ -314,7 +316,7 @@ def _print_row(r: dict, batches, model, bw: float, header: bool) -> None:
     if header:
         cols = ["engine", "dtype", "prefill tok/s"] + [f"decode b{b} tok/s best/avg (roofline %)" for b in batches]
         print(" | ".join(cols) + " | KV bytes/token | peak RSS MB | load")
-    esz = 4 if r["dtype"] == "float32" else 2
+    esz = {"float32": 4, "bfloat16": 2, "int8": 1}[r["dtype"]]  # int8: the matrices (most of the bytes)
     cells = [f"{r['engine']:<12}", f"{r['dtype']:<8}", f"{r['prefill_tok_s']:>9,.0f}"]
     for b in batches:
         roof = b * bw / (weight_bytes_per_step(model, b) * esz / 4)

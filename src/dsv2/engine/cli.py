@@ -25,6 +25,8 @@ def _sampling_args(p) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (opt-in)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 matrices for faster CPU decoding (engine/quant.py)")
 
 
 def _sampling(args) -> dict:
@@ -38,7 +40,7 @@ def _load(args):
     from .llm import LLM
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, compile=args.compile)
+    return LLM(args.model, dtype=args.dtype, compile=args.compile, quantize=args.quantize)
 
 
 def add_parser(sub) -> None:

@@ -37,7 +37,7 @@ class Completion:
 
 class LLM:
     def __init__(self, path_or_model, tokenizer=None, dtype=None, max_batch_slots: int = 16,
-                 max_len: int | None = None, compile: bool | None = None):
+                 max_len: int | None = None, compile: bool | None = None, quantize: str | None = None):
         from ..model import DeepseekV2
         from ..tokenizer import Tokenizer, load_tokenizer
         if isinstance(dtype, str):
@@ -57,6 +57,11 @@ class LLM:
         else:
             raise ValueError(f"LLM takes a checkpoint directory or a DeepseekV2 model, got "
                              f"{type(path_or_model).__name__}.")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"unknown quantize {quantize!r}: use 'int8' (weight-only, CPU) or leave it out.")
+        if quantize == "int8":
+            from .quant import quantize_int8
+            model = quantize_int8(model)
         self.model = model.eval()
         if tokenizer is None and tok_dir is not None:
             tokenizer = tok_dir

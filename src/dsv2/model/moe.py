@@ -91,6 +91,8 @@ class Gate(nn.Module):
 class GroupedExperts(nn.Module):
     """N_r SwiGLU experts stacked: gate_up_proj [E, 2I, D] (W1 ; W3), down_proj [E, D, I] (W2)."""
 
+    stacked_bmm = True   # MoE._forward_padded may run all experts as one bmm over the stacked weights
+
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.hidden = hidden
@@ -233,7 +235,7 @@ class MoE(nn.Module):
         out = None
         if local and x_ND.shape[0] == 1:
             out = self._forward_one_token(x_ND, route)
-        elif local and x_ND.shape[0] * self.gate.top_k <= PADDED_MAX_COPIES:
+        elif local and self.experts.stacked_bmm and x_ND.shape[0] * self.gate.top_k <= PADDED_MAX_COPIES:
             out = self._forward_padded(x_ND, route)  # None where padding would waste too much
         if out is None:
             x_MD, counts, state = self.dispatcher.dispatch(x_ND, route.idx_NK, self.n_experts, keep)

@@ -91,7 +91,8 @@ class DeepseekV2(nn.Module):
 
     def _head(self, h_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = h_BTD.shape
-        if h_BTD.device.type == "cpu" and 2 <= B * T <= 128 and not torch.is_grad_enabled():
+        if (h_BTD.device.type == "cpu" and 2 <= B * T <= 128 and not torch.is_grad_enabled()
+                and isinstance(self.lm_head, nn.Linear)):
             # A few rows against the whole vocabulary (batched decode): on the project's CPU MKL's
             # sgemm took 1.5-4x longer for h W^T than for the same products as (W h^T)^T.
             return torch.mm(self.lm_head.weight, h_BTD.reshape(B * T, D).t()).t().contiguous().view(B, T, -1)

@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
                    help="prompt tokens prefilled between two decode steps (bounds the stall a burst causes)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (opt-in: minutes of compilation; see engine/decode.py)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 matrices for faster CPU decoding (engine/quant.py)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -59,6 +61,6 @@ def run(args) -> int:
                        max_queue=args.max_queue, model_name=args.model_name, api_key=args.api_key,
                        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                        max_body_bytes=args.max_body_bytes, prefill_budget=args.prefill_budget,
-                       compile=True if args.compile else None)
+                       compile=True if args.compile else None, quantize=args.quantize)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -24,7 +24,8 @@ log = logging.getLogger("dsv2.serve")
 def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, model_name: str | None = None, api_key: str | None = None,
                  max_tokens_limit: int | None = None, default_max_tokens: int = 256,
-                 max_body_bytes: int = 1 << 20, prefill_budget: int = 512, compile: bool | None = None):
+                 max_body_bytes: int = 1 << 20, prefill_budget: int = 512, compile: bool | None = None,
+                 quantize: str | None = None):
     """-> a FastAPI app whose lifespan starts and stops the engine thread."""
     import torch
 
@@ -45,6 +46,11 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
             raise ValueError(f"unknown dtype '{dtype}': use float32 or bfloat16.")
         dtype = getattr(torch, dtype)
     model = load_pretrained(model_path, dtype=dtype)
+    if quantize == "int8":
+        from ..engine.quant import quantize_int8
+        model = quantize_int8(model)
+    elif quantize is not None:
+        raise ValueError(f"unknown quantize {quantize!r}: use int8 or leave it out.")
     tokenizer = load_tokenizer(tok_path, model.config.vocab_size)
     engine = Engine(model, tokenizer, max_batch_slots=slots, max_len=max_len, compile=compile)
     scheduler = Scheduler(engine, max_queue=max_queue, prefill_budget=prefill_budget)

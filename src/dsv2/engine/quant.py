@@ -1,0 +1,123 @@
+"""Weight-only int8 for CPU decoding: each weight row stored as int8 with one scale.
+
+    W ~ diag(s) Q,   Q = round(W / s) in [-127, 127],   s_n = max_k |W_nk| / 127   (per output row)
+
+Decoding a few tokens reads every weight once per step, so its speed is the bytes it reads:
+int8 rows are a quarter of float32's. On CPU, torch's `_weight_int8pack_mm` multiplies
+bfloat16 activations by int8 rows and their scales without widening the weights first; on
+the project's AVX2 machine a cold matrix-vector product ran 1.6-4.3x faster than float32
+(the 8192-row head the most). Activations are rounded to bfloat16 for that product only and
+stay in the model's dtype around it.
+
+What is quantized: every nn.Linear except `kv_b_proj` (absorbed decoding uses its rows as
+W^UK and W^UV directly), and the routed experts. What is not: embeddings, norms, the router.
+Where more than INT8_MAX_ROWS rows arrive at once (prefill), or off CPU, a layer widens its
+weights to the activations' dtype and runs the ordinary matmul: the same numbers, at
+prefill's speed rather than decode's. The experts run one by one (float32 batched decode
+runs them all as one padded bmm instead), so int8 pays most at batch 1; `bench/generate.py
+--dtypes float32,int8` measures both. The error is that of rounding each weight to
+1/254 of its row's largest magnitude (a fraction of a percent of the logits; tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import GroupedExperts
+
+INT8_MAX_ROWS = 32
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (int8 [..., N, K], bf16 scales [..., N]), symmetric per row."""
+    w = w.detach().float()
+    scale = (w.abs().amax(-1) / 127).clamp_min(1e-12).bfloat16()
+    q = (w / scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _mm(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
+    if x_MK.device.type == "cpu" and x_MK.shape[0] <= INT8_MAX_ROWS:
+        return torch._weight_int8pack_mm(x_MK.to(torch.bfloat16).contiguous(), q_NK, s_N).to(x_MK.dtype)
+    return F.linear(x_MK, _widen(q_NK, s_N, x_MK.dtype))
+
+
+def _widen(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * s.to(dtype)[..., None]
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int8Linear takes bias-free layers (DeepSeek-V2 has no biases).")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, s = quantize_rows(linear.weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", s)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The rounded weights, widened (what this layer computes with)."""
+        return _widen(self.qweight, self.scale, torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8GroupedExperts(GroupedExperts):
+    """The routed experts with int8 rows, run expert by expert: each expert's rows multiply in
+    int8 (or, past INT8_MAX_ROWS rows, against that expert's widened weights). The stacked
+    `gate_up_proj` / `down_proj` are widened on access, for code that wants them whole."""
+
+    stacked_bmm = False   # widening every expert per decode step would cost more than int8 saves
+
+    def __init__(self, experts: GroupedExperts):
+        nn.Module.__init__(self)
+        self.hidden = experts.hidden
+        self.dtype = experts.gate_up_proj.dtype
+        for name in ("gate_up_proj", "down_proj"):
+            q, s = quantize_rows(getattr(experts, name))
+            self.register_buffer(f"{name}_q", q)
+            self.register_buffer(f"{name}_s", s)
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return _widen(self.gate_up_proj_q, self.gate_up_proj_s, self.dtype)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return _widen(self.down_proj_q, self.down_proj_s, self.dtype)
+
+    def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        y_MD = torch.empty_like(x_MD)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                y_MD[start: start + n] = self.expert(e, x_MD[start: start + n])
+            start += n
+        return y_MD
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        gate, up = _mm(x2, self.gate_up_proj_q[e], self.gate_up_proj_s[e]).chunk(2, dim=-1)
+        y = _mm(F.silu(gate) * up, self.down_proj_q[e], self.down_proj_s[e])
+        return y.view(*x.shape[:-1], -1)
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace the model's matrices by int8 ones in place (inference only); returns the model."""
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("int8 weights are for CPU decoding; on a GPU use bfloat16.")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name != "kv_b_proj":
+                setattr(parent, name, Int8Linear(child))
+            elif type(child) is GroupedExperts:
+                setattr(parent, name, Int8GroupedExperts(child))
+    model.quantized = "int8"
+    return model.eval()
