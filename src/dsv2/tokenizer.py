@@ -88,7 +88,8 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for. A byte-level BPE token may hold part of a UTF-8
-        character, so these need not decode on their own (logprobs report them as such)."""
+        character, so these need not decode on their own (logprobs report them as such).
+        Tokenizers of other kinds (Metaspace, byte fallback) get their piece's UTF-8."""
         piece = self.tk.id_to_token(token_id)
         if piece is None:
             return b""
@@ -99,9 +100,17 @@ class Tokenizer:
                 pass
         return piece.encode("utf-8")
 
+    def is_special(self, token_id: int) -> bool:
+        """A special token (BOS, EOS, ...): decoding skips it."""
+        return token_id in self._special
+
     @functools.cached_property
     def _added(self) -> set[int]:
         return set(self.tk.get_added_tokens_decoder())
+
+    @functools.cached_property
+    def _special(self) -> set[int]:
+        return {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the tokenizer's own template, else DeepSeek-V2's format."""

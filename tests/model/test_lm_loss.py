@@ -33,3 +33,13 @@ def test_model_targets_loss_equals_cross_entropy_of_logits(monkeypatch, grad):
         (ref * 0.3).backward()
         for n, p in model.named_parameters():
             assert torch.allclose(got[n], p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max()), n
+
+
+def test_targets_are_checked():
+    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2)
+    model = dsv2.DeepseekV2(cfg)
+    x = torch.randint(0, 256, (2, 8))
+    with pytest.raises(ValueError, match="shape"):
+        model(x, targets=torch.randint(0, 256, (2, 9)))
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        model(x, targets=torch.full((2, 8), -1))

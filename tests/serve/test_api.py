@@ -144,11 +144,13 @@ def test_logprobs_completions_and_chat(model_dir, client):
     llm = LLM(model_dir, max_batch_slots=1, compile=False)
     [want] = llm.generate(["深度求索 🙂"], max_new_tokens=10, ignore_eos=True, logprobs=2)
     kw = dict(model=MODEL, prompt="深度求索 🙂", max_tokens=10, temperature=0, extra_body=NO_EOS)
-    lp = client.completions.create(logprobs=2, **kw).choices[0].logprobs
+    choice = client.completions.create(logprobs=2, **kw).choices[0]
+    lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 10
     assert all(abs(a - b) < 1e-4 for a, b in zip(lp.token_logprobs, want.logprobs))
     assert all(len(t) == 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
-    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(10)]
+    offs = lp.text_offset
+    assert offs[0] == 0 and offs == sorted(offs) and offs[-1] <= len(choice.text)
     streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, logprobs=2, **kw)
                 if c.choices and c.choices[0].logprobs]
     assert torch.allclose(torch.tensor([x for c in streamed for x in c.token_logprobs]),
@@ -190,3 +192,34 @@ def test_echo_scores_the_prompt(model_dir, client):
     assert streamed[0].text == prompt and len(streamed[0].logprobs.token_logprobs) == n_prompt
     assert "".join(c.text for c in streamed) == r.text
     assert client.completions.create(**kw).choices[0].text == r.text  # echo without logprobs
+    # text_offset indexes the returned text: on an ASCII prompt each token's span is its text
+    # (BOS, a special token, spans nothing).
+    ascii_prompt = dict(kw, prompt=PROMPT)
+    r = client.completions.create(logprobs=0, **ascii_prompt).choices[0]
+    offs, toks = r.logprobs.text_offset, r.logprobs.tokens
+    n = len(llm.tokenizer.encode(PROMPT))
+    assert r.text.startswith(PROMPT) and offs[0] == offs[1] == 0
+    assert all(r.text[offs[i]: offs[i + 1]] == toks[i] for i in range(1, n - 1))
+
+
+def test_several_prompts_as_token_lists(model_dir, server):
+    """`prompt` as a list of token-id lists (what lm-evaluation-harness sends): one choice per
+    prompt and n, in order; with echo each scores its own prompt."""
+    from serve_helpers import post
+    from dsv2.engine.llm import LLM
+    llm = LLM(model_dir, max_batch_slots=1, compile=False)
+    ids = [llm.tokenizer.encode(t, add_bos=False) for t in ("Multi-head latent", "深度求索 🙂")]
+    status, body = post(server.url, "/v1/completions",
+                        dict(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1, n=2,
+                             ignore_eos=True))
+    assert status == 200, body
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for c in choices:
+        p = ids[c["index"] // 2]
+        assert len(c["logprobs"]["token_logprobs"]) == len(p) + 1
+        assert c["text"].startswith(llm.tokenizer.decode(p))
+    [want] = llm.generate([ids[1]], max_new_tokens=1, prompt_logprobs=0)
+    got = choices[2]["logprobs"]["token_logprobs"][1: len(ids[1])]
+    assert torch.allclose(torch.tensor(got), torch.tensor([x for x, _ in want.prompt_logprobs[1:]]), atol=1e-4)
+    assert body["usage"]["prompt_tokens"] == sum(map(len, ids))

@@ -78,3 +78,18 @@ def test_openai_client_sees_typed_errors(client):
         client.with_options(api_key="wrong").models.list()
     # ... and the server still answers good requests afterwards.
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_legacy_top_logprobs_keep_the_best_of_tokens_that_print_alike():
+    """Two partial-UTF-8 tokens both print as U+FFFD: the dict keeps the higher logprob."""
+    from dsv2.serve.app import _LogprobFormat
+
+    class Tok:
+        def token_bytes(self, t):
+            return {1: b"\xe6", 2: b"\xb7", 3: b"a"}[t]
+
+        def is_special(self, t):
+            return False
+
+    out = _LogprobFormat(Tok(), chat=False)([(3, -0.1, [(3, -0.1), (1, -0.5), (2, -1.5)])])
+    assert out["top_logprobs"] == [{"a": -0.1, "\ufffd": -0.5}]

@@ -84,7 +84,7 @@ class StepOutput:
     text: str
     finished: bool
     finish_reason: str | None
-    logprob: float | None = None          # with SamplingParams.logprobs: this token's logprob
+    logprob: float | None = None          # with SamplingParams.logprobs: this token's logprob (None for a stop token)
     top_logprobs: list | None = None      # ... and [(token id, logprob)] of the most likely tokens
     prompt_logprobs: list | None = None   # with SamplingParams.prompt_logprobs, on a request's first
                                           # output: per prompt token (logprob, top); the first is (None, [])
@@ -209,8 +209,10 @@ class Engine:
         written so far: the naive path's decompressed keys and values (and the MoE's buffers)
         then scale with the chunk, not with the prompt."""
         scores = None if n_top is None else [(None, [])]  # the first token has no context to score it
-        for c in range(0, len(ids), self.prefill_chunk):
-            chunk, at = ids[c: c + self.prefill_chunk], start + c
+        # Scoring needs every position's logits: fewer rows per chunk keep those ~64 MiB.
+        size = self.prefill_chunk if scores is None else min(self.prefill_chunk, max(16, 2**24 // self.cfg.vocab_size))
+        for c in range(0, len(ids), size):
+            chunk, at = ids[c: c + size], start + c
             T = len(chunk)
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)
             pos = torch.arange(at, at + T, device=self.device)[None]
@@ -288,7 +290,8 @@ class Engine:
             reason = "length"
         if reason is not None and q.stream is not None:
             text += q.stream.finish()
-        lp, top = q.last_logprobs if q.last_logprobs is not None else (None, None)
+        # A stop token (EOS, stop_token_ids) is not part of the answer: no logprob for it.
+        lp, top = q.last_logprobs if q.last_logprobs is not None and t not in q.stop_ids else (None, None)
         prompt, q.prompt_logprobs = q.prompt_logprobs, None
         return StepOutput(q.request.id, slot, t, text, reason is not None, reason, lp, top, prompt)
 

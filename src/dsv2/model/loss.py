@@ -6,10 +6,13 @@ With DeepSeek-V2's 102,400-token vocabulary the logits of a 4,096-token micro-ba
 1.6 GB in float32, and cross-entropy keeps two more tensors that size (log-softmax and its
 gradient). Here the rows go through in chunks: each chunk's logits give its loss and, at
 once, d loss / d logits = softmax - onehot, which is folded straight into dL/dh and dL/dW
-before the next chunk. Peak extra memory is one chunk of logits; the matmuls are the same
-three as head + cross-entropy (W h, then dL/dh and dL/dW). The gradients are computed in the
-forward and scaled by the incoming gradient in backward, so call it only when a backward
-follows (the model does: grad mode on and a parameter or input that needs it).
+before the next chunk. What it holds instead: one chunk of logits, dL/dh [N, D], and dL/dW
+as a float32 [V, D] (plus W cast to the autocast dtype), kept from forward to backward; at
+DeepSeek-V2's sizes that is ~3 GB against ~5 GB of logits-sized tensors at 4,096 tokens, and
+it does not grow with the tokens. The matmuls are the same three as head + cross-entropy
+(W h, then dL/dh and dL/dW). The gradients are computed in the forward and scaled by the
+incoming gradient in backward, so it runs this way only when a backward can follow (grad
+mode on and a parameter or input that needs it); otherwise it only sums the loss.
 
 Shape legend: N rows (tokens), D hidden, V vocabulary, C rows per chunk.
 """
@@ -22,6 +25,16 @@ IGNORE_INDEX = -100
 # About this many logits per chunk (16 MiB of float32): few enough to stay small next to the
 # model, many enough rows (>= 128) that the chunk's matmuls run at full speed.
 CHUNK_LOGITS = 2**22
+
+
+def check_targets(targets: torch.Tensor, input_ids: torch.Tensor, vocab: int) -> None:
+    if targets.shape != input_ids.shape:
+        raise ValueError(f"targets must have the inputs' shape {tuple(input_ids.shape)} (the token each position "
+                         f"predicts), got {tuple(targets.shape)}.")
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+    if bad.any():
+        raise ValueError(f"targets must be token ids in [0, {vocab}) or {IGNORE_INDEX} (ignored), "
+                         f"got {int(targets[bad][0])}.")
 
 
 def chunk_rows(vocab: int) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MLA, KVStep
 from .ffn import SwiGLU
-from .loss import lm_head_cross_entropy
+from .loss import check_targets, lm_head_cross_entropy
 from .moe import MoE, GroupedExperts, Gate
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -84,6 +84,7 @@ class DeepseekV2(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
         h = self.hidden_states(input_ids, positions, kv, step, absorb)
         if targets is not None:
+            check_targets(targets, input_ids, self.config.vocab_size)
             return lm_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             h = h[:, -1:]

@@ -80,8 +80,8 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
             raise APIError(503, str(e)) from None
         chat = kind is ChatCompletionRequest
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        echo = None if chat or not req.echo else (req.prompt if isinstance(req.prompt, str)
-                                                   else tokenizer.decode(req.prompt))
+        # echo: each choice's text starts with its prompt, as decoded (the offsets below count on it)
+        echo = None if chat or not req.echo else {job.index: tokenizer.decode(job.prompt_ids) for job in jobs}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = _sse(jobs, events, rid, limits.model_name, chat, n_prompt, include_usage, tokenizer, echo)
@@ -97,7 +97,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=sum(counts), total_tokens=n_prompt + sum(counts))
         logprobs = [_LogprobFormat(tokenizer, chat)(lp) if lp else None for lp in lps]
         if echo is not None:
-            texts = [echo + t for t in texts]
+            texts = [echo[i] + t for i, t in enumerate(texts)]
         if chat:
             choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r, logprobs=lp)
                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
@@ -141,13 +141,15 @@ async def _collect(jobs, events: asyncio.Queue):
 class _LogprobFormat:
     """(token id, logprob, [(id, logprob)]) entries -> OpenAI's logprobs object: for chat
     {"content": [{token, logprob, bytes, top_logprobs}]}, for completions the legacy
-    {tokens, token_logprobs, top_logprobs, text_offset}. Every generated token is listed,
-    a final EOS included (with echo, the prompt's tokens first: the first has no logprob); a
-    token holding part of a UTF-8 character shows U+FFFD in `token` and its exact bytes in
-    `bytes` (chat)."""
+    {tokens, token_logprobs, top_logprobs, text_offset}. Every generated token is listed
+    but a final stop token (EOS), as in OpenAI's answers (with echo, the prompt's tokens come
+    first: the first has no logprob). A token holding part of a UTF-8 character shows U+FFFD
+    in `token` and its exact bytes in `bytes` (chat). text_offset is where a token's text starts
+    in the choice's text: the characters completed by the bytes before it (special tokens such
+    as BOS add none, as the text skips them)."""
 
     def __init__(self, tokenizer, chat: bool):
-        self.tok, self.chat, self.offset = tokenizer, chat, 0
+        self.tok, self.chat, self.seen = tokenizer, chat, b""
 
     def _piece(self, token_id: int) -> tuple[str, list[int]]:
         if self.tok is None:
@@ -166,11 +168,16 @@ class _LogprobFormat:
         tokens, offsets = [], []
         for t, _, _ in entries:
             tokens.append(self._piece(t)[0])
-            offsets.append(self.offset)
-            self.offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [None if lp is None else {self._piece(a)[0]: v for a, v in top}
-                                 for _, lp, top in entries],
+            offsets.append(len(self.seen.decode("utf-8", errors="ignore")))
+            if self.tok is not None and not self.tok.is_special(t):
+                self.seen += self.tok.token_bytes(t)
+        tops = []
+        for _, lp, top in entries:
+            alts = None if lp is None else {}
+            for a, v in top if lp is not None else []:
+                alts.setdefault(self._piece(a)[0], v)   # most likely first: tokens that print alike keep the best
+            tops.append(alts)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
                 "text_offset": offsets}
 
 
@@ -212,7 +219,7 @@ def _data(obj) -> str:
 
 
 async def _sse(jobs, events: asyncio.Queue, rid: str, model: str, chat: bool, n_prompt: int, include_usage: bool,
-               tokenizer, echo: str | None = None):
+               tokenizer, echo: dict[int, str] | None = None):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. With echo, each
     choice's first chunk is the prompt (and its logprobs when asked for)."""
     fmts = {job.index: _LogprobFormat(tokenizer, chat) for job in jobs}  # text offsets run per choice
@@ -230,7 +237,7 @@ async def _sse(jobs, events: asyncio.Queue, rid: str, model: str, chat: bool, n_
         if echo is not None and ev["index"] not in echoed:
             echoed.add(ev["index"])
             lp = fmts[ev["index"]](ev["prompt_lp"]) if "prompt_lp" in ev else None
-            yield _chunk(rid, model, chat, ev["index"], echo, None, logprobs=lp)
+            yield _chunk(rid, model, chat, ev["index"], echo[ev["index"]], None, logprobs=lp)
         if ev["text"] or finish or "lp" in ev:
             lp = fmts[ev["index"]]([ev["lp"]]) if "lp" in ev else None
             yield _chunk(rid, model, chat, ev["index"], ev["text"], finish, logprobs=lp)

@@ -68,7 +68,9 @@ def parse(kind: type, obj: dict, limits: Limits):
     return req
 
 
-def prompt_ids(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int) -> list[int]:
+def prompt_ids(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int) -> list[list[int]]:
+    """The token ids of each prompt: one for chat; for completions one per prompt, since `prompt`
+    may be a string, a list of strings, a list of token ids or a list of such lists."""
     if isinstance(req, ChatCompletionRequest):
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:
@@ -79,13 +81,18 @@ def prompt_ids(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_
         ids = tokenizer.encode(text, add_bos=False)
         if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
             ids = [tokenizer.bos_id] + ids
-        return ids
-    if isinstance(req.prompt, str):
-        return tokenizer.encode(req.prompt)
-    bad = [t for t in req.prompt if not 0 <= t < vocab_size]
-    if bad:
-        raise APIError(422, f"'prompt': token id {bad[0]} is outside the vocabulary [0, {vocab_size}).", "prompt")
-    return list(req.prompt)
+        return [ids]
+    prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            out.append(tokenizer.encode(prompt))
+            continue
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(422, f"'prompt': token id {bad[0]} is outside the vocabulary [0, {vocab_size}).", "prompt")
+        out.append(list(prompt))
+    return out
 
 
 def max_new_tokens(req, n_prompt: int, limits: Limits) -> int:
@@ -106,6 +113,10 @@ def max_new_tokens(req, n_prompt: int, limits: Limits) -> int:
     return req.max_tokens
 
 
+# Choices (prompts x n) one request may ask for.
+MAX_CHOICES = 64
+
+
 def logprobs_wanted(req) -> int | None:
     """How many alternatives per token the answer reports, or None for no logprobs."""
     if isinstance(req, CompletionRequest):
@@ -113,24 +124,30 @@ def logprobs_wanted(req) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def make_jobs(req, ids: list[int], max_new: int) -> tuple[list[Job], asyncio.Queue]:
-    """n jobs sharing one event queue; choice i uses seed + i so the n answers differ but repeat."""
+def make_jobs(req, prompts: list[list[int]], max_new: list[int]) -> tuple[list[Job], asyncio.Queue]:
+    """n jobs per prompt sharing one event queue; choice index = prompt x n + j (OpenAI's order), and
+    choice i uses seed + i so the answers differ but repeat."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     jobs = []
-    for i in range(req.n):
-        params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k or None,
-                                top_p=req.top_p if req.top_p < 1.0 else None,
-                                seed=None if req.seed is None else req.seed + i, stop=list(req.stop_strings),
-                                ignore_eos=req.ignore_eos, logprobs=logprobs_wanted(req),
-                                prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
-        jobs.append(Job(list(ids), params, loop, events, index=i))
+    for p, (ids, new_tokens) in enumerate(zip(prompts, max_new)):
+        for j in range(req.n):
+            i = p * req.n + j
+            params = SamplingParams(max_new_tokens=new_tokens, temperature=req.temperature, top_k=req.top_k or None,
+                                    top_p=req.top_p if req.top_p < 1.0 else None,
+                                    seed=None if req.seed is None else req.seed + i, stop=list(req.stop_strings),
+                                    ignore_eos=req.ignore_eos, logprobs=logprobs_wanted(req),
+                                    prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
+            jobs.append(Job(list(ids), params, loop, events, index=i))
     return jobs, events
 
 
 async def prepare(request: Request, kind: type, limits: Limits, tokenizer, vocab_size: int):
-    """-> (validated request, jobs, their shared event queue, prompt length)."""
+    """-> (validated request, jobs, their shared event queue, prompt tokens over all prompts)."""
     req = parse(kind, await read_json(request, limits), limits)
-    ids = prompt_ids(req, tokenizer, vocab_size)
-    max_new = max_new_tokens(req, len(ids), limits)
-    jobs, events = make_jobs(req, ids, max_new)
-    return req, jobs, events, len(ids)
+    prompts = prompt_ids(req, tokenizer, vocab_size)
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise APIError(422, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} choices; this server "
+                            f"answers at most {MAX_CHOICES} per request.", "prompt")
+    max_new = [max_new_tokens(req, len(ids), limits) for ids in prompts]
+    jobs, events = make_jobs(req, prompts, max_new)
+    return req, jobs, events, sum(map(len, prompts))

@@ -180,6 +180,12 @@ class Scheduler:
                 job.finish_reason = "error"
                 self._emit(job, {"index": job.index, "error": str(e), "status": 400})
                 continue
+            except (RuntimeError, MemoryError) as e:  # e.g. out of memory on one long prompt: fail it, not all
+                log.exception("prefill failed")
+                job.finish_reason = "error"
+                self._emit(job, {"index": job.index, "status": 500,
+                                 "error": f"this request could not be prefilled ({type(e).__name__}: {str(e)[:200]})."})
+                continue
             self._running[job.id] = job
             self.metrics.inc("prompt_tokens_total", len(job.prompt_ids))
 

@@ -68,7 +68,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[int], list[str], list[list[int]]]   # one prompt, or several
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1, le=1)
@@ -77,10 +77,12 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
-        if isinstance(v, str) and v == "":
-            raise ValueError("prompt must not be empty")
+        if isinstance(v, str):
+            v_list = [v]
+        else:
+            v_list = v if v and not isinstance(v[0], int) else [v]
+        if not v_list or any(len(p) == 0 for p in v_list):
+            raise ValueError("prompt must not be empty (nor any of its prompts)")
         return v
 
     @model_validator(mode="after")
