@@ -138,15 +138,17 @@ class MLA(nn.Module):
         # Zero-pad V to the query/key width: SDPA's fused (flash) kernel needs equal widths and
         # otherwise falls back to its unfused math path, which on CPU was ~2.5x slower for a
         # 512-token prefill and ~1.5x slower forward + backward in training (measured); the
-        # padded output columns are dropped (their gradient is zero).
-        pad = q.shape[-1] - V if V < q.shape[-1] else 0
+        # padded output columns are dropped (their gradient is zero). With attention dropout in
+        # training SDPA takes the math path anyway, where padding would only add work.
+        dropout = self.dropout if self.training else 0.0
+        pad = q.shape[-1] - V if V < q.shape[-1] and dropout == 0 else 0
         if pad:
             v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None],
             is_causal=mask is None and q.shape[1] > 1,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+            dropout_p=dropout, scale=self.scale)
         return o.transpose(1, 2)[..., :V]
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
