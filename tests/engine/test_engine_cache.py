@@ -116,3 +116,40 @@ def test_chunked_prefill_equals_one_pass():
         assert tokens == whole[2]
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, max_batch_slots=1, max_len=64, compile=False, prefill_chunk=0)
+
+
+def test_a_failed_prefill_leaves_no_stale_prefix():
+    """A prefill that fails part way (after writing some latents over a reused prefix) must not
+    let a later request reuse those latents as if they were the old prompt's."""
+    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = dsv2.DeepseekV2(cfg).eval()
+    first = list(range(10, 30))
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)
+
+    def first_token(eng, prompt):
+        eng.add(Request(prompt, params))
+        [out] = eng.step()
+        return out.token_id, out.logprob
+
+    want = first_token(Engine(model, max_batch_slots=1, max_len=64, compile=False), first)
+    eng = Engine(model, max_batch_slots=1, max_len=64, compile=False, prefill_chunk=4)
+    first_token(eng, first)
+    calls = {"n": 0}
+    forward = model.forward
+
+    def failing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second chunk: the first one has overwritten positions 5..8
+            raise RuntimeError("out of memory")
+        return forward(*a, **kw)
+
+    model.forward = failing
+    try:
+        with pytest.raises(RuntimeError):
+            eng.add(Request(first[:5] + [99] * 10, params))
+    finally:
+        del model.forward
+    assert eng.cached_ids[0] == first[:5]
+    got = first_token(eng, first)
+    assert got[0] == want[0] and abs(got[1] - want[1]) < 1e-4

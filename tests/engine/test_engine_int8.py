@@ -74,3 +74,22 @@ def test_llm_quantize_option():
     assert len(r.token_ids) == 4
     with pytest.raises(ValueError, match="quantize"):
         dsv2.LLM(_tiny.checkpoint(), quantize="int4")
+
+
+def test_widths_the_kernel_cannot_take_use_widened_weights(tmp_path):
+    """A layer whose input width is not a multiple of 32 (here the dense FFN's 100) takes the
+    widened-weight path at decode sizes too; the quantized model cannot be saved as a checkpoint."""
+    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                       intermediate_size=100, moe_intermediate_size=32)
+    torch.manual_seed(0)
+    ref = dsv2.DeepseekV2(cfg).eval()
+    q = dsv2.DeepseekV2(cfg).eval()
+    q.load_state_dict(ref.state_dict())
+    quantize_int8(q)
+    with torch.no_grad():
+        for rows in (1, 4):
+            x = torch.randint(2, 256, (rows, 1))
+            a, b = ref(x), q(x)
+            assert (a - b).abs().max() <= 0.02 * (a.max() - a.min())
+    with pytest.raises(ValueError, match="cannot be saved"):
+        q.save_pretrained(tmp_path)

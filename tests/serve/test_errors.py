@@ -93,3 +93,19 @@ def test_legacy_top_logprobs_keep_the_best_of_tokens_that_print_alike():
 
     out = _LogprobFormat(Tok(), chat=False)([(3, -0.1, [(3, -0.1), (1, -0.5), (2, -1.5)])])
     assert out["top_logprobs"] == [{"a": -0.1, "\ufffd": -0.5}]
+
+
+def test_text_offsets_count_invalid_bytes_as_one_character_each():
+    """The text shows each invalid byte as U+FFFD: offsets after them must count them."""
+    from dsv2.serve.app import _LogprobFormat
+
+    class Tok:
+        def token_bytes(self, t):
+            return {1: b"a", 2: b"\xff", 3: b"\xe6\xb7", 4: b"\xb1", 5: b"b"}[t]
+
+        def is_special(self, t):
+            return False
+
+    out = _LogprobFormat(Tok(), chat=False)([(t, -1.0, []) for t in (1, 2, 2, 3, 4, 5)])
+    text = (b"a\xff\xff\xe6\xb7\xb1b").decode("utf-8", "replace")   # 'a' U+FFFD U+FFFD '深' 'b'
+    assert out["text_offset"] == [0, 1, 2, 3, 3, 4] and len(text) == 5

@@ -84,7 +84,7 @@ class StepOutput:
     text: str
     finished: bool
     finish_reason: str | None
-    logprob: float | None = None          # with SamplingParams.logprobs: this token's logprob (None for a stop token)
+    logprob: float | None = None          # with SamplingParams.logprobs: this token's logprob
     top_logprobs: list | None = None      # ... and [(token id, logprob)] of the most likely tokens
     prompt_logprobs: list | None = None   # with SamplingParams.prompt_logprobs, on a request's first
                                           # output: per prompt token (logprob, top); the first is (None, [])
@@ -180,6 +180,7 @@ class Engine:
         seq = _Seq(request, None if p.greedy else p.generator(),
                    TextStream(self.tokenizer, p.stop) if self.tokenizer is not None else None,
                    frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids)))
+        self.cached_ids[slot] = ids[:reuse]  # what the slot holds if the prefill fails part way
         logits, seq.prompt_logprobs = self._prefill(slot, ids[reuse:], reuse, p.prompt_logprobs)
         token = sample(logits, [p], [seq.generator])
         seq.last_token = int(token[0])
@@ -290,8 +291,7 @@ class Engine:
             reason = "length"
         if reason is not None and q.stream is not None:
             text += q.stream.finish()
-        # A stop token (EOS, stop_token_ids) is not part of the answer: no logprob for it.
-        lp, top = q.last_logprobs if q.last_logprobs is not None and t not in q.stop_ids else (None, None)
+        lp, top = q.last_logprobs if q.last_logprobs is not None else (None, None)
         prompt, q.prompt_logprobs = q.prompt_logprobs, None
         return StepOutput(q.request.id, slot, t, text, reason is not None, reason, lp, top, prompt)
 

@@ -39,7 +39,9 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _mm(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
-    if x_MK.device.type == "cpu" and x_MK.shape[0] <= INT8_MAX_ROWS:
+    # The kernel is taken only at widths that are a multiple of 32: on torch 2.13's AVX2 path
+    # other widths returned wrong numbers or crashed (a width of 100 or 102, measured).
+    if x_MK.device.type == "cpu" and x_MK.shape[0] <= INT8_MAX_ROWS and x_MK.shape[1] % 32 == 0:
         return torch._weight_int8pack_mm(x_MK.to(torch.bfloat16).contiguous(), q_NK, s_N).to(x_MK.dtype)
     return F.linear(x_MK, _widen(q_NK, s_N, x_MK.dtype))
 

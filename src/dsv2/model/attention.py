@@ -139,7 +139,7 @@ class MLA(nn.Module):
         # otherwise falls back to its unfused math path, which on CPU was ~2.5x slower for a
         # 512-token prefill and ~1.5x slower forward + backward in training (measured); the
         # padded output columns are dropped (their gradient is zero). With attention dropout in
-        # training SDPA takes the math path anyway, where padding would only add work.
+        # training CPU SDPA takes the math path anyway, where padding would only add work.
         dropout = self.dropout if self.training else 0.0
         pad = q.shape[-1] - V if V < q.shape[-1] and dropout == 0 else 0
         if pad:

@@ -82,9 +82,10 @@ class DeepseekV2(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
-        h = self.hidden_states(input_ids, positions, kv, step, absorb)
         if targets is not None:
             check_targets(targets, input_ids, self.config.vocab_size)
+        h = self.hidden_states(input_ids, positions, kv, step, absorb)
+        if targets is not None:
             return lm_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             h = h[:, -1:]
@@ -111,6 +112,9 @@ class DeepseekV2(nn.Module):
 
     def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write a Hugging Face directory (config.json + safetensors) that transformers loads."""
+        if getattr(self, "quantized", None):
+            raise ValueError(f"this model's matrices are {self.quantized} for decoding and cannot be saved as a "
+                             "checkpoint; save the float model it was quantized from.")
         from ..checkpoint import save_pretrained
         save_pretrained(self, path, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
 

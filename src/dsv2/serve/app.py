@@ -14,6 +14,7 @@ the answer is complete, its jobs are cancelled and their cache slots freed.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -95,7 +96,8 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, vocab_size: int)
             return Response(status_code=499)   # nobody is listening; uvicorn drops it
         texts, reasons, counts, lps = answer
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=sum(counts), total_tokens=n_prompt + sum(counts))
-        logprobs = [_LogprobFormat(tokenizer, chat)(lp) if lp else None for lp in lps]
+        want = req.logprobs if chat else req.logprobs is not None   # asked for: an object even if empty
+        logprobs = [_LogprobFormat(tokenizer, chat)(lp) if want else None for lp in lps]
         if echo is not None:
             texts = [echo[i] + t for i, t in enumerate(texts)]
         if chat:
@@ -141,15 +143,17 @@ async def _collect(jobs, events: asyncio.Queue):
 class _LogprobFormat:
     """(token id, logprob, [(id, logprob)]) entries -> OpenAI's logprobs object: for chat
     {"content": [{token, logprob, bytes, top_logprobs}]}, for completions the legacy
-    {tokens, token_logprobs, top_logprobs, text_offset}. Every generated token is listed
-    but a final stop token (EOS), as in OpenAI's answers (with echo, the prompt's tokens come
-    first: the first has no logprob). A token holding part of a UTF-8 character shows U+FFFD
-    in `token` and its exact bytes in `bytes` (chat). text_offset is where a token's text starts
-    in the choice's text: the characters completed by the bytes before it (special tokens such
-    as BOS add none, as the text skips them)."""
+    {tokens, token_logprobs, top_logprobs, text_offset}. Every generated token is listed, a
+    final EOS included (scoring harnesses count on one entry per generated token); with echo
+    the prompt's tokens come first, the first without a logprob. A token holding part of a
+    UTF-8 character shows U+FFFD in `token` and its exact bytes in `bytes` (chat). text_offset
+    is where a token's text starts in the choice's text: the characters the bytes before it
+    decode to, invalid bytes as U+FFFD as in the text (special tokens such as BOS add none,
+    as the text skips them)."""
 
     def __init__(self, tokenizer, chat: bool):
-        self.tok, self.chat, self.seen = tokenizer, chat, b""
+        self.tok, self.chat = tokenizer, chat
+        self.utf8, self.chars = codecs.getincrementaldecoder("utf-8")("replace"), 0
 
     def _piece(self, token_id: int) -> tuple[str, list[int]]:
         if self.tok is None:
@@ -168,9 +172,9 @@ class _LogprobFormat:
         tokens, offsets = [], []
         for t, _, _ in entries:
             tokens.append(self._piece(t)[0])
-            offsets.append(len(self.seen.decode("utf-8", errors="ignore")))
+            offsets.append(self.chars)
             if self.tok is not None and not self.tok.is_special(t):
-                self.seen += self.tok.token_bytes(t)
+                self.chars += len(self.utf8.decode(self.tok.token_bytes(t)))
         tops = []
         for _, lp, top in entries:
             alts = None if lp is None else {}
