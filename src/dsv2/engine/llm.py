@@ -125,9 +125,12 @@ class LLM:
         pending = iter(requests)
         nxt = next(pending, None)
         while nxt is not None or eng.seqs:
-            while nxt is not None and eng.has_free_slot():
-                eng.add(nxt)
+            batch = []
+            while nxt is not None and len(batch) < eng.slots - len(eng.seqs):
+                batch.append(nxt)
                 nxt = next(pending, None)
+            if batch:
+                eng.add_many(batch)   # fresh prompts prefilled together
             for out in eng.step():
                 tokens[out.request_id].append(out.token_id)
                 texts[out.request_id] += out.text
