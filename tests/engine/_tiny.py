@@ -44,3 +44,18 @@ def checkpoint(vocab_size: int = 384) -> Path:
                 p.normal_(0.0, 0.1)
     model.save_pretrained(out)
     return out
+
+
+def random_model(**overrides):
+    """A tiny in-memory DeepSeek-V2 (vocab 256, hidden 64, 2 layers unless overridden) with weights
+    drawn at std 0.1, large enough that outputs depend on the input: for engine-level checks."""
+    import dsv2
+    cfg = dsv2.ModelConfig.from_preset("tiny", **{"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+                                                  **overrides})
+    torch.manual_seed(0)
+    model = dsv2.DeepseekV2(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    return model

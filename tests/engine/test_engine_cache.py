@@ -8,6 +8,8 @@ import torch
 import dsv2
 from dsv2.engine import Engine, Request, SamplingParams
 
+import _tiny
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_bytes_per_token(dtype):
@@ -38,13 +40,7 @@ def test_cache_lives_in_the_engine_not_the_model():
 def test_slots_do_not_disturb_each_other():
     """A request decoded next to others (added mid-flight, different lengths) gives the same greedy
     tokens as alone: per-slot positions and masks, no padding leaks."""
-    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2)
-    torch.manual_seed(0)
-    model = dsv2.DeepseekV2(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
+    model = _tiny.random_model()
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 3, 20)]
@@ -159,13 +155,7 @@ def test_add_many_prefills_fresh_prompts_together_with_the_same_results():
     """Prompts of different lengths added at once (one padded forward per run of adjacent free
     slots; a prompt reusing a cached prefix on its own) give the same tokens and logprobs as
     added one by one."""
-    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2)
-    torch.manual_seed(0)
-    model = dsv2.DeepseekV2(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
+    model = _tiny.random_model()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 3, 12, 5)]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=1)

@@ -21,15 +21,8 @@ def test_rows_round_to_int8_with_one_scale_each():
 
 
 def model_pair():
-    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=3,
-                                       moe_intermediate_size=32)
-    torch.manual_seed(0)
-    ref = dsv2.DeepseekV2(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    q = dsv2.DeepseekV2(cfg).eval()
+    ref = _tiny.random_model(num_hidden_layers=3, moe_intermediate_size=32)
+    q = dsv2.DeepseekV2(ref.config).eval()
     q.load_state_dict(ref.state_dict())
     return ref, quantize_int8(q)
 
