@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import GroupedExperts
+from ..model.moe import GroupedExperts, expert_rows
 
 INT8_MAX_ROWS = 32
 
@@ -96,11 +96,8 @@ class Int8GroupedExperts(GroupedExperts):
 
     def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         y_MD = torch.empty_like(x_MD)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                y_MD[start: start + n] = self.expert(e, x_MD[start: start + n])
-            start += n
+        for e, rows in expert_rows(counts):
+            y_MD[rows] = self.expert(e, x_MD[rows])
         return y_MD
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -66,9 +66,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
             for rows in _chunks(h_ND.shape[0], w_VD.shape[0]):
                 h_c, y = h_ND[rows].to(dt), y_N[rows]
                 logits = torch.mm(h_c, w_c.t()).float()
-                total += _chunk_loss(logits, y)
+                lse = logits.logsumexp(-1, keepdim=True)
+                total += _chunk_loss(logits, y, lse[:, 0])
                 # softmax - onehot, zero on ignored rows: d(sum of losses) / d logits
-                g = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()
+                g = logits.sub_(lse).exp_()
                 keep = y != IGNORE_INDEX
                 g[torch.arange(len(y), device=y.device)[keep], y[keep]] -= 1.0
                 g.mul_(keep[:, None])
@@ -96,7 +97,8 @@ def _logits(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
     return torch.mm(h_CD, w_VD.t().to(h_CD.dtype)).float()
 
 
-def _chunk_loss(logits_CV: torch.Tensor, y_C: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(logits_CV: torch.Tensor, y_C: torch.Tensor, lse_C: torch.Tensor | None = None) -> torch.Tensor:
     keep = y_C != IGNORE_INDEX
     picked = logits_CV.gather(1, y_C.clamp_min(0)[:, None])[:, 0]
-    return ((logits_CV.logsumexp(-1) - picked) * keep).sum()
+    lse_C = logits_CV.logsumexp(-1) if lse_C is None else lse_C
+    return ((lse_C - picked) * keep).sum()

@@ -129,7 +129,7 @@ class _SwiGLUExperts(torch.autograd.Function):
         x_MD = x_MD.contiguous()
         h_M2I = x_MD.new_empty(x_MD.shape[0], 2 * I)
         y_MD = x_MD.new_empty(x_MD.shape)
-        rows = _expert_rows(counts)
+        rows = expert_rows(counts)
         for e, r in rows:
             torch.mm(x_MD[r], w13_E[e].t(), out=h_M2I[r])
         a_MI = F.silu(h_M2I[:, :I]) * h_M2I[:, I:]
@@ -161,12 +161,10 @@ class _SwiGLUExperts(torch.autograd.Function):
             torch.mm(dh_M2I[r].t(), x_MD[r], out=g13[e])
             if dx_MD is not None:
                 torch.mm(dh_M2I[r], w13_E[e], out=dx_MD[r])
-        if dx_MD is not None and len(rows) == 0:
-            dx_MD.zero_()
         return dx_MD, g13, g2, None
 
 
-def _expert_rows(counts) -> list[tuple[int, slice]]:
+def expert_rows(counts) -> list[tuple[int, slice]]:
     """(expert, its row slice) for every expert that received rows."""
     out, start = [], 0
     for e, n in enumerate(counts):

@@ -155,28 +155,30 @@ class _LogprobFormat:
         self.tok, self.chat = tokenizer, chat
         self.utf8, self.chars = codecs.getincrementaldecoder("utf-8")("replace"), 0
 
-    def _piece(self, token_id: int) -> tuple[str, list[int]]:
+    def _piece(self, token_id: int) -> tuple[str, bytes]:
         if self.tok is None:
-            return str(token_id), []
+            return str(token_id), b""
         b = self.tok.token_bytes(token_id)
-        return b.decode("utf-8", errors="replace"), list(b)
+        return b.decode("utf-8", errors="replace"), b
 
     def __call__(self, entries: list[tuple]) -> dict:
         if self.chat:
             content = []
             for t, lp, top in entries:
                 s, b = self._piece(t)
-                alts = [dict(zip(("token", "bytes"), self._piece(a)), logprob=v) for a, v in top]
-                content.append({"token": s, "logprob": lp, "bytes": b, "top_logprobs": alts})
+                alts = []
+                for a, v in top:
+                    a_s, a_b = self._piece(a)
+                    alts.append({"token": a_s, "logprob": v, "bytes": list(a_b)})
+                content.append({"token": s, "logprob": lp, "bytes": list(b), "top_logprobs": alts})
             return {"content": content}
-        tokens, offsets = [], []
-        for t, _, _ in entries:
-            tokens.append(self._piece(t)[0])
+        tokens, offsets, tops = [], [], []
+        for t, lp, top in entries:
+            s, b = self._piece(t)
+            tokens.append(s)
             offsets.append(self.chars)
             if self.tok is not None and not self.tok.is_special(t):
-                self.chars += len(self.utf8.decode(self.tok.token_bytes(t)))
-        tops = []
-        for _, lp, top in entries:
+                self.chars += len(self.utf8.decode(b))
             alts = None if lp is None else {}
             for a, v in top if lp is not None else []:
                 alts.setdefault(self._piece(a)[0], v)   # most likely first: tokens that print alike keep the best

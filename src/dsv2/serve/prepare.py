@@ -82,9 +82,8 @@ def prompt_ids(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_
         if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
             ids = [tokenizer.bos_id] + ids
         return [ids]
-    prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
     out = []
-    for prompt in prompts:
+    for prompt in req.prompts:
         if isinstance(prompt, str):
             out.append(tokenizer.encode(prompt))
             continue

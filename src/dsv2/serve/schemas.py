@@ -67,6 +67,11 @@ class _Sampling(BaseModel):
         return list(self.stop or [])
 
 
+def prompt_list(prompt) -> list:
+    """`prompt` as a list of prompts: a string or a token-id list is one prompt; a list of either, several."""
+    return [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+
+
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int], list[str], list[list[int]]]   # one prompt, or several
     echo: bool = False
@@ -77,13 +82,14 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, str):
-            v_list = [v]
-        else:
-            v_list = v if v and not isinstance(v[0], int) else [v]
-        if not v_list or any(len(p) == 0 for p in v_list):
+        prompts = prompt_list(v)
+        if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompt must not be empty (nor any of its prompts)")
         return v
+
+    @property
+    def prompts(self) -> list:
+        return prompt_list(self.prompt)
 
     @model_validator(mode="after")
     def _unsupported(self):
