@@ -37,14 +37,16 @@ def test_greedy_batch_matches_transformers_generate(hf_checkpoint, variant):
     assert len({tuple(r.token_ids) for r in ours}) == len(ours)  # prompts lead to different outputs
 
 
-def test_every_decode_step_matches_full_naive_forward(hf_checkpoint):
-    """Slots of different lengths decode together; each step's absorbed-path logits equal a cache-free
-    naive forward over the whole sequence so far (float32, 1e-4)."""
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "fused"])
+def test_every_decode_step_matches_full_naive_forward(hf_checkpoint, native):
+    """Slots of different lengths decode together; each step's absorbed-path logits (PyTorch ops, or
+    the fused C step) equal a cache-free naive forward over the whole sequence so far (float32, 1e-4)."""
     model = dsv2.load_pretrained(hf_checkpoint("yarn"))
-    eng = Engine(model, max_batch_slots=3, max_len=64, compile=False)
+    eng = Engine(model, max_batch_slots=3, max_len=64, compile=False, native=native)
+    assert (eng._decode.native is not None) == native
     seen = []
-    inner = eng._decode.fn
-    eng._decode.fn = lambda *a: seen.append(inner(*a)) or seen[-1]
+    inner = eng._decode
+    eng._decode = lambda *a: seen.append(inner(*a)) or seen[-1]
     seqs = {}
     for p in prompts()[:3]:
         slot = eng.add(Request(p, SamplingParams(max_new_tokens=8, ignore_eos=True)))

@@ -13,6 +13,8 @@ API (stable; the OpenAI-compatible server builds continuous batching on it)
         compile: torch.compile the decode step (opt-in, see engine/decode.py; a one-line
         notice on stderr when it falls back to eager). prefill_chunk (default 2048): prompts
         longer than this are prefilled in chunks of this many tokens, bounding prefill memory.
+        native: decode with the fused C step (engine/native) - None: wherever it applies (CPU,
+        a C compiler present); True: require it (ValueError saying why not); False: PyTorch ops.
 
     slot = engine.add(Request(prompt_ids=[...], params=SamplingParams(...), id=None))
         Validates, takes a free slot (raises EngineFull when none is free; check
@@ -110,7 +112,7 @@ class _Seq:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_slots: int = 8, max_len: int | None = None,
-                 compile: bool | None = None, prefill_chunk: int = 2048):
+                 compile: bool | None = None, prefill_chunk: int = 2048, native: bool | None = None):
         cfg = model.config
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}.")
@@ -135,7 +137,7 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         from .decode import DecodeStep
-        self._decode = DecodeStep(model, compile)
+        self._decode = DecodeStep(model, compile, native)
 
     # ----------------------------------------------------------------- admin
     @property

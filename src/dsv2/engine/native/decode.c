@@ -1,0 +1,504 @@
+/* dsv2's fused CPU decode step: one call runs every layer of a DeepSeek-V2 for B new tokens.
+ *
+ * Decoding a few tokens on a CPU is bound by per-op overhead and by the bytes of weights
+ * read, not by arithmetic: the eager PyTorch step issues ~3,500 aten calls. Here a step is
+ * one C call with ~15 OpenMP loops per layer, weights are read once per step straight from
+ * the model's own tensors (float32, bfloat16, or int8 rows with one float scale each), and
+ * activations stay float32 throughout. The math is the absorbed MLA path of
+ * model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds the two
+ * equal. Built by engine/native/__init__.py with the system C compiler (-O3 -march=native
+ * -fopenmp), linked to the OpenMP runtime torch already loaded, so both share one thread pool.
+ *
+ * Shapes: B tokens (one per cache slot), D hidden, H heads, N nope dim, R rope dim, V value
+ * dim, C kv_lora_rank, QR q_lora_rank (0: no query compression), E routed experts, K per token.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, BF16 = 1, I8 = 2 };
+
+typedef struct {
+    const void *w;        /* [rows, cols], row stride `stride` elements */
+    const float *scale;   /* I8: one scale per row; else NULL */
+    int64_t stride;
+    int32_t type, rows, cols;
+} Mat;
+
+typedef struct {
+    const float *in_norm, *post_norm, *q_a_norm, *kv_a_norm;
+    Mat q_a, q_b;         /* q_a.w == NULL: q_b is the uncompressed q_proj */
+    Mat kv_a, kv_b, o;    /* kv_b: [H * (N + V), C] */
+    Mat w_ukt;            /* W^UK transposed: [H * C, N] */
+    int32_t moe;
+    Mat gate, up, down;   /* the dense SwiGLU, or the shared experts of a MoE layer (gate.w NULL: none) */
+    const float *router;  /* [E, D] */
+    Mat gu, dn;           /* expert 0 of the stacked [E, 2I, D] and [E, D, I] */
+    int64_t gu_step, dn_step, gu_sstep, dn_sstep;   /* expert e = expert 0 + e * step (elements; scales) */
+} Layer;
+
+typedef struct {
+    int32_t n_layers, D, H, N, R, V, C, QR, I_moe, E, K, n_group, topk_group, group_limited, norm_topk, vocab;
+    float eps, scale, routed_scaling, rope_amp;
+    const float *inv_freq;   /* [R / 2] */
+    Mat embed, head;
+    const float *final_norm;
+    const Layer *layers;
+    int32_t cache_type;      /* F32 or BF16 */
+    int32_t max_cols;        /* widest matrix row */
+    int32_t I_max;           /* widest dense / shared / expert hidden size */
+} Model;
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef int8_t v8b __attribute__((vector_size(8)));
+
+static inline v8f ld(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline v8f ld_bf16(const uint16_t *p) {
+    v8h h; memcpy(&h, p, sizeof h);
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    return (v8f)u;
+}
+static inline v8f ld_i8(const int8_t *p) {
+#ifdef __AVX2__   /* GCC scalarises the generic widening below */
+    return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    v8b b; memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
+#endif
+}
+static inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as torch does */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* ------------------------------------------------------------------ dot products */
+/* dot_f32 / dot_bf16 / dot_i8: x . w over n elements, w widened to float32 as it is read. */
+#define DOT(NAME, T, LOAD, WIDEN)                                                      \
+static float NAME(const float *x, const T *w, int n) {                                 \
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                        \
+    int k = 0;                                                                         \
+    for (; k + 32 <= n; k += 32) {                                                     \
+        a0 += ld(x + k) * LOAD(w + k);           a1 += ld(x + k + 8) * LOAD(w + k + 8);   \
+        a2 += ld(x + k + 16) * LOAD(w + k + 16); a3 += ld(x + k + 24) * LOAD(w + k + 24); \
+    }                                                                                  \
+    for (; k + 8 <= n; k += 8) a0 += ld(x + k) * LOAD(w + k);                          \
+    float s = hsum((a0 + a1) + (a2 + a3));                                             \
+    for (; k < n; k++) s += x[k] * WIDEN(w[k]);                                        \
+    return s;                                                                          \
+}
+#define AS_FLOAT(v) ((float)(v))
+DOT(dot_f32, float, ld, AS_FLOAT)
+DOT(dot_bf16, uint16_t, ld_bf16, bf16_to_f32)
+DOT(dot_i8, int8_t, ld_i8, AS_FLOAT)
+
+/* Row r of W widened to float32 in buf (or a pointer into W itself when it is float32). */
+static const float *row_f32(const Mat *W, int64_t r, float *buf) {
+    int n = W->cols;
+    if (W->type == F32) return (const float *)W->w + r * W->stride;
+    if (W->type == BF16) {
+        const uint16_t *p = (const uint16_t *)W->w + r * W->stride;
+        int k = 0;
+        for (; k + 8 <= n; k += 8) st(buf + k, ld_bf16(p + k));
+        for (; k < n; k++) buf[k] = bf16_to_f32(p[k]);
+    } else {
+        const int8_t *p = (const int8_t *)W->w + r * W->stride;
+        float s = W->scale[r];
+        v8f sv = {s, s, s, s, s, s, s, s};
+        int k = 0;
+        for (; k + 8 <= n; k += 8) st(buf + k, ld_i8(p + k) * sv);
+        for (; k < n; k++) buf[k] = (float)p[k] * s;
+    }
+    return buf;
+}
+
+static inline float dot_row(const Mat *W, int64_t r, const float *x) {
+    if (W->type == F32) return dot_f32(x, (const float *)W->w + r * W->stride, W->cols);
+    if (W->type == BF16) return dot_bf16(x, (const uint16_t *)W->w + r * W->stride, W->cols);
+    return W->scale[r] * dot_i8(x, (const int8_t *)W->w + r * W->stride, W->cols);
+}
+
+/* 3 inputs x 4 weight rows at once: 12 accumulators, 7 loads per 12 multiply-adds. */
+static void tile34(const float *x, int64_t ldx, const float *const *w, int K, float *y, int64_t ldy) {
+    v8f a[3][4] = {{{0}}};
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        v8f x0 = ld(x + k), x1 = ld(x + ldx + k), x2 = ld(x + 2 * ldx + k);
+        for (int j = 0; j < 4; j++) {
+            v8f wv = ld(w[j] + k);
+            a[0][j] += x0 * wv; a[1][j] += x1 * wv; a[2][j] += x2 * wv;
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 4; j++) {
+            float s = hsum(a[i][j]);
+            for (int t = k; t < K; t++) s += x[i * ldx + t] * w[j][t];
+            y[i * ldy + j] = s;
+        }
+}
+
+/* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1). One or two inputs stream each weight
+ * row once (memory-bound); more go through 3 x 4 tiles on rows widened to float32 in buf. */
+static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
+                    int n0, int n1, float *buf) {
+    if (M <= 2) {
+        for (int n = n0; n < n1; n++)
+            for (int m = 0; m < M; m++) y[m * ldy + n] = dot_row(W, n, x + m * ldx);
+        return;
+    }
+    const int K = W->cols;
+    for (int n = n0; n < n1; n += 4) {
+        int nr = n1 - n < 4 ? n1 - n : 4;
+        const float *w[4];
+        for (int j = 0; j < nr; j++) w[j] = row_f32(W, n + j, buf + (int64_t)j * K);
+        int m = 0;
+        if (nr == 4)
+            for (; m + 3 <= M; m += 3) tile34(x + m * ldx, ldx, w, K, y + m * ldy + n, ldy);
+        for (; m < M; m++)
+            for (int j = 0; j < nr; j++) y[m * ldy + n + j] = dot_f32(x + m * ldx, w[j], K);
+    }
+}
+
+#define BLOCK 16   /* weight rows per work item */
+#define BUFW(m) (4 * (m)->max_cols + 64)   /* floats of scratch per thread */
+
+static void matmul(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
+                   float *bufs, int bufw, int threads) {
+    int nb = (W->rows + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < nb; b++) {
+        int n0 = b * BLOCK, n1 = n0 + BLOCK < W->rows ? n0 + BLOCK : W->rows;
+        mm_rows(W, x, ldx, M, y, ldy, n0, n1, bufs + (int64_t)omp_get_thread_num() * bufw);
+    }
+}
+
+/* ------------------------------------------------------------------ small pieces */
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    double ss = 0;
+    for (int k = 0; k < n; k++) ss += (double)x[k] * x[k];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int k = 0; k < n; k++) out[k] = w[k] * (x[k] * r);
+}
+
+static void rope(float *x, const float *cs, const float *sn, int R) {
+    for (int i = 0; i < R / 2; i++) {
+        float a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i] = a * cs[i] - b * sn[i];
+        x[2 * i + 1] = a * sn[i] + b * cs[i];
+    }
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* Top-k of s[0..n) by value (ties: lower index first) into idx; returns nothing. */
+static void topk(const float *s, int n, int k, int *idx) {
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++) {
+            int taken = 0;
+            for (int i = 0; i < j; i++) taken |= idx[i] == e;
+            if (!taken && (best < 0 || s[e] > s[best])) best = e;
+        }
+        idx[j] = best;
+    }
+}
+
+/* Rows [r0, r0 + n) of W as a matrix of their own. */
+static Mat rows_of(const Mat *W, int64_t r0, int n) {
+    static const int size[] = {4, 2, 1};
+    Mat m = *W;
+    m.w = (const char *)m.w + r0 * m.stride * size[m.type];
+    if (m.scale) m.scale += r0;
+    m.rows = n;
+    return m;
+}
+
+static Mat expert(const Mat *first, int e, int64_t step, int64_t sstep) {
+    static const int size[] = {4, 2, 1};
+    Mat m = *first;
+    m.w = (const char *)m.w + (int64_t)e * step * size[m.type];
+    if (m.scale) m.scale += (int64_t)e * sstep;
+    return m;
+}
+
+static const float *cache_row(const Model *m, const void *base, int64_t off, float *buf) {
+    int n = m->C + m->R;
+    if (m->cache_type == F32) return (const float *)base + off;
+    const uint16_t *p = (const uint16_t *)base + off;
+    int k = 0;
+    for (; k + 8 <= n; k += 8) st(buf + k, ld_bf16(p + k));
+    for (; k < n; k++) buf[k] = bf16_to_f32(p[k]);
+    return buf;
+}
+
+/* ------------------------------------------------------------------ work space */
+typedef struct {
+    float *x, *h, *qa, *q, *kva, *qf, *sc, *olat, *o, *acc, *g, *u, *logit, *wk, *xg, *gu, *y, *bufs, *cs, *sn;
+    int32_t *idx, *order, *slot, *cnt, *item;
+} Work;
+
+static int64_t carve(const Model *m, int B, int S, int threads, float *base, Work *w) {
+    int64_t at = 0, copies = (int64_t)B * (m->K > 0 ? m->K : 1), E = m->E > 0 ? m->E : 1;
+    int64_t blocks = ((m->I_moe * 2 > m->D ? m->I_moe * 2 : m->D) + BLOCK - 1) / BLOCK;
+#define TAKE(field, n) do { w->field = base ? base + at : 0; at += ((int64_t)(n) + 15) / 16 * 16; } while (0)
+#define TAKEI(field, n) do { w->field = base ? (int32_t *)(base + at) : 0; at += ((int64_t)(n) + 15) / 16 * 16; } while (0)
+    TAKE(x, B * m->D); TAKE(h, B * m->D); TAKE(qa, B * (m->QR > 0 ? m->QR : 1));
+    TAKE(q, (int64_t)B * m->H * (m->N + m->R)); TAKE(kva, B * (m->C + m->R));
+    TAKE(qf, (int64_t)B * m->H * (m->C + m->R)); TAKE(sc, (int64_t)B * m->H * S);
+    TAKE(olat, (int64_t)B * m->H * m->C); TAKE(o, (int64_t)B * m->H * m->V); TAKE(acc, B * m->D);
+    TAKE(g, (int64_t)B * m->I_max); TAKE(u, (int64_t)B * m->I_max);
+    TAKE(logit, B * E); TAKE(wk, copies); TAKE(xg, copies * m->D); TAKE(gu, copies * 2 * m->I_moe);
+    TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * BUFW(m));
+    TAKE(cs, B * m->R / 2 + 1); TAKE(sn, B * m->R / 2 + 1);
+    TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 2 * E * blocks);
+#undef TAKE
+#undef TAKEI
+    return at;
+}
+
+/* Floats of work space a step of B tokens attending to at most S positions needs. */
+int64_t dsv2_work_floats(const Model *m, int B, int S, int threads) {
+    Work w;
+    return carve(m, B, S, threads, 0, &w);
+}
+
+/* ------------------------------------------------------------------ one layer */
+static void attention(const Model *m, const Layer *L, int B, const int64_t *pos, int S,
+                      void *cache, int64_t slot_stride, Work *w, int threads) {
+    const int D = m->D, H = m->H, N = m->N, R = m->R, V = m->V, C = m->C, CR = C + R, QK = N + R;
+    const int bw = BUFW(m);
+    for (int b = 0; b < B; b++) rmsnorm(w->h + b * D, w->x + b * D, L->in_norm, D, m->eps);
+    if (L->q_a.w) {
+        matmul(&L->q_a, w->h, D, B, w->qa, m->QR, w->bufs, bw, threads);
+        for (int b = 0; b < B; b++) rmsnorm(w->qa + b * m->QR, w->qa + b * m->QR, L->q_a_norm, m->QR, m->eps);
+        matmul(&L->q_b, w->qa, m->QR, B, w->q, H * QK, w->bufs, bw, threads);
+    } else {
+        matmul(&L->q_b, w->h, D, B, w->q, H * QK, w->bufs, bw, threads);
+    }
+    matmul(&L->kv_a, w->h, D, B, w->kva, CR, w->bufs, bw, threads);
+    for (int b = 0; b < B; b++) {   /* the cache gets c^KV (normed) and k^R (rotated) */
+        float *r = w->kva + b * CR;
+        rmsnorm(r, r, L->kv_a_norm, C, m->eps);
+        rope(r + C, w->cs + b * (R / 2), w->sn + b * (R / 2), R);
+        int64_t off = b * slot_stride + pos[b] * CR;
+        if (m->cache_type == F32) memcpy((float *)cache + off, r, CR * sizeof(float));
+        else for (int k = 0; k < CR; k++) ((uint16_t *)cache + off)[k] = f32_to_bf16(r[k]);
+    }
+    /* The absorbed query per (token, head): [q^C W^UK ; rotated q^R]. W^UK^T [H * C, N] is kept
+     * transposed so that each head's product is a matmul of the B tokens' q^C against its rows. */
+    const int QB = (C + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int it = 0; it < H * QB; it++) {
+        int hd = it / QB, n0 = (it % QB) * BLOCK, n1 = n0 + BLOCK < C ? n0 + BLOCK : C;
+        Mat wt = rows_of(&L->w_ukt, (int64_t)hd * C, C);
+        mm_rows(&wt, w->q + (int64_t)hd * QK, (int64_t)H * QK, B, w->qf + (int64_t)hd * CR, (int64_t)H * CR,
+                n0, n1, w->bufs + (int64_t)omp_get_thread_num() * bw);
+    }
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H;
+        float *qr = w->qf + (int64_t)bh * CR + C;
+        memcpy(qr, w->q + (int64_t)bh * QK + N, R * sizeof(float));
+        rope(qr, w->cs + b * (R / 2), w->sn + b * (R / 2), R);
+    }
+    /* Scores: the heads' queries against the cached [c^KV ; k^R] rows of their slot, as a matmul.
+     * Row b attends to positions [0, min(pos_b + 1, S)). */
+    const int nsb = (S + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int it = 0; it < B * nsb; it++) {
+        int b = it / nsb, s0 = (it % nsb) * BLOCK, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
+        if (s0 >= len) continue;
+        static const int size[] = {4, 2, 1};
+        Mat rows = {(const char *)cache + b * slot_stride * size[m->cache_type], 0, CR, m->cache_type, len, CR};
+        mm_rows(&rows, w->qf + (int64_t)b * H * CR, CR, H, w->sc + (int64_t)b * H * S, S, s0,
+                s0 + BLOCK < len ? s0 + BLOCK : len, w->bufs + (int64_t)omp_get_thread_num() * bw);
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
+        float *p = w->sc + (int64_t)bh * S, mx = -INFINITY, sum = 0;
+        for (int s = 0; s < len; s++) mx = (p[s] *= m->scale) > mx ? p[s] : mx;
+        for (int s = 0; s < len; s++) sum += (p[s] = expf(p[s] - mx));
+        for (int s = 0; s < len; s++) p[s] /= sum;
+    }
+    /* o_lat = sum_s p_s c^KV_s, by blocks of 16 columns x 4 heads held in registers. */
+    const int ncb = (C + 15) / 16;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int it = 0; it < B * ncb; it++) {
+        int b = it / ncb, c0 = (it % ncb) * 16, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
+        float *buf = w->bufs + (int64_t)omp_get_thread_num() * bw;
+        if (c0 + 16 > C || m->cache_type != F32) {   /* ragged edge or bfloat16 cache: plain loops */
+            int c1 = c0 + 16 < C ? c0 + 16 : C;
+            for (int hd = 0; hd < H; hd++) memset(w->olat + ((int64_t)b * H + hd) * C + c0, 0, (c1 - c0) * sizeof(float));
+            for (int s = 0; s < len; s++) {
+                const uint16_t *hp = (const uint16_t *)cache + b * slot_stride + (int64_t)s * CR + c0;
+                const float *fp = (const float *)cache + b * slot_stride + (int64_t)s * CR + c0;
+                for (int c = 0; c < c1 - c0; c++) buf[c] = m->cache_type == F32 ? fp[c] : bf16_to_f32(hp[c]);
+                for (int hd = 0; hd < H; hd++) {
+                    float p = w->sc[((int64_t)b * H + hd) * S + s], *ol = w->olat + ((int64_t)b * H + hd) * C + c0;
+                    for (int c = 0; c < c1 - c0; c++) ol[c] += p * buf[c];
+                }
+            }
+            continue;
+        }
+        const float *base = (const float *)cache + b * slot_stride + c0;
+        for (int h0 = 0; h0 < H; h0 += 4) {
+            int nh = H - h0 < 4 ? H - h0 : 4;
+            v8f acc[4][2] = {{{0}}};
+            const float *p = w->sc + ((int64_t)b * H + h0) * S;
+            for (int s = 0; s < len; s++) {
+                v8f r0 = ld(base + (int64_t)s * CR), r1 = ld(base + (int64_t)s * CR + 8);
+                for (int j = 0; j < 4; j++) {
+                    if (j < nh) { float q = p[(int64_t)j * S + s]; acc[j][0] += q * r0; acc[j][1] += q * r1; }
+                }
+            }
+            for (int j = 0; j < nh; j++) {
+                float *ol = w->olat + ((int64_t)b * H + h0 + j) * C + c0;
+                st(ol, acc[j][0]); st(ol + 8, acc[j][1]);
+            }
+        }
+    }
+    /* W^UV after the weighted sum (per head, the B tokens' o_lat against its V rows), then W^O. */
+    const int VB = (V + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int it = 0; it < H * VB; it++) {
+        int hd = it / VB, n0 = (it % VB) * BLOCK, n1 = n0 + BLOCK < V ? n0 + BLOCK : V;
+        Mat uv = rows_of(&L->kv_b, (int64_t)hd * (N + V) + N, V);
+        mm_rows(&uv, w->olat + (int64_t)hd * C, (int64_t)H * C, B, w->o + (int64_t)hd * V, (int64_t)H * V,
+                n0, n1, w->bufs + (int64_t)omp_get_thread_num() * bw);
+    }
+    matmul(&L->o, w->o, H * V, B, w->acc, D, w->bufs, bw, threads);
+    for (int i = 0; i < B * D; i++) w->x[i] += w->acc[i];
+}
+
+static void swiglu(const Model *m, const Mat *gate, const Mat *up, const Mat *down, int B, Work *w, int threads) {
+    const int I = gate->rows, bw = BUFW(m);
+    matmul(gate, w->h, m->D, B, w->g, I, w->bufs, bw, threads);
+    matmul(up, w->h, m->D, B, w->u, I, w->bufs, bw, threads);
+    for (int64_t i = 0; i < (int64_t)B * I; i++) w->g[i] = silu(w->g[i]) * w->u[i];
+    matmul(down, w->g, I, B, w->acc, m->D, w->bufs, bw, threads);
+    for (int i = 0; i < B * m->D; i++) w->x[i] += w->acc[i];
+}
+
+static void moe(const Model *m, const Layer *L, int B, Work *w, int threads) {
+    const int D = m->D, E = m->E, K = m->K, I = m->I_moe, bw = BUFW(m);
+    /* The gate: softmax affinities in float32, (group-limited) top-K. */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int be = 0; be < B * E; be++)
+        w->logit[be] = dot_f32(w->h + (be / E) * D, L->router + (int64_t)(be % E) * D, D);
+    for (int b = 0; b < B; b++) {
+        float *s = w->logit + b * E, mx = -INFINITY, sum = 0;
+        for (int e = 0; e < E; e++) mx = s[e] > mx ? s[e] : mx;
+        for (int e = 0; e < E; e++) sum += (s[e] = expf(s[e] - mx));
+        for (int e = 0; e < E; e++) s[e] /= sum;
+        float masked[E];
+        memcpy(masked, s, sizeof masked);
+        if (m->group_limited) {   /* keep the topk_group groups with the highest max affinity */
+            int G = m->n_group, per = E / G, top[G];
+            float gmax[G];
+            for (int g = 0; g < G; g++) {
+                gmax[g] = -INFINITY;
+                for (int e = g * per; e < (g + 1) * per; e++) gmax[g] = s[e] > gmax[g] ? s[e] : gmax[g];
+            }
+            topk(gmax, G, m->topk_group, top);
+            for (int g = 0; g < G; g++) {
+                int keep = 0;
+                for (int j = 0; j < m->topk_group; j++) keep |= top[j] == g;
+                if (!keep) for (int e = g * per; e < (g + 1) * per; e++) masked[e] = 0.0f;
+            }
+        }
+        int *idx = w->idx + b * K;
+        topk(masked, E, K, idx);
+        float tot = 0;
+        for (int k = 0; k < K; k++) tot += (w->wk[b * K + k] = masked[idx[k]]);
+        for (int k = 0; k < K; k++)
+            w->wk[b * K + k] = (K > 1 && m->norm_topk) ? w->wk[b * K + k] / (tot + 1e-20f) : w->wk[b * K + k] * m->routed_scaling;
+    }
+    /* Token copies sorted by expert (counting sort), so each chosen expert's weights are read once. */
+    int copies = B * K, *cnt = w->cnt;
+    memset(cnt, 0, (E + 1) * sizeof(int));
+    for (int c = 0; c < copies; c++) cnt[w->idx[c] + 1]++;
+    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];           /* cnt[e]: first row of expert e */
+    int fill[E];
+    memcpy(fill, cnt, E * sizeof(int));
+    for (int c = 0; c < copies; c++) {
+        int r = fill[w->idx[c]]++;
+        w->order[r] = c;
+        w->slot[c] = r;
+        memcpy(w->xg + (int64_t)r * D, w->h + (int64_t)(c / K) * D, D * sizeof(float));
+    }
+    for (int pass = 0; pass < 2; pass++) {   /* 0: gate_up [2I, D]; 1: down [D, I] */
+        int rows = pass ? D : 2 * I, nb = (rows + BLOCK - 1) / BLOCK, n_items = 0;
+        for (int e = 0; e < E; e++)
+            if (cnt[e + 1] > cnt[e])
+                for (int blk = 0; blk < nb; blk++) { w->item[2 * n_items] = e; w->item[2 * n_items + 1] = blk; n_items++; }
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int it = 0; it < n_items; it++) {
+            int e = w->item[2 * it], n0 = w->item[2 * it + 1] * BLOCK, n1 = n0 + BLOCK < rows ? n0 + BLOCK : rows;
+            int r0 = cnt[e], M = cnt[e + 1] - cnt[e];
+            float *buf = w->bufs + (int64_t)omp_get_thread_num() * bw;
+            if (pass == 0) {
+                Mat W = expert(&L->gu, e, L->gu_step, L->gu_sstep);
+                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, buf);
+            } else {
+                Mat W = expert(&L->dn, e, L->dn_step, L->dn_sstep);
+                mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, buf);
+            }
+        }
+        if (pass == 0)   /* silu(gate) * up, written over the gate half */
+            for (int r = 0; r < copies; r++) {
+                float *gu = w->gu + (int64_t)r * 2 * I;
+                for (int i = 0; i < I; i++) gu[i] = silu(gu[i]) * gu[I + i];
+            }
+    }
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < K; k++) {
+            float wt = w->wk[b * K + k], *y = w->y + (int64_t)w->slot[b * K + k] * D, *x = w->x + (int64_t)b * D;
+            for (int d = 0; d < D; d++) x[d] += wt * y[d];
+        }
+}
+
+/* One decode step. tokens/pos: [B] (token b goes to cache slot b at position pos[b] and attends
+ * to positions [0, min(pos[b] + 1, S))). cache[l]: layer l's [slots, max_len, C + R] buffer,
+ * slot_stride elements between slots. logits: [B, vocab]. work: dsv2_work_floats(m, B, S, threads). */
+int dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
+                void *const *cache, int64_t slot_stride, float *logits, float *work, int threads) {
+    for (int b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return 1;
+    Work w;
+    carve(m, B, S, threads, work, &w);
+    const int D = m->D, R2 = m->R / 2, bw = BUFW(m);
+    for (int b = 0; b < B; b++) {
+        for (int i = 0; i < R2; i++) {
+            float a = (float)pos[b] * m->inv_freq[i];
+            w.cs[b * R2 + i] = cosf(a) * m->rope_amp;
+            w.sn[b * R2 + i] = sinf(a) * m->rope_amp;
+        }
+        const float *e = row_f32(&m->embed, tokens[b], w.bufs);
+        memcpy(w.x + (int64_t)b * D, e, D * sizeof(float));
+    }
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = m->layers + l;
+        attention(m, L, B, pos, S, cache[l], slot_stride, &w, threads);
+        for (int b = 0; b < B; b++) rmsnorm(w.h + b * D, w.x + b * D, L->post_norm, D, m->eps);
+        if (L->moe) {
+            if (L->gate.w) swiglu(m, &L->gate, &L->up, &L->down, B, &w, threads);
+            moe(m, L, B, &w, threads);
+        } else {
+            swiglu(m, &L->gate, &L->up, &L->down, B, &w, threads);
+        }
+    }
+    for (int b = 0; b < B; b++) rmsnorm(w.h + b * D, w.x + b * D, m->final_norm, D, m->eps);
+    matmul(&m->head, w.h, D, B, logits, m->vocab, w.bufs, bw, threads);
+    return 0;
+}

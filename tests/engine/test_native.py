@@ -1,0 +1,199 @@
+"""The fused C decode step (engine/native) against the PyTorch absorbed decode step: same inputs,
+same cache, logits within 1e-4 (float32), across the model variants and every dtype it reads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dsv2
+from dsv2.engine import Engine, Request, SamplingParams
+from dsv2.engine.cache import LatentCache
+from dsv2.engine.decode import DecodeStep
+from dsv2.engine.native import NativeDecoder
+from dsv2.engine.quant import quantize_int8
+
+import _tiny
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+VARIANTS = {
+    "v2": {},                                                        # grouped routing, query compression
+    "lite": dict(q_lora_rank=None, topk_method="greedy", n_group=None, topk_group=None),
+    "yarn": dict(rope_scaling=YARN),
+    "norm_topk": dict(norm_topk_prob=True, routed_scaling_factor=2.5, n_shared_experts=2),
+    "no_shared": dict(n_shared_experts=0, first_k_dense_replace=0),
+    # widths that are no multiple of the 8-float vectors: every tail loop runs
+    "odd": dict(hidden_size=60, q_lora_rank=28, kv_lora_rank=20, qk_nope_head_dim=10, qk_rope_head_dim=6,
+                v_head_dim=12, moe_intermediate_size=20, intermediate_size=44, num_attention_heads=3),
+}
+
+
+def model(**overrides):
+    return _tiny.random_model(**{"num_hidden_layers": 3, "moe_intermediate_size": 32, **overrides})
+
+
+def filled_caches(cfg, slots, dtype, seed=0):
+    """Two caches with the same random contents (as if earlier tokens had been written)."""
+    a, b = LatentCache(cfg, slots, 40, dtype), LatentCache(cfg, slots, 40, dtype)
+    g = torch.Generator().manual_seed(seed)
+    for x, y in zip(a.joint, b.joint):
+        r = torch.randn(x.shape, generator=g).to(dtype)
+        x.copy_(r)
+        y.copy_(r)
+    return a, b
+
+
+def both_steps(m, ref_model, pos, dtype=torch.float32, seed=0):
+    """(fused logits, PyTorch logits, fused cache, PyTorch cache) after one step at positions pos."""
+    B = len(pos)
+    ours, theirs = filled_caches(m.config, B, dtype, seed)
+    tokens = torch.randint(2, m.config.vocab_size, (B, 1), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        got = NativeDecoder(m)(tokens, pos, max(pos) + 1, ours)
+        want = DecodeStep(ref_model, native=False)(tokens, pos, max(pos) + 1, theirs, B)
+    return got, want, ours, theirs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_step_equals_pytorch_step(variant):
+    """Ragged positions (each slot attends to its own prefix) at batch 1, 2 and 7 (the 3 x 4 tiles and
+    their remainders): logits within 1e-4, and the same latents written to the cache."""
+    m = model(**VARIANTS[variant])
+    for pos in ([9], [4, 30], [5, 17, 11, 0, 23, 8, 38]):
+        got, want, ours, theirs = both_steps(m, m, pos)
+        assert got.shape == want.shape == (len(pos), m.config.vocab_size)
+        assert (got - want).abs().max().item() < 1e-4, pos
+        assert got.std() > 0.1  # not trivially small
+        for x, y in zip(ours.joint, theirs.joint):
+            assert (x - y).abs().max().item() < 1e-5
+
+
+def widened(q):
+    """A float32 model computing exactly with q's int8 weights (rows times their scales)."""
+    f = dsv2.DeepseekV2(q.config).eval()
+    state = {}
+    for name, t in q.state_dict().items():
+        if name.endswith(".qweight"):
+            state[name.replace(".qweight", ".weight")] = t.float() * q.state_dict()[name[:-7] + "scale"].float()[:, None]
+        elif name.endswith("_q"):
+            state[name[:-2]] = t.float() * q.state_dict()[name[:-1] + "s"].float()[..., None]
+        elif not name.endswith((".scale", "_s")):
+            state[name] = t
+    f.load_state_dict(state)
+    return f
+
+
+def test_fused_step_reads_int8_weights_exactly():
+    """With quantize_int8 the fused step reads the int8 rows and scales: its logits equal the float32
+    model built from the same rounded weights (the PyTorch int8 path also rounds activations)."""
+    m = model()
+    ref = dsv2.DeepseekV2(m.config).eval()
+    ref.load_state_dict(m.state_dict())
+    q = quantize_int8(m)
+    for pos in ([9], [5, 17, 11, 0, 23]):
+        got, want, _, _ = both_steps(q, widened(q), pos)
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_fused_step_in_bfloat16_is_at_least_as_accurate_as_pytorch():
+    """bfloat16 weights and cache, float32 activations: no further from the float32 computation with
+    the same rounded weights than PyTorch's bfloat16 step, which rounds every activation."""
+    m = model().bfloat16()
+    ref = dsv2.DeepseekV2(m.config).eval()
+    ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    pos = [5, 17, 11, 0, 23]
+    tokens = torch.randint(2, m.config.vocab_size, (5, 1), generator=torch.Generator().manual_seed(3))
+    caches = [filled_caches(m.config, 5, torch.bfloat16, seed=3)[0] for _ in range(2)]
+    exact = LatentCache(m.config, 5, 40, torch.float32)
+    for j, c in zip(exact.joint, caches[0].joint):
+        j.copy_(c.float())
+    with torch.inference_mode():
+        fused = NativeDecoder(m)(tokens, pos, 24, caches[0])
+        eager = DecodeStep(m, native=False)(tokens, pos, 24, caches[1], 5)
+        want = DecodeStep(ref, native=False)(tokens, pos, 24, exact, 5)
+    err_fused, err_eager = (fused - want).abs().max().item(), (eager.float() - want).abs().max().item()
+    assert err_fused < 0.05 * want.std().item()
+    assert err_fused <= err_eager + 1e-3, (err_fused, err_eager)
+
+
+def test_engine_generates_the_same_tokens_either_way():
+    """A ragged batch whose requests finish at different steps: identical greedy tokens with the fused
+    step and with PyTorch ops."""
+    m = model()
+    runs = []
+    for native in (True, False):
+        eng = Engine(m, max_batch_slots=4, max_len=64, native=native)
+        assert (eng._decode.native is not None) == native
+        for i, n in enumerate([3, 11, 26, 7]):
+            eng.add(Request(list(range(2, 2 + n)), SamplingParams(max_new_tokens=4 + 5 * i, ignore_eos=True)))
+        toks = {}
+        while eng.active:
+            for o in eng.step():
+                toks.setdefault(o.request_id, []).append(o.token_id)
+        runs.append(toks)
+    assert runs[0] == runs[1] and [len(t) for t in runs[0].values()] == [4, 9, 14, 19]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_changed_in_place_after_the_engine_was_built_are_used(dtype):
+    """As an optimizer step changes them: shared tensors and the copies the decoder keeps
+    (W^UK transposed from kv_b_proj; in bfloat16 the router and norms widened) alike."""
+    m = model().to(dtype)
+    dec = NativeDecoder(m)
+    tokens = torch.tensor([[5], [9]])
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1.0)
+        m.layers[1].mlp.gate.weight.copy_(torch.randn_like(m.layers[1].mlp.gate.weight))
+        m.layers[0].self_attn.kv_b_proj.weight.mul_(2.0)
+        m.layers[2].post_attention_layernorm.weight.add_(0.5)
+    ours, theirs = filled_caches(m.config, 2, dtype)
+    with torch.inference_mode():
+        got = dec(tokens, [3, 7], 8, ours)
+        want = DecodeStep(m.float(), native=False)(tokens, [3, 7], 8, filled_caches(m.config, 2, torch.float32)[1], 2)
+        if dtype == torch.float32:
+            assert (got - want).abs().max().item() < 1e-4
+        else:  # the same weights in bfloat16 against float32 arithmetic over them
+            assert (got - want).abs().max().item() < 0.05 * want.std().item()
+
+
+def test_bad_tokens_and_positions_are_refused():
+    m = model()
+    dec, cache = NativeDecoder(m), LatentCache(m.config, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        dec(torch.tensor([[3], [m.config.vocab_size]]), [1, 2], 3, cache)
+    with pytest.raises(ValueError, match="do not fit a cache"):
+        dec(torch.tensor([[3], [4]]), [1, 16], 17, cache)
+
+
+def test_without_a_compiler_decoding_falls_back_with_one_notice(tmp_path):
+    code = ("import torch, _tiny; from dsv2.engine import Engine, Request, SamplingParams\n"
+            "m = _tiny.random_model()\n"
+            "for _ in range(2):\n"
+            "    e = Engine(m, max_batch_slots=1, max_len=16)\n"
+            "    assert e._decode.native is None\n"
+            "    e.add(Request([2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True)))\n"
+            "    assert len([o for _ in range(3) for o in e.step()]) == 3\n"
+            "try:\n"
+            "    Engine(m, max_batch_slots=1, max_len=16, native=True)\n"
+            "except ValueError as err:\n"
+            "    print('ERR', err)\n")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), DSV2_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    notices = [line for line in r.stderr.splitlines() if "fused CPU decode step unavailable" in line]
+    assert len(notices) == 1 and "no-such-cc" in notices[0]
+    assert r.stdout.startswith("ERR the fused decode step is unavailable:")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_switched_off_by_environment_or_argument(monkeypatch):
+    m = model()
+    assert Engine(m, max_batch_slots=1, max_len=16, native=False)._decode.native is None
+    monkeypatch.setenv("DSV2_NATIVE", "0")
+    assert Engine(m, max_batch_slots=1, max_len=16)._decode.native is None
