@@ -14,6 +14,8 @@
  */
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -173,13 +175,48 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
 #define BLOCK 16   /* weight rows per work item */
 #define BUFW(m) (4 * (m)->max_cols + 64)   /* floats of scratch per thread */
 
-static void matmul(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
-                   float *bufs, int bufw, int threads) {
+/* ------------------------------------------------------------------ the team
+ * One OpenMP parallel region per step: every thread runs the whole step, each loop below is
+ * split across the team (SPLIT) and phases are separated by a spinning barrier. OpenMP's own
+ * region starts and barriers sleep under OMP_WAIT_POLICY=PASSIVE (~10-50 us each, ~150 a step);
+ * this barrier spins, then yields the core after a while so an oversubscribed machine still
+ * makes progress. */
+typedef struct { atomic_int count, gen; } Barrier;
+typedef struct { int id, n; Barrier *bar; float *buf; } Team;
+
+/* Each thread takes one contiguous share of [0, count): weight rows stream in order, as the
+ * hardware prefetcher likes. */
+#define SPLIT(i, count, team) \
+    for (int i = (int)((int64_t)(count) * (team)->id / (team)->n), i##_end = (int)((int64_t)(count) * ((team)->id + 1) / (team)->n); \
+         i < i##_end; i++)
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void sync_team(const Team *t) {
+    if (t->n == 1) return;
+    Barrier *b = t->bar;
+    int g = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == t->n - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == g; spins++) {
+        if (spins < 50000) cpu_relax();
+        else sched_yield();
+    }
+}
+
+/* y = x W^T for M rows of x, W's row blocks shared out across the team (no barrier). */
+static void matmul(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy, const Team *t) {
     int nb = (W->rows + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < nb; b++) {
+    SPLIT(b, nb, t) {
         int n0 = b * BLOCK, n1 = n0 + BLOCK < W->rows ? n0 + BLOCK : W->rows;
-        mm_rows(W, x, ldx, M, y, ldy, n0, n1, bufs + (int64_t)omp_get_thread_num() * bufw);
+        mm_rows(W, x, ldx, M, y, ldy, n0, n1, t->buf);
     }
 }
 
@@ -232,20 +269,11 @@ static Mat expert(const Mat *first, int e, int64_t step, int64_t sstep) {
     return m;
 }
 
-static const float *cache_row(const Model *m, const void *base, int64_t off, float *buf) {
-    int n = m->C + m->R;
-    if (m->cache_type == F32) return (const float *)base + off;
-    const uint16_t *p = (const uint16_t *)base + off;
-    int k = 0;
-    for (; k + 8 <= n; k += 8) st(buf + k, ld_bf16(p + k));
-    for (; k < n; k++) buf[k] = bf16_to_f32(p[k]);
-    return buf;
-}
-
 /* ------------------------------------------------------------------ work space */
 typedef struct {
     float *x, *h, *qa, *q, *kva, *qf, *sc, *olat, *o, *acc, *g, *u, *logit, *wk, *xg, *gu, *y, *bufs, *cs, *sn;
     int32_t *idx, *order, *slot, *cnt, *item;
+    int n_items[2];   /* expert work items of the two expert passes (set by thread 0) */
 } Work;
 
 static int64_t carve(const Model *m, int B, int S, int threads, float *base, Work *w) {
@@ -275,19 +303,23 @@ int64_t dsv2_work_floats(const Model *m, int B, int S, int threads) {
 
 /* ------------------------------------------------------------------ one layer */
 static void attention(const Model *m, const Layer *L, int B, const int64_t *pos, int S,
-                      void *cache, int64_t slot_stride, Work *w, int threads) {
+                      void *cache, int64_t slot_stride, Work *w, const Team *t) {
     const int D = m->D, H = m->H, N = m->N, R = m->R, V = m->V, C = m->C, CR = C + R, QK = N + R;
-    const int bw = BUFW(m);
-    for (int b = 0; b < B; b++) rmsnorm(w->h + b * D, w->x + b * D, L->in_norm, D, m->eps);
+    static const int size[] = {4, 2, 1};
+    SPLIT(b, B, t) rmsnorm(w->h + b * D, w->x + b * D, L->in_norm, D, m->eps);
+    sync_team(t);
     if (L->q_a.w) {
-        matmul(&L->q_a, w->h, D, B, w->qa, m->QR, w->bufs, bw, threads);
-        for (int b = 0; b < B; b++) rmsnorm(w->qa + b * m->QR, w->qa + b * m->QR, L->q_a_norm, m->QR, m->eps);
-        matmul(&L->q_b, w->qa, m->QR, B, w->q, H * QK, w->bufs, bw, threads);
+        matmul(&L->q_a, w->h, D, B, w->qa, m->QR, t);
+        sync_team(t);
+        SPLIT(b, B, t) rmsnorm(w->qa + b * m->QR, w->qa + b * m->QR, L->q_a_norm, m->QR, m->eps);
+        sync_team(t);
+        matmul(&L->q_b, w->qa, m->QR, B, w->q, H * QK, t);
     } else {
-        matmul(&L->q_b, w->h, D, B, w->q, H * QK, w->bufs, bw, threads);
+        matmul(&L->q_b, w->h, D, B, w->q, H * QK, t);
     }
-    matmul(&L->kv_a, w->h, D, B, w->kva, CR, w->bufs, bw, threads);
-    for (int b = 0; b < B; b++) {   /* the cache gets c^KV (normed) and k^R (rotated) */
+    matmul(&L->kv_a, w->h, D, B, w->kva, CR, t);
+    sync_team(t);
+    SPLIT(b, B, t) {   /* the cache gets c^KV (normed) and k^R (rotated) */
         float *r = w->kva + b * CR;
         rmsnorm(r, r, L->kv_a_norm, C, m->eps);
         rope(r + C, w->cs + b * (R / 2), w->sn + b * (R / 2), R);
@@ -298,47 +330,44 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
     /* The absorbed query per (token, head): [q^C W^UK ; rotated q^R]. W^UK^T [H * C, N] is kept
      * transposed so that each head's product is a matmul of the B tokens' q^C against its rows. */
     const int QB = (C + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int it = 0; it < H * QB; it++) {
+    SPLIT(it, H * QB, t) {
         int hd = it / QB, n0 = (it % QB) * BLOCK, n1 = n0 + BLOCK < C ? n0 + BLOCK : C;
         Mat wt = rows_of(&L->w_ukt, (int64_t)hd * C, C);
         mm_rows(&wt, w->q + (int64_t)hd * QK, (int64_t)H * QK, B, w->qf + (int64_t)hd * CR, (int64_t)H * CR,
-                n0, n1, w->bufs + (int64_t)omp_get_thread_num() * bw);
+                n0, n1, t->buf);
     }
-    for (int bh = 0; bh < B * H; bh++) {
-        int b = bh / H;
+    SPLIT(bh, B * H, t) {
         float *qr = w->qf + (int64_t)bh * CR + C;
         memcpy(qr, w->q + (int64_t)bh * QK + N, R * sizeof(float));
-        rope(qr, w->cs + b * (R / 2), w->sn + b * (R / 2), R);
+        rope(qr, w->cs + (bh / H) * (R / 2), w->sn + (bh / H) * (R / 2), R);
     }
+    sync_team(t);
     /* Scores: the heads' queries against the cached [c^KV ; k^R] rows of their slot, as a matmul.
      * Row b attends to positions [0, min(pos_b + 1, S)). */
     const int nsb = (S + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int it = 0; it < B * nsb; it++) {
+    SPLIT(it, B * nsb, t) {
         int b = it / nsb, s0 = (it % nsb) * BLOCK, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
         if (s0 >= len) continue;
-        static const int size[] = {4, 2, 1};
         Mat rows = {(const char *)cache + b * slot_stride * size[m->cache_type], 0, CR, m->cache_type, len, CR};
         mm_rows(&rows, w->qf + (int64_t)b * H * CR, CR, H, w->sc + (int64_t)b * H * S, S, s0,
-                s0 + BLOCK < len ? s0 + BLOCK : len, w->bufs + (int64_t)omp_get_thread_num() * bw);
+                s0 + BLOCK < len ? s0 + BLOCK : len, t->buf);
     }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int bh = 0; bh < B * H; bh++) {
+    sync_team(t);
+    SPLIT(bh, B * H, t) {
         int b = bh / H, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
         float *p = w->sc + (int64_t)bh * S, mx = -INFINITY, sum = 0;
         for (int s = 0; s < len; s++) mx = (p[s] *= m->scale) > mx ? p[s] : mx;
         for (int s = 0; s < len; s++) sum += (p[s] = expf(p[s] - mx));
         for (int s = 0; s < len; s++) p[s] /= sum;
     }
+    sync_team(t);
     /* o_lat = sum_s p_s c^KV_s, by blocks of 16 columns x 4 heads held in registers. */
     const int ncb = (C + 15) / 16;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int it = 0; it < B * ncb; it++) {
+    SPLIT(it, B * ncb, t) {
         int b = it / ncb, c0 = (it % ncb) * 16, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
-        float *buf = w->bufs + (int64_t)omp_get_thread_num() * bw;
         if (c0 + 16 > C || m->cache_type != F32) {   /* ragged edge or bfloat16 cache: plain loops */
             int c1 = c0 + 16 < C ? c0 + 16 : C;
+            float *buf = t->buf;
             for (int hd = 0; hd < H; hd++) memset(w->olat + ((int64_t)b * H + hd) * C + c0, 0, (c1 - c0) * sizeof(float));
             for (int s = 0; s < len; s++) {
                 const uint16_t *hp = (const uint16_t *)cache + b * slot_stride + (int64_t)s * CR + c0;
@@ -368,35 +397,47 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
             }
         }
     }
+    sync_team(t);
     /* W^UV after the weighted sum (per head, the B tokens' o_lat against its V rows), then W^O. */
     const int VB = (V + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int it = 0; it < H * VB; it++) {
+    SPLIT(it, H * VB, t) {
         int hd = it / VB, n0 = (it % VB) * BLOCK, n1 = n0 + BLOCK < V ? n0 + BLOCK : V;
         Mat uv = rows_of(&L->kv_b, (int64_t)hd * (N + V) + N, V);
         mm_rows(&uv, w->olat + (int64_t)hd * C, (int64_t)H * C, B, w->o + (int64_t)hd * V, (int64_t)H * V,
-                n0, n1, w->bufs + (int64_t)omp_get_thread_num() * bw);
+                n0, n1, t->buf);
     }
-    matmul(&L->o, w->o, H * V, B, w->acc, D, w->bufs, bw, threads);
-    for (int i = 0; i < B * D; i++) w->x[i] += w->acc[i];
+    sync_team(t);
+    matmul(&L->o, w->o, H * V, B, w->acc, D, t);
+    sync_team(t);
+    SPLIT(b, B, t) {   /* residual, then the FFN's norm */
+        for (int d = 0; d < D; d++) w->x[b * D + d] += w->acc[b * D + d];
+        rmsnorm(w->h + b * D, w->x + b * D, L->post_norm, D, m->eps);
+    }
+    sync_team(t);
 }
 
-static void swiglu(const Model *m, const Mat *gate, const Mat *up, const Mat *down, int B, Work *w, int threads) {
-    const int I = gate->rows, bw = BUFW(m);
-    matmul(gate, w->h, m->D, B, w->g, I, w->bufs, bw, threads);
-    matmul(up, w->h, m->D, B, w->u, I, w->bufs, bw, threads);
-    for (int64_t i = 0; i < (int64_t)B * I; i++) w->g[i] = silu(w->g[i]) * w->u[i];
-    matmul(down, w->g, I, B, w->acc, m->D, w->bufs, bw, threads);
-    for (int i = 0; i < B * m->D; i++) w->x[i] += w->acc[i];
+static void swiglu(const Model *m, const Mat *gate, const Mat *up, const Mat *down, int B, Work *w, const Team *t) {
+    const int I = gate->rows, D = m->D;
+    matmul(gate, w->h, D, B, w->g, I, t);
+    matmul(up, w->h, D, B, w->u, I, t);
+    sync_team(t);
+    SPLIT(b, B, t)
+        for (int i = b * I; i < (b + 1) * I; i++) w->g[i] = silu(w->g[i]) * w->u[i];
+    sync_team(t);
+    matmul(down, w->g, I, B, w->acc, D, t);
+    sync_team(t);
+    SPLIT(b, B, t)
+        for (int d = 0; d < D; d++) w->x[b * D + d] += w->acc[b * D + d];
+    sync_team(t);
 }
 
-static void moe(const Model *m, const Layer *L, int B, Work *w, int threads) {
-    const int D = m->D, E = m->E, K = m->K, I = m->I_moe, bw = BUFW(m);
+static void moe(const Model *m, const Layer *L, int B, Work *w, const Team *t) {
+    const int D = m->D, E = m->E, K = m->K, I = m->I_moe, copies = B * K;
     /* The gate: softmax affinities in float32, (group-limited) top-K. */
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int be = 0; be < B * E; be++)
+    SPLIT(be, B * E, t)
         w->logit[be] = dot_f32(w->h + (be / E) * D, L->router + (int64_t)(be % E) * D, D);
-    for (int b = 0; b < B; b++) {
+    sync_team(t);
+    SPLIT(b, B, t) {
         float *s = w->logit + b * E, mx = -INFINITY, sum = 0;
         for (int e = 0; e < E; e++) mx = s[e] > mx ? s[e] : mx;
         for (int e = 0; e < E; e++) sum += (s[e] = expf(s[e] - mx));
@@ -424,81 +465,104 @@ static void moe(const Model *m, const Layer *L, int B, Work *w, int threads) {
         for (int k = 0; k < K; k++)
             w->wk[b * K + k] = (K > 1 && m->norm_topk) ? w->wk[b * K + k] / (tot + 1e-20f) : w->wk[b * K + k] * m->routed_scaling;
     }
-    /* Token copies sorted by expert (counting sort), so each chosen expert's weights are read once. */
-    int copies = B * K, *cnt = w->cnt;
-    memset(cnt, 0, (E + 1) * sizeof(int));
-    for (int c = 0; c < copies; c++) cnt[w->idx[c] + 1]++;
-    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];           /* cnt[e]: first row of expert e */
-    int fill[E];
-    memcpy(fill, cnt, E * sizeof(int));
-    for (int c = 0; c < copies; c++) {
-        int r = fill[w->idx[c]]++;
-        w->order[r] = c;
-        w->slot[c] = r;
-        memcpy(w->xg + (int64_t)r * D, w->h + (int64_t)(c / K) * D, D * sizeof(float));
+    sync_team(t);
+    /* Token copies sorted by expert (counting sort), so each chosen expert's weights are read once;
+     * then the work items (expert, block of weight rows) of the two passes. */
+    int *cnt = w->cnt;
+    if (t->id == 0) {
+        memset(cnt, 0, (E + 1) * sizeof(int));
+        for (int c = 0; c < copies; c++) cnt[w->idx[c] + 1]++;
+        for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];           /* cnt[e]: first row of expert e */
+        int fill[E];
+        memcpy(fill, cnt, E * sizeof(int));
+        for (int c = 0; c < copies; c++) {
+            int r = fill[w->idx[c]]++;
+            w->order[r] = c;
+            w->slot[c] = r;
+        }
+        int n = 0;
+        for (int pass = 0; pass < 2; pass++) {
+            int nb = ((pass ? D : 2 * I) + BLOCK - 1) / BLOCK;
+            w->n_items[pass] = 0;
+            for (int e = 0; e < E; e++)
+                if (cnt[e + 1] > cnt[e])
+                    for (int blk = 0; blk < nb; blk++) { w->item[2 * n] = e; w->item[2 * n + 1] = blk; n++; w->n_items[pass]++; }
+        }
     }
+    sync_team(t);
+    SPLIT(c, copies, t) memcpy(w->xg + (int64_t)w->slot[c] * D, w->h + (int64_t)(c / K) * D, D * sizeof(float));
+    sync_team(t);
     for (int pass = 0; pass < 2; pass++) {   /* 0: gate_up [2I, D]; 1: down [D, I] */
-        int rows = pass ? D : 2 * I, nb = (rows + BLOCK - 1) / BLOCK, n_items = 0;
-        for (int e = 0; e < E; e++)
-            if (cnt[e + 1] > cnt[e])
-                for (int blk = 0; blk < nb; blk++) { w->item[2 * n_items] = e; w->item[2 * n_items + 1] = blk; n_items++; }
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int it = 0; it < n_items; it++) {
-            int e = w->item[2 * it], n0 = w->item[2 * it + 1] * BLOCK, n1 = n0 + BLOCK < rows ? n0 + BLOCK : rows;
-            int r0 = cnt[e], M = cnt[e + 1] - cnt[e];
-            float *buf = w->bufs + (int64_t)omp_get_thread_num() * bw;
+        int rows = pass ? D : 2 * I, first = pass ? w->n_items[0] : 0;
+        SPLIT(it, w->n_items[pass], t) {
+            int e = w->item[2 * (first + it)], n0 = w->item[2 * (first + it) + 1] * BLOCK;
+            int n1 = n0 + BLOCK < rows ? n0 + BLOCK : rows, r0 = cnt[e], M = cnt[e + 1] - cnt[e];
             if (pass == 0) {
                 Mat W = expert(&L->gu, e, L->gu_step, L->gu_sstep);
-                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, buf);
+                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, t->buf);
             } else {
                 Mat W = expert(&L->dn, e, L->dn_step, L->dn_sstep);
-                mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, buf);
+                mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, t->buf);
             }
         }
-        if (pass == 0)   /* silu(gate) * up, written over the gate half */
-            for (int r = 0; r < copies; r++) {
+        sync_team(t);
+        if (pass == 0) {   /* silu(gate) * up, written over the gate half */
+            SPLIT(r, copies, t) {
                 float *gu = w->gu + (int64_t)r * 2 * I;
                 for (int i = 0; i < I; i++) gu[i] = silu(gu[i]) * gu[I + i];
             }
+            sync_team(t);
+        }
     }
-    for (int b = 0; b < B; b++)
+    SPLIT(b, B, t)
         for (int k = 0; k < K; k++) {
             float wt = w->wk[b * K + k], *y = w->y + (int64_t)w->slot[b * K + k] * D, *x = w->x + (int64_t)b * D;
             for (int d = 0; d < D; d++) x[d] += wt * y[d];
         }
+    sync_team(t);
+}
+
+static void step(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S, void *const *cache,
+                 int64_t slot_stride, float *logits, Work *w, const Team *t) {
+    const int D = m->D, R2 = m->R / 2;
+    SPLIT(b, B, t) {
+        for (int i = 0; i < R2; i++) {
+            float a = (float)pos[b] * m->inv_freq[i];
+            w->cs[b * R2 + i] = cosf(a) * m->rope_amp;
+            w->sn[b * R2 + i] = sinf(a) * m->rope_amp;
+        }
+        memcpy(w->x + (int64_t)b * D, row_f32(&m->embed, tokens[b], t->buf), D * sizeof(float));
+    }
+    sync_team(t);
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = m->layers + l;
+        attention(m, L, B, pos, S, cache[l], slot_stride, w, t);
+        if (L->gate.w) swiglu(m, &L->gate, &L->up, &L->down, B, w, t);   /* dense, or the shared experts */
+        if (L->moe) moe(m, L, B, w, t);
+    }
+    SPLIT(b, B, t) rmsnorm(w->h + b * D, w->x + b * D, m->final_norm, D, m->eps);
+    sync_team(t);
+    matmul(&m->head, w->h, D, B, logits, m->vocab, t);
 }
 
 /* One decode step. tokens/pos: [B] (token b goes to cache slot b at position pos[b] and attends
  * to positions [0, min(pos[b] + 1, S))). cache[l]: layer l's [slots, max_len, C + R] buffer,
- * slot_stride elements between slots. logits: [B, vocab]. work: dsv2_work_floats(m, B, S, threads). */
+ * slot_stride elements between slots. logits: [B, vocab]. work: dsv2_work_floats(m, B, S, threads).
+ * Returns 1 (and does nothing) if a token id is outside the vocabulary. */
 int dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
                 void *const *cache, int64_t slot_stride, float *logits, float *work, int threads) {
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 1;
     Work w;
     carve(m, B, S, threads, work, &w);
-    const int D = m->D, R2 = m->R / 2, bw = BUFW(m);
-    for (int b = 0; b < B; b++) {
-        for (int i = 0; i < R2; i++) {
-            float a = (float)pos[b] * m->inv_freq[i];
-            w.cs[b * R2 + i] = cosf(a) * m->rope_amp;
-            w.sn[b * R2 + i] = sinf(a) * m->rope_amp;
-        }
-        const float *e = row_f32(&m->embed, tokens[b], w.bufs);
-        memcpy(w.x + (int64_t)b * D, e, D * sizeof(float));
+    Barrier bar;
+    atomic_init(&bar.count, 0);
+    atomic_init(&bar.gen, 0);
+    #pragma omp parallel num_threads(threads)
+    {
+        Team t = {omp_get_thread_num(), omp_get_num_threads(), &bar, 0};
+        t.buf = w.bufs + (int64_t)t.id * BUFW(m);
+        step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
     }
-    for (int l = 0; l < m->n_layers; l++) {
-        const Layer *L = m->layers + l;
-        attention(m, L, B, pos, S, cache[l], slot_stride, &w, threads);
-        for (int b = 0; b < B; b++) rmsnorm(w.h + b * D, w.x + b * D, L->post_norm, D, m->eps);
-        if (L->moe) {
-            if (L->gate.w) swiglu(m, &L->gate, &L->up, &L->down, B, &w, threads);
-            moe(m, L, B, &w, threads);
-        } else {
-            swiglu(m, &L->gate, &L->up, &L->down, B, &w, threads);
-        }
-    }
-    for (int b = 0; b < B; b++) rmsnorm(w.h + b * D, w.x + b * D, m->final_norm, D, m->eps);
-    matmul(&m->head, w.h, D, B, logits, m->vocab, w.bufs, bw, threads);
     return 0;
 }
