@@ -24,24 +24,22 @@ PASSIVE keeps other jobs on the same cores from stalling them. Measured per engi
   is expected to touch under uniform routing, E(1 - (1 - K/E)^B)) over the measured copy
   bandwidth, times B.
 
-Measured on the project's machine (2 vCPUs of an AMD EPYC, AVX2 only; fp32, 2 threads, load
-0.8-2.3): prefill 1,256 vs 1,165 tokens/s (1.08x), decode batch 1 49.2 vs 35.6 (1.38x; 1.49x
-on whole-run averages), batch 16 290.5 vs 105.6 (2.75x; 3.09x). The issue's targets (6x, 5x,
-3x, set on a Sapphire Rapids machine) are not met here, because:
-- prefill: both run the same GEMMs through the same MKL sgemm at 110-135 GFLOP/s (this CPU's
-  rate), ~60% of the time; dsv2 saves the unfused attention (flash SDPA) and the prompt's
-  logits. 3x needs a faster GEMM than fp32 on two AVX2 cores has: vLLM's 2.9x came from AMX
-  bf16, and without bf16 arithmetic bf16 is slower than fp32 for both engines.
-- decode batch 1 streams 122 MB of fp32 weights per step; small matrices read cold run at
-  5-10 GB/s against 25 GB/s for one large copy (24% of that roofline for dsv2), and the
-  ~800 small ops of a step cost ~5 ms. transformers' extra work at a 128-256 context
-  (re-expanding the latent) is small beside that, so the ratio stays near 1.5x. What would
-  close it: fewer, larger kernels (a compiled or C++ decode step), and fewer bytes per
-  weight (int8 weights measured 1.6-4.3x faster per matrix-vector product here).
-- decode batch 16 is small-M GEMMs: MKL reaches 25-60 GFLOP/s at 16 rows here, and the
-  routed experts' two padded bmm per layer (every expert's weights, ~40% of the step) read at
-  8-10 GB/s. dsv2 avoids transformers' per-step re-expansion of 16 caches and its Python
-  loop over experts.
+Decode runs through the fused C step (engine/native) unless --no-native; the row says which.
+
+Measured on the project's machine (2 vCPUs of an AMD EPYC, AVX2 only; 2 threads, load 1.2-1.9,
+`--repeat 2`, best window): transformers float32 prefill 1,306, decode batch 1 26.3, batch 16
+103.6 tokens/s; dsv2 float32 1,404 / 169.4 / 502.8 (1.08x / 6.43x / 4.85x), dsv2 int8
+1,607 / 425.8 / 733.8 (1.23x / 16.2x / 7.09x), dsv2 bfloat16 302 / 232.0 / 496.0. The issue's
+decode targets (6x at batch 1, 5x at batch 16, in the best dtype) are met with int8 weights,
+and nearly with float32; the prefill target (3x) is not:
+- prefill: both engines run the same GEMMs through the same MKL sgemm at 110-135 GFLOP/s (this
+  CPU's fp32 rate), ~60% of the time; dsv2 saves the unfused attention (flash SDPA) and the
+  prompt's logits. 3x needs a faster GEMM than fp32 on two AVX2 cores has: vLLM's 2.9x came
+  from AMX bf16, and without bf16 arithmetic bf16 is slower than fp32 for both engines.
+- decode batch 1 is bound by the bytes of weights read: the fused float32 step reaches ~90%
+  of the copy-bandwidth roofline; int8 rows read a quarter of those bytes.
+- decode batch 16 is small-M matmuls (3 x 4 register tiles in the fused step): the whole step
+  runs at 31 (float32) to 45 (int8) GFLOP/s, at 61 MFLOP per token.
 """
 
 from __future__ import annotations
@@ -77,6 +75,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds; best figure per engine (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile dsv2's decode step")
+    p.add_argument("--no-native", action="store_true",
+                   help="decode with PyTorch ops instead of the fused C step (engine/native)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
 
@@ -117,7 +117,9 @@ def _child_dsv2(path, dtype, a) -> dict:
     from .engine import Engine, Request
     from .llm import LLM
     from .sampling import SamplingParams
-    llm = LLM(path, dtype=dtype, compile=a["compile"], quantize="int8" if a["dtype"] == "int8" else None)
+    native = False if a.get("no_native") else None
+    llm = LLM(path, dtype=dtype, compile=a["compile"], quantize="int8" if a["dtype"] == "int8" else None,
+              native=native)
     cfg = llm.model.config
     res = {}
     eng = Engine(llm.model, max_batch_slots=1, max_len=a["prefill_len"] + 8, compile=False)
@@ -133,7 +135,7 @@ def _child_dsv2(path, dtype, a) -> dict:
     res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
     for B in a["batches"]:
         eng = Engine(llm.model, max_batch_slots=B, max_len=a["prompt_len"] + a["new_tokens"] + 1,
-                     compile=a["compile"])
+                     compile=a["compile"], native=native)
         params = SamplingParams(max_new_tokens=a["new_tokens"], ignore_eos=True)
         for r in _prompts(B, a["prompt_len"], cfg.vocab_size, 1).tolist():
             eng.add(Request(r, params))
@@ -141,6 +143,7 @@ def _child_dsv2(path, dtype, a) -> dict:
         rates = _decode_rates(eng.step, a["new_tokens"] - 1, B)
         res[f"decode_b{B}_tok_s"], res[f"decode_b{B}_avg_tok_s"], res[f"decode_b{B}_tok_cpu_s"] = rates
         res["compiled"] = eng._decode.compiled
+        res["fused"] = eng._decode.native is not None
     res["kv_bytes_per_token"] = eng.cache.bytes_per_token()
     return res
 
@@ -285,7 +288,7 @@ def run(args) -> int:
                 for engine in ["dsv2"] + ([] if args.no_peer or dtype == "int8" else ["transformers"]):
                     spec = dict(engine=engine, dtype=dtype, path=tmp, threads=args.threads, batches=batches,
                                 prefill_len=args.prefill_len, prompt_len=args.prompt_len,
-                                new_tokens=args.new_tokens, compile=args.compile)
+                                new_tokens=args.new_tokens, compile=args.compile, no_native=args.no_native)
                     res = _run_child(spec)
                     res.update(engine=engine, dtype=dtype, load=os.getloadavg()[0])
                     prev = rows.get((engine, dtype))
@@ -325,6 +328,8 @@ def _print_row(r: dict, batches, model, bw: float, header: bool) -> None:
     cells += [f"{r['kv_bytes_per_token']:>8,}", f"{r['peak_rss_mb']:>7,.0f}", f"{r['load']:.1f}"]
     if r.get("compiled"):
         cells.append("(compiled decode)")
+    elif r["engine"] == "dsv2":
+        cells.append("(fused C decode)" if r.get("fused") else "(PyTorch-op decode)")
     print(" | ".join(cells), flush=True)
 
 

@@ -29,7 +29,8 @@ class ChatSession:
         self.system = system
         ctx = llm.model.config.max_position_embeddings
         self.engine = Engine(llm.model, llm.tokenizer, max_batch_slots=1,
-                             max_len=min(ctx, max_len or ctx, 4096), compile=llm.compile)
+                             max_len=min(ctx, max_len or ctx, 4096), compile=llm.compile,
+                             native=llm.native)
         self.messages: list[dict] = []
         self.ids: list[int] = []       # the conversation as the model saw it, through the last reply
         self.last_prefill_tokens = 0   # tokens the last turn actually prefilled (after reuse)

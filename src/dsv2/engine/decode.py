@@ -4,7 +4,7 @@ Kept apart from the engine's bookkeeping: its inputs are a [B, 1] token tensor, 
 positions and the attended length, and it returns [B, V] logits.
 
 On CPU the step runs by default as one call into the fused C decode step (engine/native),
-the same math with float32 activations, 3-6x faster than the eager step on the project's
+the same math with float32 activations, 2-5x faster than the eager step on the project's
 machine; `native=False` (or DSV2_NATIVE=0) keeps PyTorch ops, and where it cannot be built
 (no C compiler) or does not apply (GPU, biases) PyTorch ops are used with a one-line notice
 only for a missing compiler.

@@ -37,7 +37,8 @@ class Completion:
 
 class LLM:
     def __init__(self, path_or_model, tokenizer=None, dtype=None, max_batch_slots: int = 16,
-                 max_len: int | None = None, compile: bool | None = None, quantize: str | None = None):
+                 max_len: int | None = None, compile: bool | None = None, quantize: str | None = None,
+                 native: bool | None = None):
         from ..model import DeepseekV2
         from ..tokenizer import Tokenizer, load_tokenizer
         if isinstance(dtype, str):
@@ -70,7 +71,7 @@ class LLM:
         elif tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             raise ValueError("tokenizer must be a dsv2.Tokenizer or a directory holding tokenizer.json.")
         self.tokenizer = tokenizer
-        self.max_batch_slots, self.max_len, self.compile = max_batch_slots, max_len, compile
+        self.max_batch_slots, self.max_len, self.compile, self.native = max_batch_slots, max_len, compile, native
         self.context = model.config.max_position_embeddings if max_len is None else max_len
         self.last_engine: Engine | None = None
 
@@ -91,7 +92,8 @@ class LLM:
     def engine(self, slots: int, longest: int) -> Engine:
         """A fresh engine whose cache fits `slots` sequences of `longest` positions."""
         max_len = min(self.context, longest)
-        eng = Engine(self.model, self.tokenizer, max_batch_slots=slots, max_len=max_len, compile=self.compile)
+        eng = Engine(self.model, self.tokenizer, max_batch_slots=slots, max_len=max_len, compile=self.compile,
+                     native=self.native)
         self.last_engine = eng
         return eng
 

@@ -3,7 +3,8 @@
     W ~ diag(s) Q,   Q = round(W / s) in [-127, 127],   s_n = max_k |W_nk| / 127   (per output row)
 
 Decoding a few tokens reads every weight once per step, so its speed is the bytes it reads:
-int8 rows are a quarter of float32's. On CPU, torch's `_weight_int8pack_mm` multiplies
+int8 rows are a quarter of float32's. The fused decode step (engine/native) reads the int8
+rows and their scales directly. On the PyTorch-op path, torch's `_weight_int8pack_mm` multiplies
 bfloat16 activations by int8 rows and their scales without widening the weights first; on
 the project's AVX2 machine a cold matrix-vector product ran 1.6-4.3x faster than float32
 (the 8192-row head the most). Activations are rounded to bfloat16 for that product only and

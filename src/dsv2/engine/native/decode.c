@@ -2,8 +2,9 @@
  *
  * Decoding a few tokens on a CPU is bound by per-op overhead and by the bytes of weights
  * read, not by arithmetic: the eager PyTorch step issues ~3,500 aten calls. Here a step is
- * one C call with ~15 OpenMP loops per layer, weights are read once per step straight from
- * the model's own tensors (float32, bfloat16, or int8 rows with one float scale each), and
+ * one C call and one OpenMP parallel region (~20 phases a layer, split across the threads
+ * and separated by a spinning barrier), weights are read once per step straight from the
+ * model's own tensors (float32, bfloat16, or int8 rows with one float scale each), and
  * activations stay float32 throughout. The math is the absorbed MLA path of
  * model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds the two
  * equal. Built by engine/native/__init__.py with the system C compiler (-O3 -march=native
@@ -289,7 +290,7 @@ static int64_t carve(const Model *m, int B, int S, int threads, float *base, Wor
     TAKE(logit, B * E); TAKE(wk, copies); TAKE(xg, copies * m->D); TAKE(gu, copies * 2 * m->I_moe);
     TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * BUFW(m));
     TAKE(cs, B * m->R / 2 + 1); TAKE(sn, B * m->R / 2 + 1);
-    TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 2 * E * blocks);
+    TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 4 * E * blocks);   /* (expert, block) pairs of both passes */
 #undef TAKE
 #undef TAKEI
     return at;
