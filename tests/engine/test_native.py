@@ -132,6 +132,27 @@ def test_fused_step_in_bfloat16_is_at_least_as_accurate_as_pytorch():
 
 
 @needs_cc
+def test_bfloat16_rows_wider_than_every_activation_fit_the_scratch():
+    """bfloat16 rows are widened four at a time into per-thread scratch sized by the widest matrix:
+    W^UK^T rows (the nope width) wider than everything else must count too."""
+    kw = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=1, qk_nope_head_dim=128, qk_rope_head_dim=8,
+              v_head_dim=8, kv_lora_rank=16, q_lora_rank=None, intermediate_size=32, moe_intermediate_size=16)
+    m = model(**kw).bfloat16()
+    ref = model(**kw)
+    ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    pos = [3, 5, 7, 9]
+    tokens = torch.randint(2, m.config.vocab_size, (4, 1), generator=torch.Generator().manual_seed(5))
+    ours, _ = filled_caches(m.config, 4, torch.bfloat16, seed=5)
+    exact = LatentCache(m.config, 4, 40, torch.float32)
+    for j, c in zip(exact.joint, ours.joint):
+        j.copy_(c.float())
+    with torch.inference_mode():
+        got = NativeDecoder(m)(tokens, pos, 10, ours)
+        want = DecodeStep(ref, native=False)(tokens, pos, 10, exact, 4)
+    assert (got - want).abs().max().item() < 0.05 * want.std().item()
+
+
+@needs_cc
 def test_engine_generates_the_same_tokens_either_way():
     """A ragged batch whose requests finish at different steps: identical greedy tokens with the fused
     step and with PyTorch ops."""
@@ -174,13 +195,22 @@ def test_weights_changed_in_place_after_the_engine_was_built_are_used(dtype):
 
 
 @needs_cc
-def test_bad_tokens_and_positions_are_refused():
+def test_bad_tokens_positions_and_caches_are_refused():
     m = model()
     dec, cache = NativeDecoder(m), LatentCache(m.config, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="token ids must be in"):
         dec(torch.tensor([[3], [m.config.vocab_size]]), [1, 2], 3, cache)
     with pytest.raises(ValueError, match="do not fit a cache"):
         dec(torch.tensor([[3], [4]]), [1, 16], 17, cache)
+    with pytest.raises(ValueError, match="one token per decoding slot"):
+        dec(torch.tensor([[3]]), [1, 2], 3, cache)
+    other = _tiny.random_model(num_hidden_layers=1).config   # a cache made for another model
+    with pytest.raises(ValueError, match="does not fit the model"):
+        dec(torch.tensor([[3], [4]]), [1, 2], 3, LatentCache(other, 2, 16, torch.float32))
+    with torch.inference_mode():   # int32 ids are read as what they are
+        a = dec(torch.tensor([[3], [4]], dtype=torch.int32), [1, 2], 3, cache)
+        b = dec(torch.tensor([[3], [4]]), [1, 2], 3, cache)
+    assert torch.equal(a, b)
 
 
 def test_without_a_compiler_decoding_falls_back_with_one_notice(tmp_path):
@@ -203,6 +233,12 @@ def test_without_a_compiler_decoding_falls_back_with_one_notice(tmp_path):
     assert len(notices) == 1 and "no-such-cc" in notices[0]
     assert r.stdout.startswith("ERR the fused decode step is unavailable:")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.so"))
+    # A cache folder that cannot be made: the same notice, the same fallback.
+    env = dict(env, DSV2_CACHE_DIR="/dev/null/dsv2")
+    env.pop("CC")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [line for line in r.stderr.splitlines() if "fused CPU decode step unavailable" in line]
 
 
 def test_switched_off_by_environment_or_argument(monkeypatch):

@@ -97,6 +97,13 @@ def library():
 
 
 def _build():
+    try:
+        return _compile_and_load()
+    except (OSError, subprocess.SubprocessError) as e:   # unwritable cache, a hung compiler, a bad .so
+        raise Unsupported(f"the fused decode step could not be built or loaded ({type(e).__name__}: {e})") from e
+
+
+def _compile_and_load():
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise Unsupported("no C compiler found (install gcc, or set CC)")
@@ -115,8 +122,9 @@ def _build():
             r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(part), "-lm"],
                                capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
-                raise Unsupported(f"{cc} could not build the fused decode step: "
-                                  f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+                lines = (r.stderr or r.stdout).strip().splitlines()
+                first = next((line for line in lines if "error" in line), lines[0] if lines else "no output")
+                raise Unsupported(f"{cc} could not build the fused decode step: {first.strip()}")
             os.replace(part, out)   # atomic: a concurrent build sees the old file or the new one
     lib = C.CDLL(str(out))
     lib.dsv2_work_floats.restype = C.c_int64
@@ -161,7 +169,8 @@ class NativeDecoder:
     """The model's weights described to decode.c: pointers into its own tensors, so in-place updates
     (an optimizer step) are seen. The few copies (W^UK transposed; in bfloat16 models the norms
     and the router widened to float32; int8 scales) are retaken when their source changes in
-    place. A parameter replaced by a new tensor is not seen: build a new Engine after that."""
+    place (its version counter moves). Not seen: a parameter replaced by a new tensor, or changed
+    through `.data` (which bypasses the version counter): build a new Engine after those."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -194,7 +203,7 @@ class NativeDecoder:
             raise Unsupported(f"the fused decode step takes float32 or bfloat16 models, not {self.dtype}")
         m.cache_type = _TYPES[self.dtype]
         self._layers = (Layer * cfg.num_hidden_layers)()
-        widths, hidden = [cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim], [1]
+        widths, hidden = [cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, m.head.cols, m.embed.cols], [1]
         for L, block in zip(self._layers, model.layers):
             a = block.self_attn
             L.in_norm, L.post_norm = self._f32(block.input_layernorm.weight), self._f32(block.post_attention_layernorm.weight)
@@ -217,7 +226,9 @@ class NativeDecoder:
                 hidden.append(L.gate.rows)
             if hasattr(mlp, "gate"):
                 self._experts(L, mlp)
-            widths += [L.q_b.cols, L.kv_b.cols, L.o.cols, L.down.cols, L.dn.cols]
+            # Per-thread scratch holds 4 widened rows of the widest matrix the step reads.
+            widths += [getattr(L, f).cols for f in ("q_a", "q_b", "kv_a", "kv_b", "o", "w_ukt", "gate", "up",
+                                                    "down", "gu", "dn")]
         m.max_cols, m.I_max = max(widths), max(hidden + [m.I_moe])
         m.layers = C.addressof(self._layers)
         self._work = torch.empty(0)
@@ -283,6 +294,11 @@ class NativeDecoder:
             raise ValueError(f"decode positions {positions} / length {kv_len} do not fit a cache of "
                              f"{cache.slots} slots x {cache.max_len} positions.")
         if self._cache_ptrs is None or self._cache_ptrs[0] is not cache:
+            width = self.m.C + self.m.R
+            if len(cache.joint) != self.m.n_layers or any(
+                    j.shape[-1] != width or not j.is_contiguous() or j.device.type != "cpu" for j in cache.joint):
+                raise ValueError(f"this cache does not fit the model: it needs {self.m.n_layers} contiguous CPU "
+                                 f"layers of [slots, max_len, {width}].")
             ptrs = (C.c_void_p * len(cache.joint))(*[j.data_ptr() for j in cache.joint])
             self._cache_ptrs = (cache, ptrs, cache.joint[0].stride(0))
         _, ptrs, slot_stride = self._cache_ptrs
@@ -290,7 +306,9 @@ class NativeDecoder:
         need = self._lib.dsv2_work_floats(C.byref(self.m), B, kv_len, threads)
         if self._work.numel() < need:
             self._work = torch.empty(int(need * 1.25) + 1024)
-        tokens = tokens_B1.reshape(-1).contiguous()
+        tokens = tokens_B1.reshape(-1).to(torch.int64).contiguous()
+        if tokens.numel() != B:
+            raise ValueError(f"{tokens.numel()} tokens for {B} positions: give one token per decoding slot.")
         pos = (C.c_int64 * B)(*positions)
         logits = torch.empty(B, self.m.vocab)
         bad = self._lib.dsv2_decode(C.byref(self.m), B, tokens.data_ptr(), C.addressof(pos), kv_len, ptrs,
