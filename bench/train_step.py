@@ -17,14 +17,17 @@ both alike; the median round of each is reported.
   clip 1.0, the same precision as ours.
 
 Measured on the project's 2-vCPU machine (AVX2 only, so fp32), torch 2.13:
-    small, batch 4 x 256, --steps 8: dsv2 437 tok/s, transformers eager 434 / sdpa 423 -> 1.01x
-                                     (three-round runs: 0.86x-1.06x; the machine is noisy)
+    small, batch 4 x 256, --steps 8: dsv2 502 tok/s, transformers eager 424 / sdpa 466 -> 1.08x
+                                     (earlier runs: 1.01x, 0.94x; three-round runs 0.86x-1.06x;
+                                     the machine is noisy)
     before the training flash attention, the experts Function and the fused loss: 0.73x-0.96x
     small, --compile:      dsv2 215 tok/s, transformers eager 218 / sdpa 234  -> 0.92x
                            (a second run: 47 against 313 / 306 -> 0.15x: the MoE's expert counts recompile)
     tiny, batch 8 x 256, --compile: dsv2 1554, transformers 1244 / 1358      -> 1.14x
-~69% of our step is the same GEMMs transformers runs, at the 110-160 GFLOP/s this CPU
-reaches in fp32; the target of 1.5x would need less GEMM work than the model has.
+~67% of our step is the same GEMMs transformers runs (torch.profiler: mm 57%, flash attention
+forward + backward 8%, addmm 2%), at the 110-160 GFLOP/s this CPU reaches in fp32; the target of
+1.5x would need less GEMM work than the model has, or faster arithmetic than this CPU offers
+(bf16 runs ~100x slower than fp32 here: no AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
