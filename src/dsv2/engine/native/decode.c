@@ -207,7 +207,7 @@ static void sync_team(const Team *t) {
         return;
     }
     for (int spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == g; spins++) {
-        if (spins < 50000) cpu_relax();
+        if (spins < 2000) cpu_relax();
         else sched_yield();
     }
 }
