@@ -68,7 +68,12 @@ _noticed = False
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("DSV2_CACHE_DIR") or Path.home() / ".cache" / "dsv2")
+    if os.environ.get("DSV2_CACHE_DIR"):
+        return Path(os.environ["DSV2_CACHE_DIR"])
+    try:
+        return Path.home() / ".cache" / "dsv2"
+    except RuntimeError:   # no home directory (some service accounts)
+        return Path(tempfile.gettempdir()) / "dsv2-cache"
 
 
 def _cpu_flags() -> str:
