@@ -121,6 +121,8 @@ def _compile_and_load():
                                      platform.machine().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"decode-{key}.so"
     if not out.exists():
+        print(f"dsv2: building the fused CPU decode step with {cc} (once per machine, a few seconds)...",
+              file=sys.stderr, flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             part = Path(tmp) / out.name
