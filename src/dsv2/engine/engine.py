@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.attention import KVStep
+from ..model.precision import cpu_lacks_bf16, float32_matmuls
 from .cache import LatentCache
 from .sampling import SamplingParams, sample, token_logprobs
 from .text import TextStream
@@ -138,6 +139,8 @@ class Engine:
             self.eos_ids.add(tokenizer.eos_id)
         from .decode import DecodeStep
         self._decode = DecodeStep(model, compile, native)
+        # bfloat16 prefill on a CPU without bf16 arithmetic multiplies in float32 (model/precision.py).
+        self._f32_prefill = dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_lacks_bf16()
 
     # ----------------------------------------------------------------- admin
     @property
@@ -257,8 +260,9 @@ class Engine:
         for (slot, _), p in zip(items, prompts):
             self.cached_ids[slot] = []
             self.cache.lengths[slot] = len(p)
-        h = self.model.hidden_states(x, kv=self.cache.layers(slice(lo, lo + B)),
-                                     step=KVStep(pos[None].expand(B, -1), T, mask))
+        with float32_matmuls(self._f32_prefill):
+            h = self.model.hidden_states(x, kv=self.cache.layers(slice(lo, lo + B)),
+                                         step=KVStep(pos[None].expand(B, -1), T, mask))
         logits = self.model.head(h[torch.arange(B, device=self.device), lens - 1][:, None])[:, 0].float()
         for i, ((slot, r), p) in enumerate(zip(items, prompts)):
             self._start(slot, self._new_seq(r), logits[i: i + 1], p)
@@ -294,8 +298,9 @@ class Engine:
             mask = None if at == 0 else (self._slot_range[: at + T][None, None] <= pos[:, :, None])
             step = KVStep(pos, at + T, mask)
             self.cache.lengths[slot] = at + T
-            logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step,
-                                last_only=scores is None)
+            with float32_matmuls(self._f32_prefill):
+                logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step,
+                                    last_only=scores is None)
             if scores is not None:  # position t scores the prompt's token t + 1
                 nxt = torch.tensor(ids[c + 1: c + 1 + T], device=self.device)
                 scores += token_logprobs(logits[0, : len(nxt)], nxt, n_top)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
+from .precision import Linear, widen
 from .rope import apply_rope, softmax_scale
 
 
@@ -65,17 +66,17 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         d, H, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, H * qk, bias=False)                              # W^Q
+            self.q_proj = Linear(d, H * qk, bias=False)                              # W^Q
         else:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)      # W^DQ
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)      # W^DQ
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)              # W^UQ ; W^QR
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, bias=False)              # W^UQ ; W^QR
+        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                             bias=cfg.attention_bias)                     # W^DKV ; W^KR
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                    bias=False)                                           # W^UK ; W^UV
-        self.o_proj = nn.Linear(H * cfg.v_head_dim, d, bias=cfg.attention_bias)          # W^O
+        self.o_proj = Linear(H * cfg.v_head_dim, d, bias=cfg.attention_bias)          # W^O
 
     # ------------------------------------------------------------ projections
     def _query(self, x_BTD: torch.Tensor, cos, sin, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +145,15 @@ class MLA(nn.Module):
         pad = q.shape[-1] - V if V < q.shape[-1] and dropout == 0 else 0
         if pad:
             v = F.pad(v, (0, pad))
+        dt = q.dtype
+        if widen(q):  # bfloat16 on a CPU without bf16 arithmetic: attention in float32 (precision.py)
+            q, k, v = q.float(), k.float(), v.float()
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None],
             is_causal=mask is None and q.shape[1] > 1,
             dropout_p=dropout, scale=self.scale)
-        return o.transpose(1, 2)[..., :V]
+        return o.transpose(1, 2)[..., :V].to(dt)
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Scores against the latent: (q^C W^UK) . c^KV + q^R . k^R; output W^UV (sum p c^KV). -> [B, T, H, V]

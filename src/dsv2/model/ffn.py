@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import Linear
+
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)  # W1
-        self.up_proj = nn.Linear(dim, hidden, bias=False)    # W3
-        self.down_proj = nn.Linear(hidden, dim, bias=False)  # W2
+        self.gate_proj = Linear(dim, hidden, bias=False)  # W1
+        self.up_proj = Linear(dim, hidden, bias=False)    # W3
+        self.down_proj = Linear(hidden, dim, bias=False)  # W2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .ffn import SwiGLU
+from .precision import widen
 
 
 # Up to this many routed token copies (N x K) take MoE._forward_padded at inference; beyond,
@@ -106,6 +107,12 @@ class GroupedExperts(nn.Module):
     def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e."""
         w13, w2 = self.gate_up_proj, self.down_proj
+        if widen(x_MD):  # bfloat16 on a CPU without bf16 arithmetic: each used expert in float32
+            y_MD = torch.empty(x_MD.shape, dtype=torch.float32, device=x_MD.device)
+            for e, r in expert_rows(counts):
+                gate, up = F.linear(x_MD[r].float(), w13[e].float()).chunk(2, dim=-1)
+                y_MD[r] = F.linear(F.silu(gate) * up, w2[e].float())
+            return y_MD.to(x_MD.dtype)
         if torch.is_autocast_enabled(x_MD.device.type):  # a Function is not autocast: cast as F.linear would
             dt = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w13, w2 = x_MD.to(dt), w13.to(dt), w2.to(dt)
@@ -266,10 +273,11 @@ class MoE(nn.Module):
         order_M = flat_M.argsort(stable=True)
         expert_M = flat_M[order_M]
         row_M = torch.arange(order_M.shape[0], device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
-        x_ECD = x_ND.new_zeros(self.n_experts, C, D)
-        x_ECD[expert_M, row_M] = x_ND[order_M // route.idx_NK.shape[1]]
-        gate, up = torch.bmm(x_ECD, self.experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        y_ECD = torch.bmm(F.silu(gate) * up, self.experts.down_proj.transpose(1, 2))
+        dt = torch.float32 if widen(x_ND) else x_ND.dtype   # precision.py: bf16 on a CPU without bf16 arithmetic
+        x_ECD = x_ND.new_zeros(self.n_experts, C, D, dtype=dt)
+        x_ECD[expert_M, row_M] = x_ND[order_M // route.idx_NK.shape[1]].to(dt)
+        gate, up = torch.bmm(x_ECD, self.experts.gate_up_proj.to(dt).transpose(1, 2)).chunk(2, dim=-1)
+        y_ECD = torch.bmm(F.silu(gate) * up, self.experts.down_proj.to(dt).transpose(1, 2)).to(x_ND.dtype)
         y_MD = y_ECD[expert_M, row_M] * route.weight_NK.flatten()[order_M].to(x_ND.dtype)[:, None]
         out_MD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD)
         return out_MD.view(N, -1, D).sum(dim=1)

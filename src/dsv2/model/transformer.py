@@ -15,6 +15,7 @@ from .ffn import SwiGLU
 from .loss import check_targets, lm_head_cross_entropy
 from .moe import MoE, GroupedExperts, Gate
 from .norm import RMSNorm
+from .precision import Linear
 from .rope import RotaryEmbedding
 
 
@@ -41,7 +42,7 @@ class DeepseekV2(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if not any(p.is_meta for p in self.parameters()):
