@@ -29,7 +29,8 @@ Decode runs through the fused C step (engine/native) unless --no-native; the row
 Measured on the project's machine (2 vCPUs of an AMD EPYC, AVX2 only; 2 threads, load 1.2-1.9,
 `--repeat 2`, best window): transformers float32 prefill 1,306, decode batch 1 26.3, batch 16
 103.6 tokens/s; dsv2 float32 1,404 / 169.4 / 502.8 (1.08x / 6.43x / 4.85x), dsv2 int8
-1,607 / 425.8 / 733.8 (1.23x / 16.2x / 7.09x), dsv2 bfloat16 302 / 232.0 / 496.0. The issue's
+1,607 / 425.8 / 733.8 (1.23x / 16.2x / 7.09x), dsv2 bfloat16 302 / 232.0 / 496.0 (prefill 1,141
+since it multiplies in float32 on CPUs without bf16 arithmetic, model/precision.py). The issue's
 decode targets (6x at batch 1, 5x at batch 16, in the best dtype) are met with int8 weights,
 and nearly with float32; the prefill target (3x) is not:
 - prefill: both engines run the same GEMMs through the same MKL sgemm at 110-135 GFLOP/s (this
