@@ -36,7 +36,8 @@ and nearly with float32; the prefill target (3x) is not:
 - prefill: both engines run the same GEMMs through the same MKL sgemm at 110-135 GFLOP/s (this
   CPU's fp32 rate), ~60% of the time; dsv2 saves the unfused attention (flash SDPA) and the
   prompt's logits. 3x needs a faster GEMM than fp32 on two AVX2 cores has: vLLM's 2.9x came
-  from AMX bf16, and without bf16 arithmetic bf16 is slower than fp32 for both engines.
+  from AMX bf16; without bf16 arithmetic, bf16 weights can at best match fp32 here (dsv2 widens
+  them for prefill; transformers multiplies in bf16, ~5x slower).
 - decode batch 1 is bound by the bytes of weights read: the fused float32 step reaches ~90%
   of the copy-bandwidth roofline; int8 rows read a quarter of those bytes.
 - decode batch 16 is small-M matmuls (3 x 4 register tiles in the fused step): the whole step
