@@ -195,6 +195,24 @@ def test_weights_changed_in_place_after_the_engine_was_built_are_used(dtype):
 
 
 @needs_cc
+def test_an_engine_whose_model_stops_fitting_falls_back_mid_generation(capsys):
+    """Weights changed in place while the model was put in training mode: the decoder's re-read
+    refuses it, and the engine goes on with PyTorch ops after one notice."""
+    m = model()
+    eng = Engine(m, max_batch_slots=1, max_len=32)
+    eng.add(Request([2, 3, 4], SamplingParams(max_new_tokens=6, ignore_eos=True)))
+    eng.step(), eng.step()
+    m.train()
+    with torch.no_grad():
+        m.layers[0].self_attn.kv_b_proj.weight.mul_(1.0)
+    n = 0
+    while eng.active:
+        n += len(eng.step())
+    assert n == 4 and eng._decode.native is None
+    assert capsys.readouterr().err.count("fused CPU decode step stopped") == 1
+
+
+@needs_cc
 def test_bad_tokens_positions_and_caches_are_refused():
     m = model()
     dec, cache = NativeDecoder(m), LatentCache(m.config, 2, 16, torch.float32)

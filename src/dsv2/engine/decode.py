@@ -23,6 +23,7 @@ import sys
 import torch
 
 from ..model.attention import KVStep
+from .native import Unsupported
 
 
 class DecodeStep:
@@ -63,7 +64,11 @@ class DecodeStep:
 
     def __call__(self, tokens_B1, pos: list[int], kv_len: int, cache, hi: int) -> torch.Tensor:
         if self.native is not None:
-            return self.native(tokens_B1, pos, kv_len, cache)
+            try:
+                return self.native(tokens_B1, pos, kv_len, cache)
+            except Unsupported as e:   # e.g. weights changed to a dtype it does not read: PyTorch ops from now on
+                print(f"dsv2: fused CPU decode step stopped ({e}); decoding with PyTorch ops.", file=sys.stderr)
+                self.native = None
         positions_B1 = torch.tensor(pos, dtype=torch.long, device=tokens_B1.device)[:, None]
         # Unmasked when every row attends to exactly [0, kv_len) (e.g. batch 1).
         masked = any(p != kv_len - 1 for p in pos)

@@ -170,8 +170,6 @@ def available(notice: bool = True) -> bool:
 _TYPES = {torch.float32: F32, torch.bfloat16: BF16}
 
 
-
-
 class NativeDecoder:
     """The model's weights described to decode.c: pointers into its own tensors, so in-place updates
     (an optimizer step) are seen. The few copies (W^UK transposed; in bfloat16 models the norms
