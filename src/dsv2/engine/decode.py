@@ -23,7 +23,7 @@ import sys
 import torch
 
 from ..model.attention import KVStep
-from .native import Unsupported
+from . import native as nat
 
 
 class DecodeStep:
@@ -33,7 +33,6 @@ class DecodeStep:
         self.compiled = False
         self.native = None
         if native or (native is None and not compile and _native_applies(model)):
-            from . import native as nat
             if native and not nat.available(notice=False):
                 raise ValueError(f"the fused decode step is unavailable: {nat.why_unavailable()}.")
             if nat.available():
@@ -66,7 +65,7 @@ class DecodeStep:
         if self.native is not None:
             try:
                 return self.native(tokens_B1, pos, kv_len, cache)
-            except Unsupported as e:   # e.g. weights changed to a dtype it does not read: PyTorch ops from now on
+            except nat.Unsupported as e:   # e.g. weights changed to a dtype it does not read: PyTorch ops from now on
                 print(f"dsv2: fused CPU decode step stopped ({e}); decoding with PyTorch ops.", file=sys.stderr)
                 self.native = None
         positions_B1 = torch.tensor(pos, dtype=torch.long, device=tokens_B1.device)[:, None]

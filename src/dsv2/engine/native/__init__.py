@@ -49,8 +49,7 @@ class Layer(C.Structure):
     _fields_ = [("in_norm", C.c_void_p), ("post_norm", C.c_void_p), ("q_a_norm", C.c_void_p),
                 ("kv_a_norm", C.c_void_p), ("q_a", Mat), ("q_b", Mat), ("kv_a", Mat), ("kv_b", Mat),
                 ("o", Mat), ("w_ukt", Mat), ("moe", C.c_int32), ("gate", Mat), ("up", Mat), ("down", Mat),
-                ("router", C.c_void_p), ("gu", Mat), ("dn", Mat), ("gu_step", C.c_int64),
-                ("dn_step", C.c_int64), ("gu_sstep", C.c_int64), ("dn_sstep", C.c_int64)]
+                ("router", C.c_void_p), ("gu", Mat), ("dn", Mat)]
 
 
 class Model(C.Structure):
@@ -87,25 +86,19 @@ def _cpu_flags() -> str:
 
 
 def library():
-    """The compiled decode.c (built once per source, compiler and CPU). Raises Unsupported."""
+    """The compiled decode.c (built once per source, compiler and CPU). Raises Unsupported, the
+    same reason every time, when it cannot be built or loaded here."""
     global _lib, _lib_error
-    if _lib is not None:
-        return _lib
-    if _lib_error is not None:
+    if _lib is None and _lib_error is None:
+        try:
+            _lib = _compile_and_load()
+        except Unsupported as e:
+            _lib_error = str(e)
+        except (OSError, subprocess.SubprocessError) as e:   # no such compiler, unwritable cache, bad .so
+            _lib_error = f"the fused decode step could not be built or loaded ({type(e).__name__}: {e})"
+    if _lib is None:
         raise Unsupported(_lib_error)
-    try:
-        _lib = _build()
-    except Unsupported as e:
-        _lib_error = str(e)
-        raise
     return _lib
-
-
-def _build():
-    try:
-        return _compile_and_load()
-    except (OSError, subprocess.SubprocessError) as e:   # unwritable cache, a hung compiler, a bad .so
-        raise Unsupported(f"the fused decode step could not be built or loaded ({type(e).__name__}: {e})") from e
 
 
 def _compile_and_load():
@@ -113,10 +106,7 @@ def _compile_and_load():
     if cc is None:
         raise Unsupported("no C compiler found (install gcc, or set CC)")
     src = SOURCE.read_bytes()
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise Unsupported(f"the C compiler {cc} did not run ({e})") from e
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"decode-{key}.so"
@@ -143,6 +133,7 @@ def _compile_and_load():
 
 
 def why_unavailable() -> str:
+    """Why the fused step cannot be used here ("" when it can)."""
     if os.environ.get("DSV2_NATIVE", "1") == "0":
         return "DSV2_NATIVE=0 is set"
     try:
@@ -153,18 +144,13 @@ def why_unavailable() -> str:
 
 
 def available(notice: bool = True) -> bool:
-    """Whether the fused step can be used here; otherwise says why once on stderr."""
+    """Whether the fused step can be used here; when it cannot be built, says why once on stderr."""
     global _noticed
-    if os.environ.get("DSV2_NATIVE", "1") == "0":
-        return False
-    try:
-        library()
-        return True
-    except Unsupported as e:
-        if notice and not _noticed:
-            _noticed = True
-            print(f"dsv2: fused CPU decode step unavailable ({e}); decoding with PyTorch ops.", file=sys.stderr)
-        return False
+    why = why_unavailable()
+    if why and why == _lib_error and notice and not _noticed:   # a build failure, not a switch
+        _noticed = True
+        print(f"dsv2: fused CPU decode step unavailable ({why}); decoding with PyTorch ops.", file=sys.stderr)
+    return not why
 
 
 _TYPES = {torch.float32: F32, torch.bfloat16: BF16}
@@ -200,13 +186,13 @@ class NativeDecoder:
         m.norm_topk, m.routed_scaling = int(bool(cfg.norm_topk_prob)), float(cfg.routed_scaling_factor)
         attn0 = model.layers[0].self_attn
         m.eps, m.scale, m.rope_amp = cfg.rms_norm_eps, attn0.scale, model.rotary.amplitude
-        m.inv_freq = self._f32(model.rotary.inv_freq)
-        m.embed, m.head = self._mat(model.embed_tokens.weight), self._linear(model.lm_head)
-        m.final_norm = self._f32(model.norm.weight)
         self.dtype = model.embed_tokens.weight.dtype
         if self.dtype not in _TYPES:
             raise Unsupported(f"the fused decode step takes float32 or bfloat16 models, not {self.dtype}")
         m.cache_type = _TYPES[self.dtype]
+        m.inv_freq = self._f32(model.rotary.inv_freq)
+        m.embed, m.head = self._mat(model.embed_tokens.weight), self._linear(model.lm_head)
+        m.final_norm = self._f32(model.norm.weight)
         self._layers = (Layer * cfg.num_hidden_layers)()
         widths, hidden = [cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, m.head.cols, m.embed.cols], [1]
         for L, block in zip(self._layers, model.layers):
@@ -279,12 +265,9 @@ class NativeDecoder:
             gu, gus, dn, dns = ex.gate_up_proj_q, ex.gate_up_proj_s, ex.down_proj_q, ex.down_proj_s
         else:
             gu, gus, dn, dns = ex.gate_up_proj, None, ex.down_proj, None
-        gu, dn = self._own(gu, gu.detach().contiguous()), self._own(dn, dn.detach().contiguous())
-        L.gu, L.dn = self._mat(gu[0], None if gus is None else gus.reshape(-1)), self._mat(dn[0], None if dns is None else dns.reshape(-1))
-        # Expert e starts e * step elements (and e * sstep scales) after expert 0.
-        L.gu.w, L.dn.w = gu.data_ptr(), dn.data_ptr()
-        L.gu_step, L.dn_step = gu.stride(0), dn.stride(0)
-        L.gu_sstep, L.dn_sstep = gu.shape[1], dn.shape[1]
+        # Every expert's rows as one matrix ([E * rows, cols], scales likewise): expert e is a block of rows.
+        L.gu = self._mat(gu.contiguous().flatten(0, 1), None if gus is None else gus.reshape(-1), src=gu)
+        L.dn = self._mat(dn.contiguous().flatten(0, 1), None if dns is None else dns.reshape(-1), src=dn)
 
     # ------------------------------------------------------------------- step
     def __call__(self, tokens_B1: torch.Tensor, positions: list[int], kv_len: int, cache) -> torch.Tensor:

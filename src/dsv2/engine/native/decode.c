@@ -24,6 +24,7 @@
 #endif
 
 enum { F32 = 0, BF16 = 1, I8 = 2 };
+static const int ELEM_SIZE[] = {4, 2, 1};   /* bytes, by type */
 
 typedef struct {
     const void *w;        /* [rows, cols], row stride `stride` elements */
@@ -40,8 +41,7 @@ typedef struct {
     int32_t moe;
     Mat gate, up, down;   /* the dense SwiGLU, or the shared experts of a MoE layer (gate.w NULL: none) */
     const float *router;  /* [E, D] */
-    Mat gu, dn;           /* expert 0 of the stacked [E, 2I, D] and [E, D, I] */
-    int64_t gu_step, dn_step, gu_sstep, dn_sstep;   /* expert e = expert 0 + e * step (elements; scales) */
+    Mat gu, dn;           /* all experts' rows: [E * 2I, D] and [E * D, I], expert e's rows are a block */
 } Layer;
 
 typedef struct {
@@ -252,21 +252,12 @@ static void topk(const float *s, int n, int k, int *idx) {
     }
 }
 
-/* Rows [r0, r0 + n) of W as a matrix of their own. */
+/* Rows [r0, r0 + n) of W as a matrix of their own (a head's rows, an expert's rows). */
 static Mat rows_of(const Mat *W, int64_t r0, int n) {
-    static const int size[] = {4, 2, 1};
     Mat m = *W;
-    m.w = (const char *)m.w + r0 * m.stride * size[m.type];
+    m.w = (const char *)m.w + r0 * m.stride * ELEM_SIZE[m.type];
     if (m.scale) m.scale += r0;
     m.rows = n;
-    return m;
-}
-
-static Mat expert(const Mat *first, int e, int64_t step, int64_t sstep) {
-    static const int size[] = {4, 2, 1};
-    Mat m = *first;
-    m.w = (const char *)m.w + (int64_t)e * step * size[m.type];
-    if (m.scale) m.scale += (int64_t)e * sstep;
     return m;
 }
 
@@ -306,7 +297,6 @@ int64_t dsv2_work_floats(const Model *m, int B, int S, int threads) {
 static void attention(const Model *m, const Layer *L, int B, const int64_t *pos, int S,
                       void *cache, int64_t slot_stride, Work *w, const Team *t) {
     const int D = m->D, H = m->H, N = m->N, R = m->R, V = m->V, C = m->C, CR = C + R, QK = N + R;
-    static const int size[] = {4, 2, 1};
     SPLIT(b, B, t) rmsnorm(w->h + b * D, w->x + b * D, L->in_norm, D, m->eps);
     sync_team(t);
     if (L->q_a.w) {
@@ -349,7 +339,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
     SPLIT(it, B * nsb, t) {
         int b = it / nsb, s0 = (it % nsb) * BLOCK, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
         if (s0 >= len) continue;
-        Mat rows = {(const char *)cache + b * slot_stride * size[m->cache_type], 0, CR, m->cache_type, len, CR};
+        Mat rows = {(const char *)cache + b * slot_stride * ELEM_SIZE[m->cache_type], 0, CR, m->cache_type, len, CR};
         mm_rows(&rows, w->qf + (int64_t)b * H * CR, CR, H, w->sc + (int64_t)b * H * S, S, s0,
                 s0 + BLOCK < len ? s0 + BLOCK : len, t->buf);
     }
@@ -499,10 +489,10 @@ static void moe(const Model *m, const Layer *L, int B, Work *w, const Team *t) {
             int e = w->item[2 * (first + it)], n0 = w->item[2 * (first + it) + 1] * BLOCK;
             int n1 = n0 + BLOCK < rows ? n0 + BLOCK : rows, r0 = cnt[e], M = cnt[e + 1] - cnt[e];
             if (pass == 0) {
-                Mat W = expert(&L->gu, e, L->gu_step, L->gu_sstep);
+                Mat W = rows_of(&L->gu, (int64_t)e * 2 * I, 2 * I);
                 mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, t->buf);
             } else {
-                Mat W = expert(&L->dn, e, L->dn_step, L->dn_sstep);
+                Mat W = rows_of(&L->dn, (int64_t)e * D, D);
                 mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, t->buf);
             }
         }
