@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.attention import KVStep
-from ..model.precision import cpu_lacks_bf16, float32_matmuls
+from ..model.precision import cpu_has_fast_bf16, float32_matmuls
 from .cache import LatentCache
 from .sampling import SamplingParams, sample, token_logprobs
 from .text import TextStream
@@ -140,7 +140,7 @@ class Engine:
         from .decode import DecodeStep
         self._decode = DecodeStep(model, compile, native)
         # bfloat16 prefill on a CPU without bf16 arithmetic multiplies in float32 (model/precision.py).
-        self._f32_prefill = dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_lacks_bf16()
+        self._f32_prefill = dtype == torch.bfloat16 and self.device.type == "cpu" and not cpu_has_fast_bf16()
 
     # ----------------------------------------------------------------- admin
     @property

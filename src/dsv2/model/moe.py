@@ -101,8 +101,9 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        """Expert e on rows x, in x's dtype (the weights are cast to it where they differ)."""
+        gate, up = F.linear(x, self.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
 
     def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e."""
@@ -110,8 +111,7 @@ class GroupedExperts(nn.Module):
         if widen(x_MD):  # bfloat16 on a CPU without bf16 arithmetic: each used expert in float32
             y_MD = torch.empty(x_MD.shape, dtype=torch.float32, device=x_MD.device)
             for e, r in expert_rows(counts):
-                gate, up = F.linear(x_MD[r].float(), w13[e].float()).chunk(2, dim=-1)
-                y_MD[r] = F.linear(F.silu(gate) * up, w2[e].float())
+                y_MD[r] = self.expert(e, x_MD[r].float())
             return y_MD.to(x_MD.dtype)
         if torch.is_autocast_enabled(x_MD.device.type):  # a Function is not autocast: cast as F.linear would
             dt = torch.get_autocast_dtype(x_MD.device.type)

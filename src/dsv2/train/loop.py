@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..data.loader import TokenLoader
 from ..data.shards import read_card
 from ..model import DeepseekV2
+from ..model.precision import cpu_has_fast_bf16
 from .checkpoint import Checkpointer, LocalCheckpointer, RNGState
 from .config import TrainConfig
 from .metrics import MetricsWriter, peak_flops, step_line
@@ -41,15 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name} was asked for but this torch sees no CUDA GPU: use device=cpu.")
     return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: without them (e.g. AVX2-only CPUs) bf16 matmuls run ~100x slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
