@@ -1,6 +1,6 @@
 """Generation benchmark: dsv2's engine beside transformers' DeepseekV2ForCausalLM, same weights, same run.
 
-    .venv/bin/python bench/generate.py                  # small preset, fp32 + bf16
+    .venv/bin/python bench/generate.py                  # small preset: fp32, bf16, int8
     .venv/bin/python bench/generate.py --dtypes float32 --no-peer
     dsv2 bench                                          # the same, installed
 

@@ -109,19 +109,31 @@ def test_fused_step_reads_int8_weights_exactly():
         assert (got - want).abs().max().item() < 1e-4
 
 
+def bf16_pair(**overrides):
+    """A bfloat16 model and the float32 model of exactly its rounded weights."""
+    m = model(**overrides).bfloat16()
+    ref = model(**overrides)
+    ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    return m, ref
+
+
+def float32_copy(cfg, cache: LatentCache) -> LatentCache:
+    """The same cache contents, widened to float32."""
+    out = LatentCache(cfg, cache.slots, cache.max_len, torch.float32)
+    for j, c in zip(out.joint, cache.joint):
+        j.copy_(c.float())
+    return out
+
+
 @needs_cc
 def test_fused_step_in_bfloat16_is_at_least_as_accurate_as_pytorch():
     """bfloat16 weights and cache, float32 activations: no further from the float32 computation with
     the same rounded weights than PyTorch's bfloat16 step, which rounds every activation."""
-    m = model().bfloat16()
-    ref = dsv2.DeepseekV2(m.config).eval()
-    ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    m, ref = bf16_pair()
     pos = [5, 17, 11, 0, 23]
     tokens = torch.randint(2, m.config.vocab_size, (5, 1), generator=torch.Generator().manual_seed(3))
-    caches = [filled_caches(m.config, 5, torch.bfloat16, seed=3)[0] for _ in range(2)]
-    exact = LatentCache(m.config, 5, 40, torch.float32)
-    for j, c in zip(exact.joint, caches[0].joint):
-        j.copy_(c.float())
+    caches = filled_caches(m.config, 5, torch.bfloat16, seed=3)
+    exact = float32_copy(m.config, caches[0])
     with torch.inference_mode():
         fused = NativeDecoder(m)(tokens, pos, 24, caches[0])
         eager = DecodeStep(m, native=False)(tokens, pos, 24, caches[1], 5)
@@ -137,15 +149,11 @@ def test_bfloat16_rows_wider_than_every_activation_fit_the_scratch():
     W^UK^T rows (the nope width) wider than everything else must count too."""
     kw = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=1, qk_nope_head_dim=128, qk_rope_head_dim=8,
               v_head_dim=8, kv_lora_rank=16, q_lora_rank=None, intermediate_size=32, moe_intermediate_size=16)
-    m = model(**kw).bfloat16()
-    ref = model(**kw)
-    ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    m, ref = bf16_pair(**kw)
     pos = [3, 5, 7, 9]
     tokens = torch.randint(2, m.config.vocab_size, (4, 1), generator=torch.Generator().manual_seed(5))
     ours, _ = filled_caches(m.config, 4, torch.bfloat16, seed=5)
-    exact = LatentCache(m.config, 4, 40, torch.float32)
-    for j, c in zip(exact.joint, ours.joint):
-        j.copy_(c.float())
+    exact = float32_copy(m.config, ours)
     with torch.inference_mode():
         got = NativeDecoder(m)(tokens, pos, 10, ours)
         want = DecodeStep(ref, native=False)(tokens, pos, 10, exact, 4)

@@ -1,6 +1,7 @@
 """`dsv2 bench` / bench/generate.py: dsv2's engine beside transformers, same weights, same run.
 
-    dsv2 bench                                               # small preset, float32 and bfloat16
+    dsv2 bench                                               # small preset: float32, bfloat16, int8
+    python bench/generate.py --repeat 2 --no-native          # two rounds, PyTorch-op decode
     python bench/generate.py --dtypes float32 --no-peer
     OMP_WAIT_POLICY=PASSIVE dsv2 bench                       # on cores shared with other jobs
 
