@@ -55,3 +55,13 @@ class LatentCache:
     def __repr__(self) -> str:
         return (f"LatentCache({self.slots} slots x {self.max_len} positions, "
                 f"{self.bytes_per_token():,} bytes/token, {self.nbytes / 2**20:.1f} MiB)")
+
+
+def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
+    """How many leading token ids a and b share (at most `limit`): the cached prefix a request reuses."""
+    n, limit = 0, min(len(a), len(b)) if limit is None else limit
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n

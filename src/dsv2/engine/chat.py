@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Iterator
 
+from .cache import common_prefix
 from .engine import Engine, Request
 from .sampling import SamplingParams
 
@@ -65,7 +66,7 @@ class ChatSession:
         cached = self.engine.cached_ids[0]
         t0 = time.perf_counter()
         self.engine.add(req)
-        self.last_prefill_tokens = len(prompt) - min(_shared(cached, prompt), len(prompt) - 1)
+        self.last_prefill_tokens = len(prompt) - common_prefix(cached, prompt, limit=len(prompt) - 1)
         reply, n, t1 = [], 0, time.perf_counter()
         generated, reason = [], None
         while self.engine.seqs:
@@ -86,15 +87,6 @@ class ChatSession:
         self.ids = [] if cut else prompt + generated
         self.last_stats = (f"[{self.last_prefill_tokens} prompt tokens prefilled in {t1 - t0:.2f}s, "
                            f"{n} tokens at {n / max(dt, 1e-9):.1f} tokens/s]")
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def repl(session: ChatSession, sampling: dict, stdin=None, stdout=None, stderr=None) -> int:

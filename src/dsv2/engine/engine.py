@@ -63,7 +63,7 @@ import torch
 
 from ..model.attention import KVStep
 from ..model.precision import cpu_has_fast_bf16, float32_matmuls
-from .cache import LatentCache
+from .cache import LatentCache, common_prefix
 from .sampling import SamplingParams, sample, token_logprobs
 from .text import TextStream
 
@@ -273,7 +273,7 @@ class Engine:
         for s in range(self.slots):
             if s in self.seqs or s in taken:
                 continue
-            n = _common_prefix(self.cached_ids[s], ids, limit=len(ids) - 1)
+            n = common_prefix(self.cached_ids[s], ids, limit=len(ids) - 1)
             if n > reuse:
                 best, reuse = s, n
         return best, reuse
@@ -373,11 +373,3 @@ class Engine:
         prompt, q.prompt_logprobs = q.prompt_logprobs, None
         return StepOutput(q.request.id, slot, t, text, reason is not None, reason, lp, top, prompt)
 
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n

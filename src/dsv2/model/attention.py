@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .mask import causal_mask
 from .norm import RMSNorm
 from .precision import Linear, widen
 from .rope import apply_rope, softmax_scale
@@ -49,8 +50,7 @@ class KVStep:
 
     @classmethod
     def causal(cls, positions: torch.Tensor, kv_len: int) -> "KVStep":
-        slots = torch.arange(kv_len, device=positions.device)
-        return cls(positions, kv_len, slots[None, None, :] <= positions[:, :, None])
+        return cls(positions, kv_len, causal_mask(positions, kv_len))
 
 
 class MLA(nn.Module):
@@ -107,6 +107,8 @@ class MLA(nn.Module):
 
         kv:   this layer's cache buffers (c_kv [B, S, C], k_pe [B, S, R]); the new latents are
               written at `step.positions` before attending.
+        step: where the tokens sit; its mask (if any) applies with or without a cache (packed
+              training rows pass a block-diagonal one, model/mask.py).
         absorb: use the weight-absorbed path (decode); otherwise decompress K/V (naive).
         """
         q_nope, q_pe = self._query(x_BTD, cos, sin, rotate=False)
@@ -121,6 +123,7 @@ class MLA(nn.Module):
             c_buf[rows, step.positions] = c_kv.to(c_buf.dtype)
             pe_buf[rows, step.positions] = k_pe.to(pe_buf.dtype)
             c_kv, k_pe = c_buf[:, : step.kv_len], pe_buf[:, : step.kv_len]
+        if step is not None:
             mask = step.mask
         if absorb:
             out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)

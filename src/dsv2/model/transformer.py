@@ -13,6 +13,7 @@ from ..config import ModelConfig
 from .attention import MLA, KVStep
 from .ffn import SwiGLU
 from .loss import check_targets, lm_head_cross_entropy
+from .mask import causal_mask, packed_positions
 from .moe import MoE, GroupedExperts, Gate
 from .norm import RMSNorm
 from .precision import Linear
@@ -70,7 +71,8 @@ class DeepseekV2(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv: list | None = None, step: KVStep | None = None, absorb: bool = False,
-                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, targets: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] in float32 (or [B, 1, vocab] with last_only).
 
         With `targets` [B, T] (the token each position should predict; IGNORE_INDEX = -100 is
@@ -80,11 +82,22 @@ class DeepseekV2(nn.Module):
         Without `kv` this is plain causal attention over the given tokens (training, scoring).
         With `kv` (one (c_kv, k_pe) buffer pair per layer) and `step`, the new tokens' latents
         are written to the cache at `step.positions` and attention spans the cache.
+
+        With `segment_ids` [B, T] (packed rows: several documents per row, each a run of equal
+        ids) attention stays inside each document and, unless `positions` are given, positions
+        (RoPE included) restart at 0 for each one (model/mask.py).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
         if targets is not None:
             check_targets(targets, input_ids, self.config.vocab_size)
+        if segment_ids is not None:
+            if kv is not None or segment_ids.shape != input_ids.shape:
+                raise ValueError(f"segment_ids must be [batch, seq] like input_ids {tuple(input_ids.shape)}, "
+                                 "and are for cache-free forwards (training, scoring).")
+            if positions is None:
+                positions = packed_positions(segment_ids)
+            step = KVStep(positions, input_ids.shape[1], causal_mask(positions, input_ids.shape[1], segment_ids))
         h = self.hidden_states(input_ids, positions, kv, step, absorb)
         if targets is not None:
             return lm_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
