@@ -1,5 +1,6 @@
-"""The fused C decode step (engine/native) against the PyTorch absorbed decode step: same inputs,
-same cache, logits within 1e-4 (float32), across the model variants and every dtype it reads."""
+"""The fused decode step (engine/native, the torch.ops.dsv2.decode_step operator) against the PyTorch
+absorbed decode step: same inputs, same cache, logits within 1e-4 (float32), across the model
+variants and every dtype it reads; its checks, fallbacks and torch.compile composition."""
 
 from __future__ import annotations
 
@@ -15,16 +16,16 @@ import dsv2
 from dsv2.engine import Engine, Request, SamplingParams
 from dsv2.engine.cache import LatentCache
 from dsv2.engine.decode import DecodeStep
-from dsv2.engine.native import NativeDecoder
+from dsv2.engine.native import NativeDecoder, build
 from dsv2.engine.quant import quantize_int8
 
 import _tiny
 
-# On a machine with no C compiler at all these cannot run (the engine then decodes with PyTorch
-# ops: test_without_a_compiler_decoding_falls_back_with_one_notice). A compiler that fails to
-# build decode.c is a failure, not a skip.
-HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler here to build the fused decode step")
+# On a machine with no C++ compiler or no ninja these cannot run (the engine then decodes with
+# PyTorch ops: test_without_a_compiler_decoding_falls_back_with_one_notice). A compiler that fails
+# to build the operator is a failure, not a skip.
+HAVE_CC = bool(build.compiler() and shutil.which("ninja"))
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C++ compiler or ninja here to build the fused decode step")
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
@@ -251,20 +252,32 @@ def test_without_a_compiler_decoding_falls_back_with_one_notice(tmp_path):
             "    Engine(m, max_batch_slots=1, max_len=16, native=True)\n"
             "except ValueError as err:\n"
             "    print('ERR', err)\n")
-    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), DSV2_CACHE_DIR=str(tmp_path / "cache"),
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-cc"), DSV2_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     notices = [line for line in r.stderr.splitlines() if "fused CPU decode step unavailable" in line]
     assert len(notices) == 1 and "no-such-cc" in notices[0]
     assert r.stdout.startswith("ERR the fused decode step is unavailable:")
-    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.so"))
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.so"))
     # A cache folder that cannot be made: the same notice, the same fallback.
     env = dict(env, DSV2_CACHE_DIR="/dev/null/dsv2")
-    env.pop("CC")
+    env.pop("CXX")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert [line for line in r.stderr.splitlines() if "fused CPU decode step unavailable" in line]
+    # A compiler that answers torch's version queries but fails every build: tried once, same fallback.
+    fails = tmp_path / "failing-c++"
+    fails.write_text("#!/bin/sh\ncase \"$*\" in *.cpp*|*-shared*) echo 'x.cpp:1: error: this compiler refuses "
+                     "everything' >&2; exit 1;; esac\nexec %s \"$@\"\n" % build.compiler())
+    fails.chmod(0o755)
+    env = dict(env, CXX=str(fails), DSV2_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    notices = [line for line in r.stderr.splitlines() if "fused CPU decode step unavailable" in line]
+    assert len(notices) == 1 and "could not build" in notices[0] and "refuses everything" in notices[0]
+    assert r.stderr.count("building the fused CPU decode step") == 1
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-built library left to load
 
 
 def test_switched_off_by_environment_or_argument(monkeypatch):
@@ -282,8 +295,71 @@ def test_work_space_is_what_the_step_asks_for():
     dec = NativeDecoder(m)
     cache = LatentCache(m.config, 16, 40, torch.float32)
     pos = list(range(3, 35, 2))
-    need = dec._lib.dsv2_work_floats(__import__("ctypes").byref(dec.m), 16, max(pos) + 1, torch.get_num_threads())
+    need = dec.work_floats(16, max(pos) + 1)
     dec._work = torch.full((need + 4096,), 7.0)
+    dec._sized = (16, max(pos) + 1, torch.get_num_threads())
     with torch.inference_mode():
         dec(torch.arange(2, 18)[:, None], pos, max(pos) + 1, cache)
-    assert (dec._work[need:] == 7.0).all()
+    assert (dec._work[:need] != 7.0).any() and (dec._work[need:] == 7.0).all()
+
+
+def op_args(dec, cache, tokens=(3, 4), positions=(5, 7), kv_len=8):
+    dec._work = torch.zeros(dec.work_floats(len(positions), kv_len))
+    return (dec.weights, dec.ints, dec.floats, torch.tensor(tokens), torch.tensor(positions), kv_len, cache.joint,
+            dec._work)
+
+
+@needs_cc
+def test_the_operator_passes_opcheck_and_compiles_in_one_graph():
+    """torch.library.opcheck: the schema declares exactly what the op mutates (the cache and work
+    space), and the fake kernel's shapes match the real ones. torch.compile(fullgraph=True) traces
+    through it: the same logits and the same cache writes as the eager call."""
+    m = model(num_hidden_layers=2)
+    dec = NativeDecoder(m)
+    ours, theirs = filled_caches(m.config, 2, torch.float32)
+    result = torch.library.opcheck(torch.ops.dsv2.decode_step.default, op_args(dec, ours))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+    def step(tokens, positions, joint, work):
+        logits = torch.ops.dsv2.decode_step(dec.weights, dec.ints, dec.floats, tokens, positions, 8, joint, work)
+        return logits.log_softmax(-1)
+
+    ours, theirs = filled_caches(m.config, 2, torch.float32, seed=1)
+    with torch.no_grad():
+        got = torch.compile(step, fullgraph=True)(*op_args(dec, ours)[3:5], ours.joint, dec._work)
+        want = step(*op_args(dec, theirs)[3:5], theirs.joint, dec._work)
+    assert (got - want).abs().max().item() < 1e-5
+    for x, y in zip(ours.joint, theirs.joint):
+        assert torch.equal(x, y)
+
+
+@needs_cc
+def test_tensors_that_do_not_fit_the_config_are_refused_by_name():
+    """Called directly, the operator checks every tensor against the config numbers: one sentence
+    naming the tensor, never a crash or a wild read."""
+    m = model(num_hidden_layers=2)
+    dec = NativeDecoder(m)
+    cache = LatentCache(m.config, 2, 16, torch.float32)
+    glob, slots, _, _ = torch.ops.dsv2.layout()
+    q_a = len(glob) + slots.index("q_a")
+
+    def refusal(weights=None, work=None):
+        args = list(op_args(dec, cache))
+        args[0] = dec.weights if weights is None else weights
+        args[-1] = args[-1] if work is None else work
+        with pytest.raises(ValueError) as e:
+            torch.ops.dsv2.decode_step(*args)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.endswith(".")
+        return msg
+
+    def swap(i, t):
+        return dec.weights[:i] + [t] + dec.weights[i + 1:]
+
+    w = dec.weights[q_a]
+    assert "layers.0.q_a has shape" in refusal(swap(q_a, w[:, :-1]))
+    assert "layers.0.q_a has shape" in refusal(swap(q_a, w.t()))
+    assert "embed is Half" in refusal(swap(glob.index("embed"), dec.weights[glob.index("embed")].half()))
+    assert "int8 layers.0.q_a needs" in refusal(swap(q_a, w.to(torch.int8)))
+    assert "weight slots for 2 layers" in refusal(dec.weights[:-1])
+    assert "work space" in refusal(work=torch.empty(10))

@@ -1,60 +1,29 @@
 /* dsv2's fused CPU decode step: one call runs every layer of a DeepSeek-V2 for B new tokens.
  *
  * Decoding a few tokens on a CPU is bound by per-op overhead and by the bytes of weights
- * read, not by arithmetic: the eager PyTorch step issues ~3,500 aten calls. Here a step is
- * one C call and one OpenMP parallel region (~20 phases a layer, split across the threads
- * and separated by a spinning barrier), weights are read once per step straight from the
- * model's own tensors (float32, bfloat16, or int8 rows with one float scale each), and
- * activations stay float32 throughout. The math is the absorbed MLA path of
- * model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds the two
- * equal. Built by engine/native/__init__.py with the system C compiler (-O3 -march=native
- * -fopenmp), linked to the OpenMP runtime torch already loaded, so both share one thread pool.
- *
- * Shapes: B tokens (one per cache slot), D hidden, H heads, N nope dim, R rope dim, V value
- * dim, C kv_lora_rank, QR q_lora_rank (0: no query compression), E routed experts, K per token.
+ * read, not by arithmetic. Here a step is one call and one OpenMP parallel region (~20 phases
+ * a layer, split across the threads and separated by a spinning barrier), weights are read
+ * once per step straight from the model's own tensors (float32, bfloat16, or int8 rows with
+ * one float scale each), and activations stay float32 throughout. The math is the absorbed MLA
+ * path of model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds
+ * the two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks
+ * the tensors and fills the description in decode.h. Built with -O3 -march=native -fopenmp and
+ * linked to the OpenMP runtime torch already loaded, so both share one thread pool.
  */
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <atomic>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
-enum { F32 = 0, BF16 = 1, I8 = 2 };
+#include "decode.h"
+
 static const int ELEM_SIZE[] = {4, 2, 1};   /* bytes, by type */
-
-typedef struct {
-    const void *w;        /* [rows, cols], row stride `stride` elements */
-    const float *scale;   /* I8: one scale per row; else NULL */
-    int64_t stride;
-    int32_t type, rows, cols;
-} Mat;
-
-typedef struct {
-    const float *in_norm, *post_norm, *q_a_norm, *kv_a_norm;
-    Mat q_a, q_b;         /* q_a.w == NULL: q_b is the uncompressed q_proj */
-    Mat kv_a, kv_b, o;    /* kv_b: [H * (N + V), C] */
-    Mat w_ukt;            /* W^UK transposed: [H * C, N] */
-    int32_t moe;
-    Mat gate, up, down;   /* the dense SwiGLU, or the shared experts of a MoE layer (gate.w NULL: none) */
-    const float *router;  /* [E, D] */
-    Mat gu, dn;           /* all experts' rows: [E * 2I, D] and [E * D, I], expert e's rows are a block */
-} Layer;
-
-typedef struct {
-    int32_t n_layers, D, H, N, R, V, C, QR, I_moe, E, K, n_group, topk_group, group_limited, norm_topk, vocab;
-    float eps, scale, routed_scaling, rope_amp;
-    const float *inv_freq;   /* [R / 2] */
-    Mat embed, head;
-    const float *final_norm;
-    const Layer *layers;
-    int32_t cache_type;      /* F32 or BF16 */
-    int32_t max_cols;        /* widest matrix row */
-    int32_t I_max;           /* widest dense / shared / expert hidden size */
-} Model;
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -182,7 +151,7 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
  * region starts and barriers sleep under OMP_WAIT_POLICY=PASSIVE (~10-50 us each, ~150 a step);
  * this barrier spins, then yields the core after a while so an oversubscribed machine still
  * makes progress. */
-typedef struct { atomic_int count, gen; } Barrier;
+struct Barrier { std::atomic<int> count{0}, gen{0}; };
 typedef struct { int id, n; Barrier *bar; float *buf; } Team;
 
 /* Each thread takes one contiguous share of [0, count): weight rows stream in order, as the
@@ -200,13 +169,13 @@ static inline void cpu_relax(void) {
 static void sync_team(const Team *t) {
     if (t->n == 1) return;
     Barrier *b = t->bar;
-    int g = atomic_load_explicit(&b->gen, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == t->n - 1) {
-        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+    int g = b->gen.load(std::memory_order_acquire);
+    if (b->count.fetch_add(1, std::memory_order_acq_rel) == t->n - 1) {
+        b->count.store(0, std::memory_order_relaxed);
+        b->gen.fetch_add(1, std::memory_order_release);
         return;
     }
-    for (int spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == g; spins++) {
+    for (int spins = 0; b->gen.load(std::memory_order_acquire) == g; spins++) {
         if (spins < 2000) cpu_relax();
         else sched_yield();
     }
@@ -287,7 +256,6 @@ static int64_t carve(const Model *m, int B, int S, int threads, float *base, Wor
     return at;
 }
 
-/* Floats of work space a step of B tokens attending to at most S positions needs. */
 int64_t dsv2_work_floats(const Model *m, int B, int S, int threads) {
     Work w;
     return carve(m, B, S, threads, 0, &w);
@@ -536,24 +504,15 @@ static void step(const Model *m, int B, const int64_t *tokens, const int64_t *po
     matmul(&m->head, w->h, D, B, logits, m->vocab, t);
 }
 
-/* One decode step. tokens/pos: [B] (token b goes to cache slot b at position pos[b] and attends
- * to positions [0, min(pos[b] + 1, S))). cache[l]: layer l's [slots, max_len, C + R] buffer,
- * slot_stride elements between slots. logits: [B, vocab]. work: dsv2_work_floats(m, B, S, threads).
- * Returns 1 (and does nothing) if a token id is outside the vocabulary. */
-int dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
-                void *const *cache, int64_t slot_stride, float *logits, float *work, int threads) {
-    for (int b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= m->vocab) return 1;
+void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
+                 void *const *cache, int64_t slot_stride, float *logits, float *work, int threads) {
     Work w;
     carve(m, B, S, threads, work, &w);
     Barrier bar;
-    atomic_init(&bar.count, 0);
-    atomic_init(&bar.gen, 0);
     #pragma omp parallel num_threads(threads)
     {
         Team t = {omp_get_thread_num(), omp_get_num_threads(), &bar, 0};
         t.buf = w.bufs + (int64_t)t.id * BUFW(m);
         step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
     }
-    return 0;
 }

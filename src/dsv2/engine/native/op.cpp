@@ -1,0 +1,251 @@
+// The fused decode step as PyTorch operators (torch.ops.dsv2.*): the model's tensors are checked
+// here (shape, dtype, layout against the config numbers) and described to the kernels of
+// decode.cpp, so a mismatch is a readable ValueError naming the tensor, never a wild read.
+//
+//   decode_step(weights, ints, floats, tokens, positions, kv_len, cache, work) -> logits [B, vocab]
+//   work_floats(weights, ints, floats, batch, kv_len) -> floats of `work` that step needs
+//   layout() -> the names of the weight slots (model-wide, then per layer) and of the numbers
+//
+// `weights` is one flat list: the model-wide slots, then each layer's; a matrix slot is followed
+// by its int8 row scales (None for float weights). Python builds the list from layout(), so the
+// order is written once, here.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "decode.h"
+
+namespace {
+
+using Weights = c10::List<std::optional<at::Tensor>>;
+
+#define GLOBAL_SLOTS(X) X(inv_freq) X(embed) X(embed_scale) X(head) X(head_scale) X(final_norm)
+#define LAYER_SLOTS(X)                                                                         \
+    X(in_norm) X(post_norm) X(q_a_norm) X(kv_a_norm) X(q_a) X(q_a_scale) X(q_b) X(q_b_scale)   \
+    X(kv_a) X(kv_a_scale) X(kv_b) X(kv_b_scale) X(o) X(o_scale) X(w_ukt) X(w_ukt_scale)        \
+    X(gate) X(gate_scale) X(up) X(up_scale) X(down) X(down_scale) X(router)                    \
+    X(gu) X(gu_scale) X(dn) X(dn_scale)
+#define INTS(X) X(n_layers) X(D) X(H) X(N) X(R) X(V) X(C) X(QR) X(I_moe) X(E) X(K) \
+    X(n_group) X(topk_group) X(group_limited) X(norm_topk) X(vocab)
+#define FLOATS(X) X(eps) X(scale) X(routed_scaling) X(rope_amp)
+
+#define ENUM(n) n,
+enum Global { GLOBAL_SLOTS(ENUM) N_GLOBAL };
+enum Slot { LAYER_SLOTS(ENUM) N_SLOT };
+enum Int { INTS(ENUM) N_INT };
+enum Float { FLOATS(ENUM) N_FLOAT };
+#undef ENUM
+#define NAME(n) #n,
+const std::vector<std::string> GLOBAL_NAMES = {GLOBAL_SLOTS(NAME)}, SLOT_NAMES = {LAYER_SLOTS(NAME)},
+                               INT_NAMES = {INTS(NAME)}, FLOAT_NAMES = {FLOATS(NAME)};
+#undef NAME
+
+// The tensor in slot i of the flat list (undefined for None) and its name for messages.
+struct Slots {
+    const Weights &list;
+    int64_t base;    // first index of this group (0: model-wide; else a layer's)
+    std::string where;
+    const std::vector<std::string> &names;
+    at::Tensor at(int i) const {
+        std::optional<at::Tensor> t = list.get(base + i);
+        return t.has_value() ? *t : at::Tensor();
+    }
+    std::string name(int i) const { return where + names[i]; }
+};
+
+int32_t type_of(const at::Tensor &t, const std::string &name) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return F32;
+        case at::kBFloat16: return BF16;
+        case at::kChar: return I8;
+        default: TORCH_CHECK_VALUE(false, "decode_step: ", name, " is ", t.scalar_type(),
+                                   "; the fused step reads float32, bfloat16 or int8 weights.");
+    }
+}
+
+// Slot i as a [rows, cols] matrix (rows < 0: any), slot i + 1 its int8 row scales.
+Mat matrix(const Slots &s, int i, int64_t rows, int64_t cols) {
+    at::Tensor w = s.at(i), sc = s.at(i + 1);
+    const std::string name = s.name(i);
+    TORCH_CHECK_VALUE(w.defined(), "decode_step: ", name, " is missing.");
+    TORCH_CHECK_VALUE(w.device().is_cpu(), "decode_step: ", name, " is on ", w.device(), "; the fused step runs on CPU.");
+    TORCH_CHECK_VALUE(w.dim() == 2 && (rows < 0 || w.size(0) == rows) && w.size(1) == cols, "decode_step: ", name,
+                      " has shape ", w.sizes(), " but the config needs [", rows < 0 ? "any" : std::to_string(rows),
+                      ", ", cols, "].");
+    TORCH_CHECK_VALUE(w.stride(1) == 1 && w.stride(0) >= cols, "decode_step: ", name,
+                      " must have contiguous rows (call .contiguous() on it).");
+    Mat m{w.data_ptr(), nullptr, w.stride(0), type_of(w, name), (int32_t)w.size(0), (int32_t)cols};
+    if (m.type == I8) {
+        TORCH_CHECK_VALUE(sc.defined() && sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.device().is_cpu()
+                              && sc.numel() == w.size(0),
+                          "decode_step: int8 ", name, " needs ", w.size(0), " contiguous float32 row scales in ",
+                          s.name(i + 1), ".");
+        m.scale = sc.const_data_ptr<float>();
+    } else {
+        TORCH_CHECK_VALUE(!sc.defined(), "decode_step: ", name, " is ", w.scalar_type(), ", so ", s.name(i + 1),
+                          " must be None (row scales go with int8 weights only).");
+    }
+    return m;
+}
+
+// Slot i as n contiguous float32 numbers (a norm's weight, the router, inv_freq).
+const float *floats(const Slots &s, int i, int64_t n) {
+    at::Tensor t = s.at(i);
+    TORCH_CHECK_VALUE(t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous()
+                          && t.numel() == n,
+                      "decode_step: ", s.name(i), " must be ", n, " contiguous float32 numbers on CPU, not ",
+                      t.defined() ? c10::str(t.scalar_type(), " of shape ", t.sizes()) : std::string("missing"), ".");
+    return t.const_data_ptr<float>();
+}
+
+// The model described from the flat weight list and the config numbers (weights' shapes checked).
+struct Description {
+    Model m{};
+    std::vector<Layer> layers;
+};
+
+Description describe(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<double> fl) {
+    TORCH_CHECK_VALUE(ints.size() == N_INT && fl.size() == N_FLOAT, "decode_step: expected ", N_INT,
+                      " config integers and ", N_FLOAT, " config floats (see torch.ops.dsv2.layout()), got ",
+                      ints.size(), " and ", fl.size(), ".");
+    Description d;
+    Model &m = d.m;
+#define SET(n) m.n = (int32_t)ints[n];
+    INTS(SET)
+#undef SET
+#define SET(n) m.n = (float)fl[n];
+    FLOATS(SET)
+#undef SET
+    TORCH_CHECK_VALUE(m.n_layers > 0 && m.D > 0 && m.H > 0 && m.C > 0 && m.R > 0 && m.R % 2 == 0 && m.vocab > 0,
+                      "decode_step: the config needs positive sizes and an even rope dimension.");
+    TORCH_CHECK_VALUE((int64_t)weights.size() == N_GLOBAL + (int64_t)m.n_layers * N_SLOT, "decode_step: ",
+                      weights.size(), " weight slots for ", m.n_layers, " layers; expected ",
+                      N_GLOBAL + (int64_t)m.n_layers * N_SLOT, " (see torch.ops.dsv2.layout()).");
+    const int D = m.D, QK = m.N + m.R, CR = m.C + m.R;
+    Slots g{weights, 0, "", GLOBAL_NAMES};
+    m.inv_freq = floats(g, inv_freq, m.R / 2);
+    m.embed = matrix(g, embed, m.vocab, D);
+    m.head = matrix(g, head, m.vocab, D);
+    m.final_norm = floats(g, final_norm, D);
+    // Per-thread scratch holds 4 widened rows of the widest matrix the step reads (cache rows too).
+    int32_t max_cols = std::max(D, CR), I_max = std::max(1, m.I_moe);
+    d.layers.resize(m.n_layers);
+    for (int l = 0; l < m.n_layers; l++) {
+        Layer &L = d.layers[l];
+        L = Layer{};
+        Slots s{weights, N_GLOBAL + (int64_t)l * N_SLOT, "layers." + std::to_string(l) + ".", SLOT_NAMES};
+        L.in_norm = floats(s, in_norm, D);
+        L.post_norm = floats(s, post_norm, D);
+        L.kv_a_norm = floats(s, kv_a_norm, m.C);
+        if (s.at(q_a).defined()) {
+            TORCH_CHECK_VALUE(m.QR > 0, "decode_step: ", s.name(q_a), " is given but the config's QR is 0.");
+            L.q_a = matrix(s, q_a, m.QR, D);
+            L.q_a_norm = floats(s, q_a_norm, m.QR);
+        }
+        L.q_b = matrix(s, q_b, (int64_t)m.H * QK, L.q_a.w ? m.QR : D);
+        L.kv_a = matrix(s, kv_a, CR, D);
+        L.kv_b = matrix(s, kv_b, (int64_t)m.H * (m.N + m.V), m.C);
+        L.o = matrix(s, o, D, (int64_t)m.H * m.V);
+        L.w_ukt = matrix(s, w_ukt, (int64_t)m.H * m.C, m.N);
+        if (s.at(gate).defined()) {
+            L.gate = matrix(s, gate, -1, D);
+            L.up = matrix(s, up, L.gate.rows, D);
+            L.down = matrix(s, down, D, L.gate.rows);
+            I_max = std::max(I_max, L.gate.rows);
+        }
+        if (s.at(router).defined()) {
+            TORCH_CHECK_VALUE(m.E > 0 && m.I_moe > 0 && 0 < m.K && m.K <= m.E && m.n_group > 0 && m.E % m.n_group == 0
+                                  && 0 < m.topk_group && m.topk_group <= m.n_group,
+                              "decode_step: ", s.name(router), " is given but the config's routing numbers (E ", m.E,
+                              ", K ", m.K, ", groups ", m.n_group, " keeping ", m.topk_group, ") do not fit.");
+            L.moe = 1;
+            L.router = floats(s, router, (int64_t)m.E * D);
+            L.gu = matrix(s, gu, (int64_t)m.E * 2 * m.I_moe, D);
+            L.dn = matrix(s, dn, (int64_t)m.E * D, m.I_moe);
+        }
+        for (const Mat *w : {&L.q_a, &L.q_b, &L.kv_a, &L.kv_b, &L.o, &L.w_ukt, &L.gate, &L.up, &L.down, &L.gu, &L.dn})
+            max_cols = std::max(max_cols, w->cols);
+    }
+    m.max_cols = max_cols;
+    m.I_max = I_max;
+    m.layers = d.layers.data();
+    return d;
+}
+
+int64_t work_floats(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<double> fl, int64_t batch,
+                    int64_t kv_len) {
+    Description d = describe(weights, ints, fl);
+    return dsv2_work_floats(&d.m, (int)batch, (int)kv_len, at::get_num_threads());
+}
+
+at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<double> fl, const at::Tensor &tokens_in,
+                       const at::Tensor &positions_in, int64_t kv_len, at::TensorList cache, const at::Tensor &work) {
+    Description d = describe(weights, ints, fl);
+    Model &m = d.m;
+    TORCH_CHECK_VALUE(!tokens_in.is_floating_point() && !positions_in.is_floating_point(),
+                      "decode_step: tokens and positions must be integer tensors.");
+    const at::Tensor tokens = tokens_in.reshape(-1).to(at::kLong).contiguous();
+    const at::Tensor positions = positions_in.reshape(-1).to(at::kLong).contiguous();
+    const int64_t B = positions.numel();
+    TORCH_CHECK_VALUE(tokens.numel() == B, tokens.numel(), " tokens for ", B,
+                      " positions: give one token per decoding slot.");
+    TORCH_CHECK_VALUE((int64_t)cache.size() == m.n_layers, "this cache does not fit the model: it needs ", m.n_layers,
+                      " contiguous CPU layers of [slots, max_len, ", m.C + m.R, "], not ", cache.size(), ".");
+    const at::Tensor &c0 = cache[0];
+    for (const at::Tensor &c : cache)
+        TORCH_CHECK_VALUE(c.dim() == 3 && c.size(2) == m.C + m.R && c.sizes() == c0.sizes() && c.is_contiguous()
+                              && c.device().is_cpu() && c.scalar_type() == c0.scalar_type()
+                              && (c.scalar_type() == at::kFloat || c.scalar_type() == at::kBFloat16),
+                          "this cache does not fit the model: it needs ", m.n_layers,
+                          " contiguous CPU float32 or bfloat16 layers of [slots, max_len, ", m.C + m.R,
+                          "], not one of ", c.sizes(), ".");
+    const int64_t slots = c0.size(0), max_len = c0.size(1);
+    const int64_t *pos = positions.const_data_ptr<int64_t>(), *tok = tokens.const_data_ptr<int64_t>();
+    bool fits = 0 < B && B <= slots && 0 < kv_len && kv_len <= max_len;
+    for (int64_t b = 0; b < B && fits; b++) fits = 0 <= pos[b] && pos[b] < max_len;
+    TORCH_CHECK_VALUE(fits, "decode positions ", at::IntArrayRef(pos, B), " / length ", kv_len,
+                      " do not fit a cache of ", slots, " slots x ", max_len, " positions.");
+    for (int64_t b = 0; b < B; b++)
+        TORCH_CHECK_VALUE(0 <= tok[b] && tok[b] < m.vocab, "token ids must be in [0, ", m.vocab, "), got ",
+                          at::IntArrayRef(tok, B), ".");
+    m.cache_type = c0.scalar_type() == at::kFloat ? F32 : BF16;
+    const int threads = at::get_num_threads();
+    const int64_t need = dsv2_work_floats(&m, (int)B, (int)kv_len, threads);
+    TORCH_CHECK_VALUE(work.scalar_type() == at::kFloat && work.is_contiguous() && work.device().is_cpu()
+                          && work.numel() >= need,
+                      "decode_step: the work space must be a contiguous float32 CPU tensor of at least ", need,
+                      " elements (torch.ops.dsv2.work_floats says how many).");
+    std::vector<void *> layers;
+    for (const at::Tensor &c : cache) layers.push_back(c.data_ptr());
+    at::Tensor logits = at::empty({B, (int64_t)m.vocab}, tokens.options().dtype(at::kFloat));
+    dsv2_decode(&m, (int)B, tok, pos, (int)kv_len, layers.data(), c0.stride(0), logits.mutable_data_ptr<float>(),
+                work.mutable_data_ptr<float>(), threads);
+    return logits;
+}
+
+std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
+layout() {
+    return {GLOBAL_NAMES, SLOT_NAMES, INT_NAMES, FLOAT_NAMES};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dsv2, m) {
+    m.def("decode_step(Tensor?[] weights, int[] ints, float[] floats, Tensor tokens, Tensor positions, int kv_len, "
+          "Tensor(a!)[] cache, Tensor(b!) work) -> Tensor");
+    m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch, int kv_len) -> int");
+    m.def("layout() -> (str[], str[], str[], str[])", &layout);
+}
+
+TORCH_LIBRARY_IMPL(dsv2, CPU, m) {
+    m.impl("decode_step", &decode_step);
+}
+
+TORCH_LIBRARY_IMPL(dsv2, CompositeExplicitAutograd, m) {
+    m.impl("work_floats", &work_floats);
+}
