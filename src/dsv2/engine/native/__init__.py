@@ -66,6 +66,7 @@ class NativeDecoder:
 
     def __init__(self, model: nn.Module):
         build.load()
+        self._step = torch.ops.dsv2.decode_step.default   # looked up once: the attribute chain costs per step
         self.model = model
         self._copied: list[tuple[torch.Tensor, int]] = []   # (source, its version) of every copy taken
         cfg = model.config
@@ -183,8 +184,8 @@ class NativeDecoder:
             if self._work.numel() < need:
                 self._work = torch.empty(int(need * 1.25) + 1024)
             self._sized = fit
-        return torch.ops.dsv2.decode_step(self.weights, self.ints, self.floats, tokens_B1,
-                                          torch.tensor(positions, dtype=torch.long), kv_len, cache.joint, self._work)
+        return self._step(self.weights, self.ints, self.floats, tokens_B1, torch.tensor(positions, dtype=torch.long),
+                          kv_len, cache.joint, self._work)
 
 
 def _ordered(d: dict, names: list[str]) -> list:

@@ -49,21 +49,23 @@ const std::vector<std::string> GLOBAL_NAMES = {GLOBAL_SLOTS(NAME)}, SLOT_NAMES =
 struct Slots {
     const Weights &list;
     int64_t base;    // first index of this group (0: model-wide; else a layer's)
-    std::string where;
+    int layer;       // -1: model-wide
     const std::vector<std::string> &names;
     at::Tensor at(int i) const {
         std::optional<at::Tensor> t = list.get(base + i);
         return t.has_value() ? *t : at::Tensor();
     }
-    std::string name(int i) const { return where + names[i]; }
+    std::string name(int i) const {   // built only for messages
+        return layer < 0 ? names[i] : "layers." + std::to_string(layer) + "." + names[i];
+    }
 };
 
-int32_t type_of(const at::Tensor &t, const std::string &name) {
+int32_t type_of(const at::Tensor &t, const Slots &s, int i) {
     switch (t.scalar_type()) {
         case at::kFloat: return F32;
         case at::kBFloat16: return BF16;
         case at::kChar: return I8;
-        default: TORCH_CHECK_VALUE(false, "decode_step: ", name, " is ", t.scalar_type(),
+        default: TORCH_CHECK_VALUE(false, "decode_step: ", s.name(i), " is ", t.scalar_type(),
                                    "; the fused step reads float32, bfloat16 or int8 weights.");
     }
 }
@@ -71,23 +73,22 @@ int32_t type_of(const at::Tensor &t, const std::string &name) {
 // Slot i as a [rows, cols] matrix (rows < 0: any), slot i + 1 its int8 row scales.
 Mat matrix(const Slots &s, int i, int64_t rows, int64_t cols) {
     at::Tensor w = s.at(i), sc = s.at(i + 1);
-    const std::string name = s.name(i);
-    TORCH_CHECK_VALUE(w.defined(), "decode_step: ", name, " is missing.");
-    TORCH_CHECK_VALUE(w.device().is_cpu(), "decode_step: ", name, " is on ", w.device(), "; the fused step runs on CPU.");
-    TORCH_CHECK_VALUE(w.dim() == 2 && (rows < 0 || w.size(0) == rows) && w.size(1) == cols, "decode_step: ", name,
+    TORCH_CHECK_VALUE(w.defined(), "decode_step: ", s.name(i), " is missing.");
+    TORCH_CHECK_VALUE(w.device().is_cpu(), "decode_step: ", s.name(i), " is on ", w.device(), "; the fused step runs on CPU.");
+    TORCH_CHECK_VALUE(w.dim() == 2 && (rows < 0 || w.size(0) == rows) && w.size(1) == cols, "decode_step: ", s.name(i),
                       " has shape ", w.sizes(), " but the config needs [", rows < 0 ? "any" : std::to_string(rows),
                       ", ", cols, "].");
-    TORCH_CHECK_VALUE(w.stride(1) == 1 && w.stride(0) >= cols, "decode_step: ", name,
+    TORCH_CHECK_VALUE(w.stride(1) == 1 && w.stride(0) >= cols, "decode_step: ", s.name(i),
                       " must have contiguous rows (call .contiguous() on it).");
-    Mat m{w.data_ptr(), nullptr, w.stride(0), type_of(w, name), (int32_t)w.size(0), (int32_t)cols};
+    Mat m{w.data_ptr(), nullptr, w.stride(0), type_of(w, s, i), (int32_t)w.size(0), (int32_t)cols};
     if (m.type == I8) {
         TORCH_CHECK_VALUE(sc.defined() && sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.device().is_cpu()
                               && sc.numel() == w.size(0),
-                          "decode_step: int8 ", name, " needs ", w.size(0), " contiguous float32 row scales in ",
+                          "decode_step: int8 ", s.name(i), " needs ", w.size(0), " contiguous float32 row scales in ",
                           s.name(i + 1), ".");
         m.scale = sc.const_data_ptr<float>();
     } else {
-        TORCH_CHECK_VALUE(!sc.defined(), "decode_step: ", name, " is ", w.scalar_type(), ", so ", s.name(i + 1),
+        TORCH_CHECK_VALUE(!sc.defined(), "decode_step: ", s.name(i), " is ", w.scalar_type(), ", so ", s.name(i + 1),
                           " must be None (row scales go with int8 weights only).");
     }
     return m;
@@ -127,7 +128,7 @@ Description describe(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<
                       weights.size(), " weight slots for ", m.n_layers, " layers; expected ",
                       N_GLOBAL + (int64_t)m.n_layers * N_SLOT, " (see torch.ops.dsv2.layout()).");
     const int D = m.D, QK = m.N + m.R, CR = m.C + m.R;
-    Slots g{weights, 0, "", GLOBAL_NAMES};
+    Slots g{weights, 0, -1, GLOBAL_NAMES};
     m.inv_freq = floats(g, inv_freq, m.R / 2);
     m.embed = matrix(g, embed, m.vocab, D);
     m.head = matrix(g, head, m.vocab, D);
@@ -138,7 +139,7 @@ Description describe(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<
     for (int l = 0; l < m.n_layers; l++) {
         Layer &L = d.layers[l];
         L = Layer{};
-        Slots s{weights, N_GLOBAL + (int64_t)l * N_SLOT, "layers." + std::to_string(l) + ".", SLOT_NAMES};
+        Slots s{weights, N_GLOBAL + (int64_t)l * N_SLOT, l, SLOT_NAMES};
         L.in_norm = floats(s, in_norm, D);
         L.post_norm = floats(s, post_norm, D);
         L.kv_a_norm = floats(s, kv_a_norm, m.C);
