@@ -61,7 +61,7 @@ def make_checkpoint(path: Path, preset: str) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from dsv2 import ModelConfig
+    from dsv2 import ModelConfig, save_pretrained
     from dsv2.model import DeepseekV2
     cfg = ModelConfig.from_preset(preset)
     texts = [f.read_text(errors="ignore") for f in sorted((ROOT / "src").rglob("*.py"))]
@@ -76,7 +76,7 @@ def make_checkpoint(path: Path, preset: str) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": specials[0], "eos_token": specials[1]}))
     model = DeepseekV2(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
-    model.save_pretrained(path, tokenizer_dir=path)
+    save_pretrained(model, path, tokenizer_dir=path)
 
 
 def free_port() -> int:

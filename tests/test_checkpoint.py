@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def x(seed=0):
 
 def test_sharded_save_round_trips(hf_checkpoint, tmp_path):
     model = dsv2.load_pretrained(hf_checkpoint("v2"))
-    model.save_pretrained(tmp_path, max_shard_bytes=60_000)
+    dsv2.save_pretrained(model, tmp_path, max_shard_bytes=60_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 2 and all((tmp_path / f).exists() for f in files)
@@ -82,7 +83,9 @@ def test_missing_files_are_named(hf_checkpoint, tmp_path):
         dsv2.load_pretrained(tmp_path / "nowhere")
     shutil.copytree(hf_checkpoint("v2"), tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no \\*.safetensors files"):
+    save_file({"w": torch.zeros(2)}, tmp_path / "m" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors.*"
+                                              "holds: adapter_model.safetensors, config.json"):
         dsv2.load_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-1.safetensors is listed .* but missing"):
@@ -105,3 +108,36 @@ def test_loading_builds_on_meta_and_fills_in_place(hf_checkpoint, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
     model = checkpoint.load_pretrained(hf_checkpoint("v2"))
     assert allocated == [model.num_params()]
+
+
+def test_a_stray_safetensors_beside_the_weights_is_not_loaded(hf_checkpoint, tmp_path):
+    """transformers' rule: the index, else model.safetensors; an adapter file beside them is not a weight."""
+    shutil.copytree(hf_checkpoint("v2"), tmp_path / "m")
+    save_file({"base_model.model.lora_A.weight": torch.zeros(4, 2)}, tmp_path / "m" / "adapter_model.safetensors")
+    assert torch.equal(dsv2.load_pretrained(tmp_path / "m")(x()), dsv2.load_pretrained(hf_checkpoint("v2"))(x()))
+    dsv2.save_pretrained(dsv2.load_pretrained(tmp_path / "m"), tmp_path / "s", max_shard_bytes=60_000)
+    save_file({"stray": torch.zeros(2)}, tmp_path / "s" / "reference.safetensors")
+    assert torch.equal(dsv2.load_pretrained(tmp_path / "s")(x()), dsv2.load_pretrained(hf_checkpoint("v2"))(x()))
+
+
+def test_a_crash_between_writing_and_swapping_leaves_the_old_weights(hf_checkpoint, tmp_path, monkeypatch):
+    from dsv2 import checkpoint
+    old = dsv2.load_pretrained(hf_checkpoint("v2"))
+    dsv2.save_pretrained(old, tmp_path, max_shard_bytes=60_000)        # sharded, then overwritten unsharded
+    before = sorted(p.name for p in tmp_path.iterdir())
+    new = dsv2.load_pretrained(hf_checkpoint("v2"))
+    with torch.no_grad():
+        new.embed_tokens.weight.mul_(2)
+
+    def crash(staged):
+        assert all(Path(tmp).exists() for tmp, _ in staged)            # everything new was written first
+        raise KeyboardInterrupt("killed between write and swap")
+    monkeypatch.setattr(checkpoint, "_swap", crash)
+    with pytest.raises(KeyboardInterrupt):
+        dsv2.save_pretrained(new, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before       # no temporary file left behind
+    assert torch.equal(dsv2.load_pretrained(tmp_path)(x()), old(x()))
+    monkeypatch.undo()
+    dsv2.save_pretrained(new, tmp_path)                               # then the real thing: swap, delete stale
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(dsv2.load_pretrained(tmp_path)(x()), new(x()))

@@ -81,18 +81,25 @@ def dsv2_to_hf(name: str, tensor: torch.Tensor):
 
 # ----------------------------------------------------------------------------- load
 def _shard_files(path: Path) -> list[Path]:
+    """The weight files, chosen as transformers does: the index, else `model.safetensors`.
+
+    Other `*.safetensors` beside them (an adapter, a reference copy) are not weights of this
+    model and are left alone."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
         files = sorted({path / f for f in weight_map.values()})
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {path}: dsv2 loads Hugging Face safetensors checkpoints.")
-    for f in files:
-        if not f.exists():
-            raise CheckpointError(f"checkpoint shard {f} is listed in model.safetensors.index.json but missing.")
-    return files
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"checkpoint shard {f} is listed in model.safetensors.index.json but missing.")
+        if not files:
+            raise CheckpointError(f"{index} lists no weight files (its weight_map is empty).")
+        return files
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    present = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    raise CheckpointError(f"{path} has neither model.safetensors.index.json nor model.safetensors, the files a "
+                          f"Hugging Face checkpoint keeps its weights in; it holds: {', '.join(present) or 'nothing'}.")
 
 
 def _checkpoint_dtype(path: Path) -> torch.dtype:
@@ -171,7 +178,14 @@ def _target_view(p: torch.Tensor, part: str | None, e: int | None) -> torch.Tens
 # ----------------------------------------------------------------------------- save
 def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                     max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json, generation_config.json and safetensors shards (each file atomically)."""
+    """Write config.json, generation_config.json and safetensors shards that transformers loads.
+
+    Order matters for a folder that already holds a checkpoint: every new file is written
+    under a temporary name first, then renamed into place (shards before the index and
+    config that point at them), and only then are stale shards of the old layout deleted.
+    A crash while writing leaves the old checkpoint loadable; never a folder without weights.
+    """
+    _refuse_decode_only(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -181,6 +195,47 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: s
             continue
         for key, v in dsv2_to_hf(name, t):
             state[key] = v.detach().to("cpu").contiguous()
+    shards = _split(state, max_shard_bytes)
+    dtype = next(model.parameters()).dtype
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    files: dict[str, object] = {}       # final name -> writer(tmp_path), in the order they are swapped in
+    if len(shards) == 1:
+        files["model.safetensors"] = lambda p: save_file(shards[0], p, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            files[fname] = lambda p, s=shard: save_file(s, p, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        files["model.safetensors.index.json"] = _json_writer({"metadata": {"total_size": total},
+                                                              "weight_map": weight_map})
+    files["config.json"] = _json_writer(cfg.to_hf_dict() | {"torch_dtype": str(dtype).split(".")[-1]})
+    files["generation_config.json"] = _json_writer(gen)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            src = Path(tokenizer_dir) / name
+            if src.exists() and src.resolve() != (path / name).resolve():
+                files[name] = lambda p, s=src: shutil.copyfile(s, p)
+    staged = _stage(path, files)
+    try:
+        _swap(staged)
+    finally:                            # an interrupted swap leaves no temporary file behind
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+    _delete_stale(path, keep=set(files))
+
+
+def _refuse_decode_only(model) -> None:
+    """Matrices quantized for decoding (int8 rows + scales) are not a checkpoint transformers reads."""
+    quantized = getattr(model, "quantized", None) or next(
+        (str(t.dtype).split(".")[-1] for t in model.state_dict().values() if not t.is_floating_point()), None)
+    if quantized:
+        raise ValueError(f"this model's matrices are {quantized} for decoding and cannot be saved as a "
+                         "checkpoint; save the float model it was quantized from.")
+
+
+def _split(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):
@@ -190,44 +245,41 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: s
             size = 0
         shards[-1][key] = state[key]
         size += nbytes
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-        old.unlink()
-    if len(shards) == 1:
-        _atomic(path / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(path / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        _write_json(path / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
-    dtype = next(model.parameters()).dtype
-    _write_json(path / "config.json", cfg.to_hf_dict() | {"torch_dtype": str(dtype).split(".")[-1]})
-    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-    _write_json(path / "generation_config.json", gen)
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            src = Path(tokenizer_dir) / name
-            if src.exists() and src.resolve() != (path / name).resolve():
-                _atomic(path / name, lambda p, s=src: shutil.copyfile(s, p))
+    return shards
 
 
-def _atomic(dest: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
+def _stage(path: Path, files: dict) -> list[tuple[str, Path]]:
+    """Write every file under a temporary name in `path`; on any failure remove them all."""
+    staged: list[tuple[str, Path]] = []
     try:
-        write(tmp)
-        os.replace(tmp, dest)
+        for name, write in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            staged.append((tmp, path / name))
+            write(tmp)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
+    return staged
 
 
-def _write_json(dest: Path, obj) -> None:
-    _atomic(dest, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+def _swap(staged: list[tuple[str, Path]]) -> None:
+    for tmp, dest in staged:
+        os.replace(tmp, dest)
+
+
+def _delete_stale(path: Path, keep: set[str]) -> None:
+    """Weights of the previous layout that the new one does not use: the index first, so the
+    folder never points at deleted shards."""
+    stale = [p for p in path.glob("model.safetensors.index.json") if p.name not in keep]
+    stale += [p for p in path.glob("model*.safetensors") if p.name not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+
+
+def _json_writer(obj):
+    return lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 __all__ = ["load_pretrained", "save_pretrained", "CheckpointError", "ConfigError", "HF_KEYS"]

@@ -21,7 +21,7 @@ VERBS = {
     "demo": "dsv2.demo",
     "tokenizer": "dsv2.data.bpe",
     "data": "dsv2.data.shards",
-    "pretrain": "dsv2.train.cli",
+    "pretrain": "dsv2.pretrain",
     "export": "dsv2.distributed.cli",
     "plot": "dsv2.train.plot",
     "serve": "dsv2.serve.cli",
@@ -69,13 +69,13 @@ def _add_convert(sub) -> None:
 
 
 def _convert(args) -> int:
-    from .checkpoint import load_pretrained
+    from .checkpoint import load_pretrained, save_pretrained
     from .tokenizer import Tokenizer
     model = load_pretrained(args.src, dtype=args.dtype)
     tok_dir = args.src if _has_tokenizer(args.src) else None
     if tok_dir:
         Tokenizer(tok_dir).check_fits(model.config.vocab_size)
-    model.save_pretrained(args.dst, tokenizer_dir=tok_dir, max_shard_bytes=int(args.shard_gb * 2**30))
+    save_pretrained(model, args.dst, tokenizer_dir=tok_dir, max_shard_bytes=int(args.shard_gb * 2**30))
     print(f"wrote {args.dst} ({model.num_params():,} parameters)")
     return 0
 

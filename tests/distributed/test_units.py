@@ -11,7 +11,8 @@ from dsv2.config import ModelConfig
 from dsv2.distributed import checkpoint as dcp_ckpt
 from dsv2.distributed.expert_parallel import in_domains
 from dsv2.distributed.grad_norm import clip_grad_norm_
-from dsv2.distributed.launch import per_rank_config, relaunch
+from dsv2.launch import relaunch
+from dsv2.distributed.launch import per_rank_config
 from dsv2.distributed.memory import estimate
 from dsv2.distributed.mesh import Layout, init_layout
 from dsv2.model import DeepseekV2

@@ -42,7 +42,7 @@ def checkpoint(vocab_size: int = 384) -> Path:
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.1)
-    model.save_pretrained(out)
+    dsv2.save_pretrained(model, out)
     return out
 
 

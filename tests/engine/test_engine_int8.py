@@ -85,4 +85,4 @@ def test_widths_the_kernel_cannot_take_use_widened_weights(tmp_path):
             a, b = ref(x), q(x)
             assert (a - b).abs().max() <= 0.02 * (a.max() - a.min())
     with pytest.raises(ValueError, match="cannot be saved"):
-        q.save_pretrained(tmp_path)
+        dsv2.save_pretrained(q, tmp_path)

@@ -61,7 +61,7 @@ def test_load_transformers_checkpoint_matches_logits(hf_checkpoint, variant):
 def test_saved_checkpoint_loads_in_transformers(hf_checkpoint, tmp_path, variant):
     from transformers import AutoModelForCausalLM
     ours = dsv2.load_pretrained(hf_checkpoint(variant))
-    ours.save_pretrained(tmp_path)
+    dsv2.save_pretrained(ours, tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = ids(seed=2)
     with torch.no_grad(), reference(variant):
@@ -75,7 +75,7 @@ def test_fresh_dsv2_model_round_trips_through_transformers(tmp_path):
         type="yarn", factor=4.0, original_max_position_embeddings=32, mscale=0.707, mscale_all_dim=0.707))
     torch.manual_seed(0)
     ours = dsv2.DeepseekV2(cfg).eval()
-    ours.save_pretrained(tmp_path)
+    dsv2.save_pretrained(ours, tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = ids(vocab=256, seq=64)
     with torch.no_grad():

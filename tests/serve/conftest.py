@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A checkpoint folder named 'tiny-chat': config.json, model.safetensors, tokenizer files."""
-    from dsv2 import ModelConfig, Tokenizer
+    from dsv2 import ModelConfig, Tokenizer, save_pretrained
     from dsv2.model import DeepseekV2
     path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
     path.mkdir()
@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = DeepseekV2(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
-    model.save_pretrained(path, tokenizer_dir=path)
+    save_pretrained(model, path, tokenizer_dir=path)
     return path
 
 

@@ -17,35 +17,35 @@ CASES = [
     ("empty body", "/v1/completions", b"", 400, "empty", None),
     ("body not an object", "/v1/completions", [1, 2], 400, "JSON object", None),
     ("unknown model", "/v1/completions", GOOD | {"model": "gpt-4"}, 404, "does not exist", "model"),
-    ("missing prompt", "/v1/completions", {"model": MODEL}, 422, "required", "prompt"),
-    ("wrong type", "/v1/completions", GOOD | {"max_tokens": "ten"}, 422, "integer", "max_tokens"),
-    ("unknown field", "/v1/completions", GOOD | {"max_token": 5}, 422, "unknown field", "max_token"),
-    ("temperature out of range", "/v1/completions", GOOD | {"temperature": 5}, 422, "2", "temperature"),
-    ("top_p out of range", "/v1/completions", GOOD | {"top_p": 0}, 422, "greater than 0", "top_p"),
-    ("negative max_tokens", "/v1/completions", GOOD | {"max_tokens": -1}, 422, "greater than", "max_tokens"),
-    ("max_tokens over the limit", "/v1/completions", GOOD | {"max_tokens": 10_000}, 422, "at most", "max_tokens"),
-    ("n out of range", "/v1/completions", GOOD | {"n": 0}, 422, "greater than", "n"),
-    ("empty prompt", "/v1/completions", GOOD | {"prompt": ""}, 422, "empty", "prompt"),
-    ("token id outside vocab", "/v1/completions", GOOD | {"prompt": [1, 99999]}, 422, "vocabulary", "prompt"),
-    ("too many stops", "/v1/completions", GOOD | {"stop": list("abcde")}, 422, "at most 4", "stop"),
-    ("unsupported penalty", "/v1/completions", GOOD | {"presence_penalty": 1.0}, 422, "not supported", None),
-    ("logprobs over 5", "/v1/completions", GOOD | {"logprobs": 6}, 422, "less than or equal to 5", "logprobs"),
+    ("missing prompt", "/v1/completions", {"model": MODEL}, 400, "required", "prompt"),
+    ("wrong type", "/v1/completions", GOOD | {"max_tokens": "ten"}, 400, "integer", "max_tokens"),
+    ("unknown field", "/v1/completions", GOOD | {"max_token": 5}, 400, "unknown field", "max_token"),
+    ("temperature out of range", "/v1/completions", GOOD | {"temperature": 5}, 400, "2", "temperature"),
+    ("top_p out of range", "/v1/completions", GOOD | {"top_p": 0}, 400, "greater than 0", "top_p"),
+    ("negative max_tokens", "/v1/completions", GOOD | {"max_tokens": -1}, 400, "greater than", "max_tokens"),
+    ("max_tokens over the limit", "/v1/completions", GOOD | {"max_tokens": 10_000}, 400, "at most", "max_tokens"),
+    ("n out of range", "/v1/completions", GOOD | {"n": 0}, 400, "greater than", "n"),
+    ("empty prompt", "/v1/completions", GOOD | {"prompt": ""}, 400, "empty", "prompt"),
+    ("token id outside vocab", "/v1/completions", GOOD | {"prompt": [1, 99999]}, 400, "vocabulary", "prompt"),
+    ("too many stops", "/v1/completions", GOOD | {"stop": list("abcde")}, 400, "at most 4", "stop"),
+    ("unsupported penalty", "/v1/completions", GOOD | {"presence_penalty": 1.0}, 400, "not supported", None),
+    ("logprobs over 5", "/v1/completions", GOOD | {"logprobs": 6}, 400, "less than or equal to 5", "logprobs"),
     ("prompt longer than context", "/v1/completions", GOOD | {"prompt": [5] * (MAX_LEN + 10)}, 400,
      "context", "prompt"),
     ("prompt + max_tokens over context", "/v1/completions", GOOD | {"prompt": [5] * (MAX_LEN - 10), "max_tokens": 20},
      400, "lower max_tokens", "max_tokens"),
     ("body over the size limit", "/v1/completions", GOOD | {"prompt": "x" * (MAX_BODY + 1)}, 413, "limit", None),
-    ("empty messages", "/v1/chat/completions", CHAT | {"messages": []}, 422, "at least 1", "messages"),
-    ("bad role", "/v1/chat/completions", CHAT | {"messages": [{"role": "robot", "content": "x"}]}, 422,
+    ("empty messages", "/v1/chat/completions", CHAT | {"messages": []}, 400, "at least 1", "messages"),
+    ("bad role", "/v1/chat/completions", CHAT | {"messages": [{"role": "robot", "content": "x"}]}, 400,
      "system", "messages.0.role"),
-    ("message without content", "/v1/chat/completions", CHAT | {"messages": [{"role": "user"}]}, 422,
+    ("message without content", "/v1/chat/completions", CHAT | {"messages": [{"role": "user"}]}, 400,
      "required", "messages.0.content"),
-    ("top_logprobs without logprobs", "/v1/chat/completions", CHAT | {"top_logprobs": 2}, 422, "logprobs: true",
+    ("top_logprobs without logprobs", "/v1/chat/completions", CHAT | {"top_logprobs": 2}, 400, "logprobs: true",
      None),
-    ("top_logprobs over 20", "/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 21}, 422,
+    ("top_logprobs over 20", "/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 21}, 400,
      "less than or equal to 20", "top_logprobs"),
     ("stream_options without stream", "/v1/chat/completions", CHAT | {"stream_options": {"include_usage": True}},
-     422, "stream", None),
+     400, "stream", None),
     ("unknown route", "/v1/embeddings", GOOD, 404, "no route", None),
 ]
 
@@ -66,6 +66,19 @@ def test_api_key_required(server, key):
     status, payload = post(server.url, "/v1/completions", GOOD, key=key)
     assert status == 401 and payload["error"]["type"] == "authentication_error"
     assert "API key" in payload["error"]["message"]
+
+
+INVALID = [c for c in CASES if c[3] == 400 and isinstance(c[2], dict)]
+
+
+@pytest.mark.parametrize("what,path,body,status,word,param", INVALID, ids=[c[0] for c in INVALID])
+def test_openai_client_raises_bad_request_for_each_invalid_request(client, what, path, body, status, word, param):
+    """What users' code catches: the SDK maps 400 to BadRequestError and keeps our message."""
+    import httpx
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post(path.removeprefix("/v1"), body=body, cast_to=httpx.Response)
+    assert word.lower() in e.value.message.lower() and e.value.body["type"] == "invalid_request_error"
 
 
 def test_openai_client_sees_typed_errors(client):

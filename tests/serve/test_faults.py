@@ -53,7 +53,7 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
         assert metrics(server)["dsv2_cache_slots_used"] >= 1
         stream.close()                      # the client hangs up mid-stream
         for body in (b"{not json", {"model": MODEL, "prompt": [5] * 999}, {"model": MODEL, "prompt": "x", "n": 99}):
-            assert post(server.url, "/v1/completions", body)[0] in (400, 422)    # bad requests meanwhile
+            assert post(server.url, "/v1/completions", body)[0] == 400    # bad requests meanwhile
         after = wait_for(server, lambda m: m.get(CANCELLED, 0) == before.get(CANCELLED, 0) + 1)
         assert bystander.result(timeout=60).choices[0].text == want
     after = wait_for(server, lambda m: m["dsv2_cache_slots_used"] == 0 and m["dsv2_running_requests"] == 0)

@@ -74,3 +74,19 @@ def test_checkpoints_are_atomic_and_keep_last_k(tmp_path):
     s = S(0)
     ck.load(ck.latest(), {"s": s})
     assert s.v == 3
+
+
+def test_resume_after_a_corrupt_metrics_line(data_dir, tmp_path, tiny_overrides, capsys):
+    """Two writers once tore a line (a NUL byte): the resume reports it by number and goes on."""
+    _run(tiny_overrides, data_dir, tmp_path, 4, stop_at=2)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"kind": "train", "step": 1, "loss_nats": 6.0}\n\x00{"kind": "tra\n'
+                       '{"kind": "train", "step": 2, "loss_nats": 5.9}\n')
+    capsys.readouterr()
+    done = _run(tiny_overrides, data_dir, tmp_path, 4, resume="auto")
+    assert done.state.step == 4
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "metrics.jsonl" in ln]
+    assert len(err) == 1 and "line 2 is not a JSON record" in err[0]
+    records = [json.loads(ln) for ln in metrics.read_text().splitlines()]   # every line parses again
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob(".metrics.jsonl.*"))                      # the rewrite left no temp file

@@ -175,10 +175,11 @@ def load_model(path: str | os.PathLike, model: nn.Module, optimizer=None) -> Non
 def export_hf(path: str | os.PathLike, cfg, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
               tokenizer_dir: str | None = None) -> Path:
     """Write a DCP checkpoint (from any layout) as a Hugging Face directory. Runs in one process."""
+    from ..checkpoint import save_pretrained
     from ..model import DeepseekV2
     model = DeepseekV2(cfg)
     load_model(path, model)
     if dtype is not None:
         model.to(dtype)
-    model.save_pretrained(out_dir, tokenizer_dir=tokenizer_dir)
+    save_pretrained(model, out_dir, tokenizer_dir=tokenizer_dir)
     return Path(out_dir)

@@ -1,13 +1,14 @@
-"""`dsv2 pretrain` on many processes: torchrun entry, `--nproc N` convenience, the trainer's seams.
+"""One rank of a distributed training run: the layout, the trainer's seams, export from the ranks.
 
     torchrun --nproc-per-node 4 -m dsv2 pretrain --config tiny --ep 2 data.dir=runs/data      # 1 machine
     dsv2 pretrain --config tiny --nproc 4 --ep 2 data.dir=runs/data                           # same, CPU/GPU
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
              -m dsv2 pretrain --config my.yaml --ep 8                                         # 2 machines
 
-`--nproc N` re-runs the same command under `python -m torch.distributed.run --standalone`
-(a free port on this machine). Under torchrun every process builds the same model, and
-the single-process Trainer (dsv2.train) runs unchanged through its seams:
+`dsv2.launch` starts the processes (`--nproc N` re-runs the command under
+`python -m torch.distributed.run --standalone`) and hands this module the trainer class.
+Under torchrun every process builds the same model, and the single-process trainer
+(dsv2.train) runs unchanged through its seams:
 
     parallelize     dsv2.distributed.parallelize (EP, checkpointing, compile, FSDP2)
     count_targets   all_reduce SUM: every rank divides its CE by the GLOBAL target count
@@ -26,13 +27,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import subprocess
-import sys
 
 import torch
 import torch.distributed as dist
 
-from ..train.loop import Trainer
+from ..checkpoint import save_pretrained
 from .checkpoint import DCPCheckpointer
 from .grad_norm import clip_grad_norm_
 from .memory import describe
@@ -40,35 +39,11 @@ from .mesh import Layout, init_layout, log0, seed_rank, shutdown
 from .parallelize import parallelize
 
 
-def relaunch(args, argv: list[str]) -> int:
-    """Run `dsv2 <argv minus --nproc>` under torchrun with args.nproc processes; returns its exit code."""
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "dsv2", *rest]
-    print("launching: " + " ".join(cmd[2:]), flush=True)
-    return subprocess.call(cmd)
-
-
-def run(args, cfg, argv: list[str] | None = None) -> int:
-    """`dsv2 pretrain` with the distributed flags: relaunch under torchrun, or be one of its ranks."""
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if args.ep < 1 or args.nproc % args.ep:
-            raise ValueError(f"--ep {args.ep} must divide --nproc {args.nproc}; choose an EP size among "
-                             f"{[d for d in range(1, args.nproc + 1) if args.nproc % d == 0]}.")
-        return relaunch(args, argv if argv is not None else sys.argv[1:])
+def run(args, cfg, trainer_cls) -> int:
+    """Be one rank of a torchrun job (or the one process of an EP-1 / DCP run) training `trainer_cls`."""
     layout = init_layout(args.ep, device=None if cfg.device == "auto" else cfg.device)
     try:
-        result = train(cfg, layout, resume=args.resume, activation_checkpointing=args.ac,
+        result = train(cfg, layout, trainer_cls, resume=args.resume, activation_checkpointing=args.ac,
                        param_dtype=torch.bfloat16 if args.fsdp_bf16 else None, meta_init=args.meta_init)
         val = result["val_loss"]
         log0(f"done: step {result['step']}" + (f", val loss {val:.4f} nats" if val is not None else ""), layout=layout)
@@ -90,8 +65,8 @@ def per_rank_config(cfg, layout: Layout):
     return cfg
 
 
-class DistributedTrainer(Trainer):
-    """The single-process Trainer, with each step's reported scalars made global (all-reduced).
+class GlobalScalars:
+    """Mixed in front of a single-process trainer: each step's reported scalars made global (all-reduced).
 
     Only what is printed and written to metrics changes: the LM loss (each rank holds its
     share of the global mean, so shares add up), the balance losses (per-rank means over
@@ -118,9 +93,15 @@ class DistributedTrainer(Trainer):
         return out
 
 
-def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointing: bool = False,
+def distributed(trainer_cls: type) -> type:
+    """trainer_cls with its reported scalars all-reduced (GlobalScalars first in the MRO)."""
+    return type(f"Distributed{trainer_cls.__name__}", (GlobalScalars, trainer_cls), {})
+
+
+def train(cfg, layout: Layout, trainer_cls: type, resume: str | None = None, activation_checkpointing: bool = False,
           param_dtype: torch.dtype | None = None, meta_init: bool = False) -> dict:
-    """Run the Trainer as one rank of `layout` (or as one plain process); returns fit()'s result."""
+    """Run `trainer_cls` as one rank of `layout` (or as one plain process), handed its parallel
+    setup through the constructor's seams; returns fit()'s result."""
     compile_blocks = cfg.compile
     cfg.compile = False               # compiled per block inside parallelize(), inside the FSDP hooks
     export = cfg.export and layout.distributed
@@ -144,7 +125,7 @@ def train(cfg, layout: Layout, resume: str | None = None, activation_checkpointi
         return model
 
     reseed = functools.partial(seed_rank, cfg.seed, layout.rank) if layout.distributed else None
-    trainer = DistributedTrainer(
+    trainer = distributed(trainer_cls)(
         cfg, layout, parallelize=parallelize_then_seed, init_device=torch.device("meta") if meta_init else None,
         checkpointer=DCPCheckpointer(os.path.join(cfg.out_dir, "checkpoints"), cfg.keep_last, reseed=reseed),
         count_targets=functools.partial(_all_sum_int, device=layout.device) if layout.distributed else None,
@@ -177,7 +158,7 @@ def export_from_ranks(trainer, layout: Layout):
         plain = DeepseekV2(trainer.model.config)   # fresh init (incl. rope buffers), then overwritten
         plain.load_state_dict(full)
         tok = trainer.card.get("tokenizer")
-        plain.save_pretrained(path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
+        save_pretrained(plain, path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
         log0(f"exported {path}", layout=layout)
     dist.barrier()
     return path

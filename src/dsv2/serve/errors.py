@@ -1,11 +1,13 @@
 """OpenAI-style errors: every failure is `{"error": {"message", "type", "param", "code"}}`.
 
 Clients (the `openai` SDK included) read `error.message`, so each message is one sentence
-naming what is wrong and how to fix it. Status codes:
-    400 malformed JSON, a prompt longer than the context, unsupported combinations
+naming what is wrong and how to fix it. Status codes are OpenAI's (and vLLM's), so the
+`openai` client raises the exception users catch (400 -> `BadRequestError`):
+    400 `invalid_request_error`: malformed JSON; a field missing, unknown, of the wrong type,
+        empty or out of range; a prompt longer than the context; unsupported parameters
     401 missing or wrong API key              404 unknown model or route
-    413 request body over the size limit      422 a field of the wrong type or out of range
-    429 the waiting queue is full             503 the engine failed or is shutting down
+    413 request body over the size limit      429 the waiting queue is full
+    503 the engine failed or is shutting down
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
@@ -37,18 +39,19 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def validation_error(errors: list[dict]) -> APIError:
-    """The first pydantic validation problem as one 422 sentence naming the field."""
+    """The first pydantic validation problem as one 400 sentence naming the field (FastAPI's
+    default would be 422, which OpenAI's API never returns)."""
     err = errors[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "missing":
-        return APIError(422, f"'{param}' is required.", param)
+        return APIError(400, f"'{param}' is required.", param)
     if kind == "extra_forbidden":
-        return APIError(422, f"unknown field '{param}'; remove it (the OpenAI API reference lists the fields).", param)
+        return APIError(400, f"unknown field '{param}'; remove it (the OpenAI API reference lists the fields).", param)
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     where = f"'{param}': " if param else ""
-    return APIError(422, f"{where}{msg}.", param)
+    return APIError(400, f"{where}{msg}.", param)
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -89,7 +89,7 @@ def prompt_ids(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_
             continue
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
-            raise APIError(422, f"'prompt': token id {bad[0]} is outside the vocabulary [0, {vocab_size}).", "prompt")
+            raise APIError(400, f"'prompt': token id {bad[0]} is outside the vocabulary [0, {vocab_size}).", "prompt")
         out.append(list(prompt))
     return out
 
@@ -103,7 +103,7 @@ def max_new_tokens(req, n_prompt: int, limits: Limits) -> int:
     if req.max_tokens is None:
         return min(limits.default_max_tokens, ctx - n_prompt)
     if req.max_tokens > limits.max_tokens_limit:
-        raise APIError(422, f"'max_tokens' is {req.max_tokens} but this server allows at most "
+        raise APIError(400, f"'max_tokens' is {req.max_tokens} but this server allows at most "
                             f"{limits.max_tokens_limit}; ask for fewer.", "max_tokens")
     if n_prompt + req.max_tokens > ctx:
         raise APIError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({req.max_tokens}) is more than "
@@ -145,7 +145,7 @@ async def prepare(request: Request, kind: type, limits: Limits, tokenizer, vocab
     req = parse(kind, await read_json(request, limits), limits)
     prompts = prompt_ids(req, tokenizer, vocab_size)
     if len(prompts) * req.n > MAX_CHOICES:
-        raise APIError(422, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} choices; this server "
+        raise APIError(400, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} choices; this server "
                             f"answers at most {MAX_CHOICES} per request.", "prompt")
     max_new = [max_new_tokens(req, len(ids), limits) for ids in prompts]
     jobs, events = make_jobs(req, prompts, max_new)

@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the server speaks, as pydantic models.
 
 Requests are strict: an unknown field or a value of the wrong type or out of range is
-rejected (422) with a message naming the field, instead of being silently ignored, so a
+rejected (400) with a message naming the field, instead of being silently ignored, so a
 client typo (`max_token`) never turns into a 16-token default. OpenAI parameters the
 engine cannot honour (penalties, logit_bias, tools, ...) are accepted only at their
 neutral values. `ignore_eos` is an extension (vLLM's name) that load tests use to get an

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..checkpoint import save_pretrained
 from ..config import ModelConfig
 from ..data.loader import TokenLoader
 from ..data.shards import read_card
@@ -257,7 +258,7 @@ class Trainer:
         """The final model as a Hugging Face directory with its tokenizer."""
         path = self.out / "hf"
         tok = self.card.get("tokenizer")
-        self.model.save_pretrained(path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
+        save_pretrained(self.model, path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
         self.print(f"exported {path} (config.json + model.safetensors + tokenizer)")
         return path
 

@@ -7,6 +7,8 @@ Records have a `kind`: "train" (every log_every steps; losses are means over tho
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -38,10 +40,15 @@ class MetricsWriter:
         self.f.write(json.dumps({"kind": kind, "time_s": round(time.time(), 3), **record}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records from steps after the checkpoint, so the file reads as one run."""
+        """On resume: drop records from steps after the checkpoint, so the file reads as one run.
+
+        The rewrite goes through a temporary file and a rename: a crash mid-rewrite keeps the
+        old file whole."""
         self.f.close()
-        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
         self.f = open(self.path, "a", buffering=1)
 
     def close(self) -> None:
@@ -49,7 +56,17 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a metrics file; a line that is not JSON (a torn write, two writers) is
+    reported on stderr with its number and skipped, so one bad line never blocks a resume."""
+    records = []
+    for i, ln in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            records.append(json.loads(ln))
+        except ValueError:
+            print(f"warning: {path} line {i} is not a JSON record ({ln[:40]!r}...); skipping it", file=sys.stderr)
+    return records
 
 
 def _duration(s: float) -> str:
