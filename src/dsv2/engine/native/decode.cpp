@@ -150,7 +150,10 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
  * split across the team (SPLIT) and phases are separated by a spinning barrier. OpenMP's own
  * region starts and barriers sleep under OMP_WAIT_POLICY=PASSIVE (~10-50 us each, ~150 a step);
  * this barrier spins, then yields the core after a while so an oversubscribed machine still
- * makes progress. */
+ * makes progress. The team is whatever OpenMP starts (omp_get_num_threads): called from inside
+ * another parallel region it is one thread and never waits. at::parallel_for would run no
+ * faster (it is the same OpenMP region underneath) and does not promise that its chunks run
+ * at once, which a barrier between phases needs. */
 struct Barrier { std::atomic<int> count{0}, gen{0}; };
 typedef struct { int id, n; Barrier *bar; float *buf; } Team;
 
