@@ -4,12 +4,12 @@
     .venv/bin/python bench/generate.py --dtypes float32 --no-peer
     dsv2 bench                                          # the same, installed
 
-What is measured and how is in dsv2/engine/bench.py's docstring; this file is its entry point.
+What is measured and how is in the docstring of src/dsv2/bench/generate.py; this file is its entry point.
 """
 
 import sys
 
-from dsv2.engine.bench import _args, run
+from dsv2.bench.generate import _args, run
 
 if __name__ == "__main__":
     sys.exit(run(_args()))

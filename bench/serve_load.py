@@ -37,6 +37,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from dsv2.bench.common import percentile, random_checkpoint
+from dsv2.options import add_dtype
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +51,7 @@ def _args(argv=None):
     p.add_argument("--prompt-words", type=int, default=24, help="words per prompt (about as many tokens)")
     p.add_argument("--sequential", type=int, default=8,
                    help="how many of the requests to replay one by one (default 8; 0 = all)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    add_dtype(p, default="float32")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
     p.add_argument("--engine-baseline", action="store_true",
                    help="also time the bare engine (dsv2.LLM.generate, no HTTP) on the same 64 prompts")
@@ -57,28 +60,6 @@ def _args(argv=None):
 
 
 # ------------------------------------------------------------------ model and server
-def make_checkpoint(path: Path, preset: str) -> None:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from dsv2 import ModelConfig, save_pretrained
-    from dsv2.model import DeepseekV2
-    cfg = ModelConfig.from_preset(preset)
-    texts = [f.read_text(errors="ignore") for f in sorted((ROOT / "src").rglob("*.py"))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=min(cfg.vocab_size, 4096), special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": specials[0], "eos_token": specials[1]}))
-    model = DeepseekV2(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    save_pretrained(model, path, tokenizer_dir=path)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,11 +133,6 @@ async def run_phase(url: str, model: str, prompts: list[str], max_tokens: int, c
         return list(results), time.perf_counter() - t0
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-
 def summarize(name: str, results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     gaps = [g for r in results for g in r["gaps_s"]]
@@ -164,7 +140,7 @@ def summarize(name: str, results: list[dict], wall: float) -> dict:
     itl = [r["itl_mean_s"] for r in results]
     out = {"phase": name, "requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
     for label, xs in (("ttft_ms", ttft), ("itl_ms", itl), ("chunk_gap_ms", gaps)):
-        out[label] = {f"p{q}": 1000 * pct(xs, q) for q in (50, 90, 99)} | {"mean": 1000 * statistics.fmean(xs)}
+        out[label] = {f"p{q}": 1000 * percentile(xs, q) for q in (50, 90, 99)} | {"mean": 1000 * statistics.fmean(xs)}
     return out
 
 
@@ -184,7 +160,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"{args.preset}-random"
         ckpt.mkdir()
-        make_checkpoint(ckpt, args.preset)
+        random_checkpoint(ckpt, args.preset, tokenizer=True)
         port = free_port()
         server = start_server(ckpt, port, args, max_len=4 * args.prompt_words + args.max_tokens + 16)
         url, model = f"http://127.0.0.1:{port}", ckpt.name

@@ -36,23 +36,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-
-def random_data(root: Path, vocab: int, tokens: int) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", tokens), ("val", 4096)):
-        rng.integers(2, vocab, n, dtype=np.uint16).tofile(root / f"{split}_00000.bin")
-    card = {"documents": {"train": 1, "val": 1}, "tokens": {"train": tokens, "val": 4096}, "vocab_size": vocab,
-            "dtype": "uint16", "bos_id": 0, "eos_id": 1, "tokenizer": "", "unigram_val_loss": float(np.log(vocab)),
-            "shards": {"train": [{"file": "train_00000.bin", "tokens": tokens}],
-                       "val": [{"file": "val_00000.bin", "tokens": 4096}]}, "skipped": []}
-    (root / "card.json").write_text(json.dumps(card))
-    return root
+from dsv2.bench.common import random_shards, timed
 
 
 def ours(args, data_dir: Path):
@@ -99,17 +87,6 @@ def theirs(args, attn: str, precision: str):
     return step
 
 
-def timed(step, device: str) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds): on a shared CPU the second is steadier."""
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        torch.cuda.synchronize()
-    t, c = time.perf_counter(), time.process_time()
-    step()
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, time.process_time() - c
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
@@ -129,18 +106,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         from dsv2.config import ModelConfig
         vocab = ModelConfig.from_preset(args.preset).vocab_size
-        data_dir = random_data(Path(tmp), vocab, (args.seq + 1) * args.batch * (10 * args.steps + 12))
+        data_dir = random_shards(Path(tmp), vocab, (args.seq + 1) * args.batch * (10 * args.steps + 12))
         our_step, precision, n_params = ours(args, data_dir)
         engines = {"dsv2": our_step}
         if not args.no_peer:
             for attn in ("eager", "sdpa"):
                 engines[f"transformers ({attn})"] = theirs(args, attn, precision)
         times = {name: [] for name in engines}
+        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
         for name, step in engines.items():   # warm-up: allocator, kernels, compile
-            timed(step, args.device)
+            timed(step, cuda)
         for _ in range(args.steps):
             for name, step in engines.items():
-                times[name].append(timed(step, args.device))
+                times[name].append(timed(step, cuda))
     tokens = args.batch * args.seq
     rate = {name: tokens / statistics.median(w for w, _ in t) for name, t in times.items()}
     cpu = {name: statistics.median(c for _, c in t) for name, t in times.items()}

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .dtypes import parse_dtype
 from .model import DeepseekV2
 
 
@@ -118,9 +119,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
     cfg = ModelConfig.from_json(path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or _checkpoint_dtype(path)
+    dtype = parse_dtype(dtype) or _checkpoint_dtype(path)
     with torch.device("meta"):
         model = DeepseekV2(cfg)
     model = model.to(dtype).to_empty(device=device)

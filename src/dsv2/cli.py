@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from .options import add_dtype
 
 # verb -> module defining add_parser(subparsers). Order is the order of `dsv2 --help`.
 VERBS = {
@@ -27,7 +30,7 @@ VERBS = {
     "serve": "dsv2.serve.cli",
     "generate": "dsv2.engine.cli",
     "chat": "dsv2.engine.cli",
-    "bench": "dsv2.engine.bench",
+    "bench": "dsv2.bench.generate",
 }
 
 
@@ -38,7 +41,7 @@ def _add_info(sub) -> None:
     src.add_argument("--preset", help="a preset name (see `--list`)")
     src.add_argument("--model", help="a Hugging Face checkpoint directory")
     src.add_argument("--list", action="store_true", help="list the presets")
-    p.add_argument("--dtype", default="bfloat16", help="dtype for the KV-cache bytes (default bfloat16)")
+    add_dtype(p, default="bfloat16")   # the KV-cache bytes' dtype
     p.set_defaults(func=_info)
 
 
@@ -46,6 +49,7 @@ def _info(args) -> int:
     import torch
 
     from .config import ModelConfig, list_presets
+    from .dtypes import parse_dtype
     from .model import DeepseekV2
     if args.list:
         print("\n".join(list_presets()))
@@ -53,7 +57,7 @@ def _info(args) -> int:
     cfg = ModelConfig.from_preset(args.preset) if args.preset else ModelConfig.from_json(args.model)
     with torch.device("meta"):
         model = DeepseekV2(cfg)
-    print(model.summary(getattr(torch, args.dtype)))
+    print(model.summary(parse_dtype(args.dtype)))
     return 0
 
 
@@ -63,7 +67,7 @@ def _add_convert(sub) -> None:
                                    "layout transformers loads, optionally in another dtype or shard size.")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: keep the source's)")
+    add_dtype(p, meaning="keep the source's")
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.set_defaults(func=_convert)
 
@@ -116,5 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """`python -m dsv2` and the `dsv2` script. A torchrun rank leaves through exit_rank (see there)."""
+    code = main()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from .distributed.mesh import exit_rank
+        exit_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

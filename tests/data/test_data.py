@@ -1,13 +1,14 @@
 """Corpus reading, tokenizer training, shards + card, and the loader's exact position."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dsv2.data.bpe import train_tokenizer
-from dsv2.data.corpus import Skipped, iter_documents
+from dsv2.data.corpus import Skipped, default_corpus, iter_documents
 from dsv2.data.loader import TokenLoader
 from dsv2.data.shards import prepare_shards
 from dsv2.tokenizer import Tokenizer
@@ -33,6 +34,19 @@ def test_corpus_reports_and_skips_bad_input(corpus):
     assert any("not valid JSON" in w for w in reasons.values()) and any("'text'" in w for w in reasons.values())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(iter_documents([corpus / "missing"]))
+
+
+def test_default_corpus_is_hand_written_stdlib():
+    """Tests, codec tables and other generated files stay out; ordinary modules stay in."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel = {p.relative_to(root).as_posix() for p in default_corpus()}
+    assert {"argparse.py", "json/decoder.py", "asyncio/events.py"} <= rel
+    assert not {"html/entities.py", "locale.py", "stringprep.py"} & rel
+    for p in rel:
+        parts = p.split("/")
+        assert not {"test", "tests", "idle_test", "encodings", "pydoc_data", "site-packages"} & set(parts[:-1]), p
+        assert not parts[-1].startswith("_sysconfigdata"), p
 
 
 def test_tokenizer_shards_and_card(corpus, tmp_path):

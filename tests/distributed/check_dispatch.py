@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dsv2.distributed.expert_parallel import EPDispatcher, shard_experts
-from dsv2.distributed.mesh import init_layout, shutdown
+from dsv2.distributed.mesh import exit_rank, init_layout, shutdown
 from dsv2.model.moe import GroupedExperts, LocalDispatcher
 
 E, K, D, I = 8, 2, 16, 8
@@ -81,6 +81,7 @@ def main(out_dir: str) -> None:
     if layout.rank == 0:
         open(f"{out_dir}/dispatch_ok", "w").write("ok\n")
     shutdown()
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The user's surface: every verb's --help, `dsv2 demo --fast` end to end, the export loads in transformers."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +35,8 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "step 8/8", "unigram baseline"):
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "step 8/8", "-\ndef", "-\nclass", "-\n    def",
+                  "bits per byte vs the unigram baseline's"):
         assert stage in text
     for png in ("loss", "lr", "balance", "expert_load"):
         assert (out / "pretrain" / "plots" / f"{png}.png").stat().st_size > 1000
@@ -53,3 +56,22 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     ids = torch.tensor([tok("def f(x):\n    return x")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    # held-out bits per byte: the transformers model's summed nll over the val windows, over the
+    # UTF-8 bytes those windows' targets decode to; the unigram figure over the whole val text
+    from dsv2.data.loader import TokenLoader
+    from dsv2.demo import held_out_bits_per_byte
+    from dsv2.tokenizer import Tokenizer
+    card = json.loads((out / "data" / "card.json").read_text())
+    bpb, unigram_bpb = held_out_bits_per_byte(hf_dir, out / "data", 64, card["unigram_val_loss"])
+    val = TokenLoader(out / "data", "val", 64)
+    nll, targets = 0.0, []
+    with torch.no_grad():
+        for rows in val.fixed_batches(val.n_windows, 1):
+            logits = theirs(rows[:, :-1]).logits[0]
+            nll += float(torch.nn.functional.cross_entropy(logits, rows[0, 1:], reduction="sum"))
+            targets += rows[0, 1:].tolist()
+    ours_tok = Tokenizer(hf_dir)
+    assert bpb == pytest.approx(nll / (math.log(2) * len(ours_tok.decode(targets).encode())), rel=2e-3)
+    every = np.concatenate([np.asarray(s) for s in val.shards])
+    val_bytes = len(ours_tok.decode(every.tolist()).encode())
+    assert unigram_bpb == pytest.approx(card["unigram_val_loss"] * every.size / (math.log(2) * val_bytes), rel=1e-6)

@@ -43,3 +43,29 @@ def test_a_stale_lock_is_detected_and_taken_over(tmp_path, capsys):
     assert lock.fd is None and (tmp_path / ".lock").read_text() == ""
     with RunLock(tmp_path):                        # released cleanly: no stale notice the next time
         assert "left by PID" not in capsys.readouterr().err
+
+
+def test_the_launcher_runs_any_trainer_class_holding_the_lock(tmp_path, capsys):
+    """dsv2.launch is generic: a trainer class built from the config, fit() under the run folder's lock."""
+    import argparse
+    import types
+
+    from dsv2.launch import launch
+    seen = {}
+
+    class Objective:
+        def __init__(self, cfg):
+            seen["cfg"] = cfg
+
+        def fit(self, resume=None):
+            seen["lock"] = (tmp_path / ".lock").read_text().split()[0]
+            with pytest.raises(RunLockedError):           # the folder is held while it trains
+                RunLock(tmp_path).acquire()
+            return {"step": 3, "tokens": 96, "val_loss": 1.5}
+
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path))
+    args = argparse.Namespace(nproc=None, ep=1, resume=None)
+    assert launch(args, cfg, Objective) == 0
+    assert seen["cfg"] is cfg and seen["lock"] == str(os.getpid())
+    assert "done: step 3, 96 tokens, val loss 1.5000 nats" in capsys.readouterr().out
+    RunLock(tmp_path).acquire().release()                 # released after fit()

@@ -47,10 +47,24 @@ def add_corpus_arguments(p) -> None:
     p.add_argument("--max-mb", type=float, default=None, help="read at most this many MB of text")
 
 
+# Left out of the default corpus: test suites and their fixtures, and machine-written tables
+# (codec maps, HTML entities, locale aliases, Unicode case and stringprep data, build-time
+# config dumps, pydoc's topic dump). They are a third of the stdlib's bytes but not the Python
+# people write, and a small model spends its few steps copying them.
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "encodings", "pydoc_data", "site-packages", "dist-packages"}
+EXCLUDED_FILES = {"html/entities.py", "locale.py", "stringprep.py", "re/_casefix.py", "_compat_pickle.py"}
+
+
 def default_corpus() -> list[Path]:
-    """The `.py` sources of this interpreter's standard library (site-packages excluded)."""
+    """The hand-written `.py` sources of this interpreter's standard library: no tests,
+    generated tables or site-packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    return sorted(p for p in root.rglob("*.py") if _hand_written(p.relative_to(root)))
+
+
+def _hand_written(rel: Path) -> bool:
+    return (not EXCLUDED_DIRS & set(rel.parts[:-1]) and rel.as_posix() not in EXCLUDED_FILES
+            and not rel.name.startswith("_sysconfigdata"))
 
 
 def expand(paths: list[str | Path] | None) -> list[Path]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..options import add_dtype
+
 
 def add_parser(sub) -> None:
     """`dsv2 export`: a DCP checkpoint (written by any number of processes) -> Hugging Face directory."""
@@ -19,7 +21,7 @@ def add_parser(sub) -> None:
                                    "Runs in one process.")
     p.add_argument("checkpoint", help="runs/x/checkpoints/step_00000100 or runs/x/checkpoints")
     p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32, as trained)")
+    add_dtype(p, meaning="float32, as trained")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: the training data's)")
     p.set_defaults(func=_export)
 
@@ -27,8 +29,7 @@ def add_parser(sub) -> None:
 def _export(args) -> int:
     import json
 
-    import torch
-
+    from ..dtypes import parse_dtype
     from ..train.config import from_dict
     from .checkpoint import DCPCheckpointer, export_hf
     path = Path(args.checkpoint)
@@ -45,6 +46,6 @@ def _export(args) -> int:
         card = Path(cfg.data.dir) / "card.json"
         tok = json.loads(card.read_text()).get("tokenizer") if card.exists() else None
     tok = tok if tok and (Path(tok) / "tokenizer.json").exists() else None
-    out = export_hf(path, cfg.model_config(), args.out, getattr(torch, args.dtype) if args.dtype else None, tok)
+    out = export_hf(path, cfg.model_config(), args.out, parse_dtype(args.dtype), tok)
     print(f"wrote {out} from {path}" + (f" with the tokenizer of {tok}" if tok else ""))
     return 0

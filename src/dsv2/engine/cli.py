@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..options import add_dtype, add_runtime
+
 
 def _sampling_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -22,11 +24,6 @@ def _sampling_args(p) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (opt-in)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: weight-only int8 matrices for faster CPU decoding (engine/quant.py)")
 
 
 def _sampling(args) -> dict:
@@ -40,7 +37,7 @@ def _load(args):
     from .llm import LLM
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, compile=args.compile, quantize=args.quantize)
+    return LLM(args.model, dtype=args.dtype, compile=args.compile, quantize=args.quantize, native=args.native)
 
 
 def add_parser(sub) -> None:
@@ -52,6 +49,8 @@ def add_parser(sub) -> None:
     g.add_argument("--file", help="read prompts from this file, one per line")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt at a time)")
     _sampling_args(g)
+    add_dtype(g)
+    add_runtime(g)
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("chat", help="multi-turn chat in the terminal (/clear, /exit)",
@@ -60,6 +59,8 @@ def add_parser(sub) -> None:
     c.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     c.add_argument("--system", default=None, help="a system message")
     _sampling_args(c)
+    add_dtype(c)
+    add_runtime(c)
     c.set_defaults(func=_chat)
 
 

@@ -41,10 +41,8 @@ class LLM:
                  native: bool | None = None):
         from ..model import DeepseekV2
         from ..tokenizer import Tokenizer, load_tokenizer
-        if isinstance(dtype, str):
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"unknown dtype {dtype!r}: use float32 or bfloat16.")
-            dtype = getattr(torch, dtype)
+        from ..dtypes import parse_dtype
+        dtype = parse_dtype(dtype)
         if isinstance(path_or_model, DeepseekV2):
             model = path_or_model if dtype is None else path_or_model.to(dtype)
             tok_dir = None

@@ -125,14 +125,6 @@ class DeepseekV2(nn.Module):
             x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb)
         return self.norm(x)
 
-    def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write a Hugging Face directory (config.json + safetensors) that transformers loads."""
-        if getattr(self, "quantized", None):
-            raise ValueError(f"this model's matrices are {self.quantized} for decoding and cannot be saved as a "
-                             "checkpoint; save the float model it was quantized from.")
-        from ..checkpoint import save_pretrained
-        save_pretrained(self, path, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
-
     # ------------------------------------------------------------ accounting
     def num_params(self) -> int:
         """Every parameter, counted once (tied weights once)."""

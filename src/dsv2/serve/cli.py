@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 
+from ..options import add_dtype, add_runtime
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over the OpenAI API (continuous batching)",
@@ -25,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
+    add_dtype(p)
     p.add_argument("--slots", type=int, default=16, help="sequences decoded together (cache slots; default 16)")
     p.add_argument("--max-len", type=int, default=None,
                    help="positions per slot: prompt + completion (default min(context, 2048))")
@@ -36,10 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request size limit (then 413)")
     p.add_argument("--prefill-budget", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps (bounds the stall a burst causes)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (opt-in: minutes of compilation; see engine/decode.py)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: weight-only int8 matrices for faster CPU decoding (engine/quant.py)")
+    add_runtime(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -56,11 +55,14 @@ def run(args) -> int:
         raise ValueError(f"--max-queue must be 0 or more, got {args.max_queue}.")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}.")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_server(args.model, args.tokenizer, dtype=args.dtype, slots=args.slots, max_len=args.max_len,
                        max_queue=args.max_queue, model_name=args.model_name, api_key=args.api_key,
                        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                        max_body_bytes=args.max_body_bytes, prefill_budget=args.prefill_budget,
-                       compile=True if args.compile else None, quantize=args.quantize)
+                       compile=True if args.compile else None, quantize=args.quantize, native=args.native)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

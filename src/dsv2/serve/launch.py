@@ -25,11 +25,10 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
                  max_queue: int = 256, model_name: str | None = None, api_key: str | None = None,
                  max_tokens_limit: int | None = None, default_max_tokens: int = 256,
                  max_body_bytes: int = 1 << 20, prefill_budget: int = 512, compile: bool | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, native: bool | None = None):
     """-> a FastAPI app whose lifespan starts and stops the engine thread."""
-    import torch
-
     from ..checkpoint import load_pretrained
+    from ..dtypes import parse_dtype
     from ..engine.engine import Engine
     from ..tokenizer import load_tokenizer
     from .app import create_app
@@ -41,18 +40,14 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
     if not (tok_path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json in {tok_path}: the server needs the model's tokenizer; "
                                 "pass --tokenizer DIR.")
-    if isinstance(dtype, str):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"unknown dtype '{dtype}': use float32 or bfloat16.")
-        dtype = getattr(torch, dtype)
-    model = load_pretrained(model_path, dtype=dtype)
+    model = load_pretrained(model_path, dtype=parse_dtype(dtype))
     if quantize == "int8":
         from ..engine.quant import quantize_int8
         model = quantize_int8(model)
     elif quantize is not None:
         raise ValueError(f"unknown quantize {quantize!r}: use int8 or leave it out.")
     tokenizer = load_tokenizer(tok_path, model.config.vocab_size)
-    engine = Engine(model, tokenizer, max_batch_slots=slots, max_len=max_len, compile=compile)
+    engine = Engine(model, tokenizer, max_batch_slots=slots, max_len=max_len, compile=compile, native=native)
     scheduler = Scheduler(engine, max_queue=max_queue, prefill_budget=prefill_budget)
     limits = Limits(model_name=model_name or model_path.name, max_context=engine.max_len,
                     max_tokens_limit=max_tokens_limit or engine.max_len - 1,

@@ -1,0 +1,134 @@
+"""The measuring children of `dsv2 bench`: one process per (engine, dtype), so peak memory is
+that engine's alone and one engine's allocator state cannot slow the next.
+
+    python -m dsv2.bench.children --child '{"engine": "dsv2", "dtype": "float32", ...}'   # what run_child runs
+
+Each prints one `RESULT {json}` line (common.report). What is measured is in generate.py's docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .common import best_time, best_window, decode_rates, random_prompts, report
+
+
+def _child_dsv2(path, dtype, a) -> dict:
+    from ..engine import Engine, Request
+    from ..engine.llm import LLM
+    from ..engine.sampling import SamplingParams
+    native = a.get("native")
+    llm = LLM(path, dtype=dtype, compile=a["compile"], quantize="int8" if a["dtype"] == "int8" else None,
+              native=native)
+    cfg = llm.model.config
+    res = {}
+    eng = Engine(llm.model, max_batch_slots=1, max_len=a["prefill_len"] + 8, compile=False)
+    x = random_prompts(1, a["prefill_len"], cfg.vocab_size, 0)[0].tolist()
+
+    def prefill():
+        eng.add(Request(x, SamplingParams(max_new_tokens=1)))
+        eng.free(0)
+        eng.cached_ids[0] = []  # no prefix reuse between repeats
+
+    prefill()
+    wall, cpu = best_time(prefill)
+    res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
+    for B in a["batches"]:
+        eng = Engine(llm.model, max_batch_slots=B, max_len=a["prompt_len"] + a["new_tokens"] + 1,
+                     compile=a["compile"], native=native)
+        params = SamplingParams(max_new_tokens=a["new_tokens"], ignore_eos=True)
+        for r in random_prompts(B, a["prompt_len"], cfg.vocab_size, 1).tolist():
+            eng.add(Request(r, params))
+        eng.step()  # hands out the prefill tokens
+        rates = decode_rates(eng.step, a["new_tokens"] - 1, B)
+        res[f"decode_b{B}_tok_s"], res[f"decode_b{B}_avg_tok_s"], res[f"decode_b{B}_tok_cpu_s"] = rates
+        res["compiled"] = eng._decode.compiled
+        res["fused"] = eng._decode.native is not None
+    res["kv_bytes_per_token"] = eng.cache.bytes_per_token()
+    return res
+
+
+class _StepClock:
+    """A transformers streamer that only notes when each step's tokens arrive: put() is called
+    with the prompt, then once per generated token (per step for the whole batch)."""
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    def put(self, value):
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def end(self):
+        pass
+
+
+def _child_peer(path, dtype, a) -> dict:
+    """transformers as its users run it: generate(), greedy, EOS ignored; a streamer notes the
+    time of each step so its decode is timed exactly like ours (Engine.step per token)."""
+    from transformers import DeepseekV2ForCausalLM
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    V = model.config.vocab_size
+    res = {}
+    x = random_prompts(1, a["prefill_len"], V, 0)
+    with torch.inference_mode():
+        prefill = lambda: model(x, use_cache=True, logits_to_keep=1)  # noqa: E731 (as generate() prefills)
+        prefill()
+        wall, cpu = best_time(prefill)
+        res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        for B in a["batches"]:
+            xs = random_prompts(B, a["prompt_len"], V, 1)
+            model.generate(xs, max_new_tokens=4, **kw)  # warm-up
+            clock = _StepClock()
+            out = model.generate(xs, max_new_tokens=a["new_tokens"], min_new_tokens=a["new_tokens"],
+                                 streamer=clock, return_dict_in_generate=True, **kw)
+            # put() #0 is the prompt, #1 the prefill's token; then one per decode step. As for ours,
+            # the first decode step is a warm-up.
+            wall_t, cpu_t = clock.wall[2:], clock.cpu[2:]
+            times = [b - a_ for a_, b in zip(wall_t, wall_t[1:])]
+            res[f"decode_b{B}_tok_s"] = best_window(times, B)
+            res[f"decode_b{B}_avg_tok_s"] = B * len(times) / sum(times)
+            res[f"decode_b{B}_tok_cpu_s"] = B * len(times) / max(cpu_t[-1] - cpu_t[0], 1e-9)
+        cache = out.past_key_values
+        held = sum(t.numel() * t.element_size() for t in _tensors(cache))
+        res["kv_bytes_per_token"] = held // (B * (a["prompt_len"] + a["new_tokens"] - 1))
+    return res
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from a transformers cache object."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o, seen)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o, seen)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("transformers"):
+        for o in vars(obj).values():
+            yield from _tensors(o, seen)
+
+
+def _child(spec: str) -> None:
+    a = json.loads(spec)
+    torch.set_num_threads(a["threads"])
+    dtype = torch.float32 if a["dtype"] == "int8" else getattr(torch, a["dtype"])
+    fn = _child_dsv2 if a["engine"] == "dsv2" else _child_peer
+    res = fn(a["path"], dtype, a)
+    report(res)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m dsv2.bench.children")
+    p.add_argument("--child", required=True, help="the JSON spec run_child passes")
+    _child(p.parse_args().child)

@@ -1,0 +1,20 @@
+"""The one dtype parser: every CLI, `load_pretrained`, `LLM` and the server take the same names.
+
+Only the dtypes dsv2 is tested in are accepted by name; a torch.dtype passed from Python is
+taken as given. torch is imported inside the function, so CLIs can list the names in
+`--help` without importing it.
+"""
+
+from __future__ import annotations
+
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def parse_dtype(value, what: str = "dtype"):
+    """None -> None; a torch.dtype -> itself; 'float32' / 'bfloat16' -> that torch.dtype."""
+    import torch
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value in DTYPE_NAMES:
+        return getattr(torch, value)
+    raise ValueError(f"unknown {what} {value!r}: use {' or '.join(DTYPE_NAMES)}.")
