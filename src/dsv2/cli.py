@@ -31,6 +31,7 @@ VERBS = {
     "generate": "dsv2.engine.cli",
     "chat": "dsv2.engine.cli",
     "bench": "dsv2.bench.generate",
+    "eval": "dsv2.eval.cli",
 }
 
 
