@@ -37,17 +37,10 @@ def random_checkpoint(path: str | Path, preset: str, tokenizer: bool = False, se
 
 
 def _bpe_tokenizer(path: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from ..data.bpe import BOS, EOS, byte_level_bpe
     texts = [f.read_text(errors="ignore") for f in sorted(SRC.rglob("*.py"))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": specials[0], "eos_token": specials[1]}))
+    byte_level_bpe(texts, vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}))
 
 
 def random_shards(root: str | Path, vocab: int, tokens: int, val_tokens: int = 4096) -> Path:

@@ -64,7 +64,7 @@ import torch
 from ..model.attention import KVStep
 from ..model.precision import cpu_has_fast_bf16, float32_matmuls
 from .cache import LatentCache, common_prefix
-from .sampling import SamplingParams, sample, token_logprobs
+from .sampling import SamplingParams, is_token_id, sample, token_logprobs
 from .text import TextStream
 
 
@@ -165,7 +165,7 @@ class Engine:
         ids, V = request.prompt_ids, self.cfg.vocab_size
         if not isinstance(ids, (list, tuple)) or len(ids) == 0:
             raise ValueError("the prompt is empty: give at least one token (or non-empty text).")
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V for t in ids):
+        if not all(is_token_id(t, V) for t in ids):
             raise ValueError(f"prompt token ids must be ints in [0, {V}) for this model.")
         if len(ids) >= self.max_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_len}: "

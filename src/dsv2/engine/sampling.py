@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+
+def is_token_id(t, vocab_size: int) -> bool:
+    """An int (not a bool) in [0, vocab_size): what every token id handed to the engine must be."""
+    return not isinstance(t, bool) and isinstance(t, int) and 0 <= t < vocab_size
+
 # With top_p but no top_k, only this many most likely tokens are considered: the mass past
 # the 1024th token of a language model's distribution is negligible and a full sort is slow.
 TOP_P_CANDIDATES = 1024
@@ -69,7 +74,7 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}.")
         for t in self.stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            if not is_token_id(t, vocab_size):
                 raise ValueError(f"stop token ids must be ints in [0, {vocab_size}), got {t!r}.")
 
     @property

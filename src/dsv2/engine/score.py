@@ -27,6 +27,7 @@ from ..model.attention import KVStep
 from ..model.mask import causal_mask
 from ..model.precision import cpu_has_fast_bf16, float32_matmuls
 from .cache import LatentCache
+from .sampling import is_token_id
 
 Pair = tuple[list[int], list[int]]   # (context ids, continuation ids)
 
@@ -66,7 +67,7 @@ class Scorer:
         by_ctx: dict[tuple, list[tuple[int, list[int]]]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             for t in (*ctx, *cont):
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                if not is_token_id(t, V):
                     raise ValueError(f"token ids must be ints in [0, {V}) for this model; got {t!r}.")
             c, t = self.fit(list(ctx), list(cont))
             by_ctx.setdefault(tuple(c), []).append((i, t))

@@ -64,22 +64,13 @@ def add_parser(sub) -> None:
 
 
 def _load(args):
-    from ..checkpoint import load_pretrained
-    from ..tokenizer import load_tokenizer
-    path = Path(args.model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {path}: give a folder with config.json and weights.")
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {path}: evaluation needs the model's tokenizer next to it.")
-    model = load_pretrained(path, dtype=args.dtype).eval()
-    return model, load_tokenizer(path, model.config.vocab_size)
+    from .runner import load_model
+    return load_model(args.model, args.dtype)
 
 
 def _perplexity(args) -> int:
-    from .perplexity import check_window, context_curve, perplexity, plot_curve, read_documents
-    # read the files first: a missing one is reported before the model loads
-    from ..tokenizer import load_tokenizer
-    for f in args.text:
+    from .perplexity import context_curve, default_window, perplexity, plot_curve, read_documents
+    for f in args.text:   # a missing file is reported before the model loads
         if not Path(f).is_file():
             raise FileNotFoundError(f"no text file at {f}: --text takes paths of UTF-8 text files.")
     model, tok = _load(args)
@@ -98,8 +89,7 @@ def _perplexity(args) -> int:
         if args.json:
             print(json.dumps(rows))
         return 0
-    max_len = args.max_len or min(model.config.max_position_embeddings, 2048)
-    check_window(model, max_len)
+    max_len = args.max_len or default_window(model)
     r = perplexity(model, docs, max_len, args.stride, args.batch, progress=True)
     print(f"{r['tokens']:,} tokens scored in {len(docs)} document(s), {r['bytes']:,} bytes: nll {r['nll']:.4f} nats, "
           f"ppl {r['ppl']:.4f}, {r['bits_per_byte']:.4f} bits per byte (max-len {max_len}, "

@@ -34,15 +34,11 @@ class DSV2LM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = False,
                  native: bool | None = None, **_):
         super().__init__()
-        from ..checkpoint import load_pretrained
         from ..engine import LLM
         from ..engine.score import Scorer
-        from ..tokenizer import load_tokenizer
+        from .runner import load_model
         path = Path(pretrained)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {path}: the harness needs the model's tokenizer beside it.")
-        self.model = load_pretrained(path, dtype=dtype).eval()
-        self.tokenizer = load_tokenizer(path, self.model.config.vocab_size)
+        self.model, self.tokenizer = load_model(path, dtype)
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.batch_size = 16 if batch_size in ("auto", None) else int(str(batch_size).split(":")[0])

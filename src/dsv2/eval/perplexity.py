@@ -104,6 +104,11 @@ def read_documents(paths, tokenizer) -> list[Document]:
     return docs
 
 
+def default_window(model) -> int:
+    """Tokens a window reads unless told: the model's context, at most 2048."""
+    return min(model.config.max_position_embeddings, 2048)
+
+
 def check_window(model, max_len: int) -> None:
     ctx = model.config.max_position_embeddings
     if max_len > ctx:

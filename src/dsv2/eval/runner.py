@@ -29,6 +29,19 @@ from pathlib import Path
 from .tasks import Task
 
 
+def load_model(path, dtype=None):
+    """A checkpoint directory -> (model in eval mode, its tokenizer); both are required."""
+    from ..checkpoint import load_pretrained
+    from ..tokenizer import load_tokenizer
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}: give a folder with config.json and weights.")
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {path}: evaluation needs the model's tokenizer next to it.")
+    model = load_pretrained(path, dtype=dtype).eval()
+    return model, load_tokenizer(path, model.config.vocab_size)
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation as one text encodes them (a word split across the
     boundary is tokenized as in the whole); the context's trailing spaces move to the
@@ -88,8 +101,8 @@ def run_task(task: Task, model, tokenizer, shots: int | None = None, limit: int 
                             "exact_match": float(got == target)})
         names = ("exact_match",)
     else:
-        from .perplexity import score_windows
-        L = min(model.config.max_position_embeddings, 2048)
+        from .perplexity import default_window, score_windows
+        L = default_window(model)
         records = []
         for i, doc in enumerate(tqdm(docs, desc=task.task, unit="doc", disable=not progress)):
             text = task.text(doc)

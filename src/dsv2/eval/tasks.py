@@ -181,11 +181,11 @@ def load_task(name: str, tokenizer=None) -> Task:
         key, eq, value = o.partition("=")
         if not eq:
             raise TaskError(f"override {o!r} of {path.name} must read key=value (e.g. dataset.args.length=2048).")
-        node, *parts = key.split(".")
+        *path_to, last = key.split(".")
         target = raw
-        for p in [node, *parts][:-1]:
+        for p in path_to:
             target = target.setdefault(p, {})
-        target[key.split(".")[-1]] = yaml.safe_load(value)
+        target[last] = yaml.safe_load(value)
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise TaskError(f"{path}: unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
