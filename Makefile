@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo demo-sft test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/dsv2 demo
+
+# fine-tune the `make demo` model on a generated instruction set (pretrains it first if absent)
+demo-sft: $(STAMP)
+	$(VENV)/bin/dsv2 demo --stage sft
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests

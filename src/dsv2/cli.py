@@ -25,6 +25,7 @@ VERBS = {
     "tokenizer": "dsv2.data.bpe",
     "data": "dsv2.data.shards",
     "pretrain": "dsv2.pretrain",
+    "sft": "dsv2.align.cli",
     "export": "dsv2.distributed.cli",
     "plot": "dsv2.train.plot",
     "serve": "dsv2.serve.cli",

@@ -3,6 +3,7 @@
     dsv2 demo                       # a few minutes on 2 CPU cores: stdlib corpus -> tiny model -> sample
     dsv2 demo --fast --out /tmp/d   # seconds: a slice of the corpus, a shrunk model, a few steps (tests)
     dsv2 demo --steps 400 optim.lr=2e-3      # any pretrain override after the options
+    dsv2 demo --stage sft           # then fine-tune it to follow instructions (align/demo.py; `make demo-sft`)
 
 1. train a byte-level BPE (4096 tokens) on this Python's hand-written standard library
    sources (tests and generated tables left out, see data/corpus.py);
@@ -36,7 +37,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train a tokenizer and a tiny DeepSeek-V2 on Python's stdlib, then sample from it",
                        description=__doc__.split("\n\n")[0] + " Tokenizer, data, pretraining, export, a "
                                    "generated sample and plots, under --out.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pretrain overrides (see `dsv2 pretrain`)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of the stage's trainer (see `dsv2 pretrain`, `dsv2 sft`)")
+    p.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain",
+                   help="pretrain (default), or sft: fine-tune the pretrained demo model on a generated "
+                        "instruction set (pretraining it first if --out has none)")
+    p.add_argument("--seed", type=int, default=0, help="the SFT stage's seed (default 0)")
     p.add_argument("--out", default="runs/demo", help="where everything is written (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo config's)")
     p.add_argument("--max-mb", type=float, default=None, help="use at most this many MB of the corpus")
@@ -45,6 +51,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    out = Path(args.out)
+    if args.stage == "pretrain":
+        return pretrain_stage(args)
+    from .align.demo import run_sft_demo
+    base = out / "pretrain" / "hf"
+    if not (base / "config.json").exists():
+        print(f"no pretrained demo model at {base}: training it first (the `make demo` run)")
+        pretrain_stage(args, extra=[])
+    fast = ["epochs=1", "data.seq_len=64", "batch.micro_batch=4", "batch.start=4", "batch.final=4",
+            "log_every=2", "eval_every=1000", "threads=2"] if args.fast else []
+    run_sft_demo(out, base, seed=args.seed, overrides=fast + list(args.overrides),
+                 **({"n_train": 60, "n_held_out": 10} if args.fast else {}))
+    return 0
+
+
+def pretrain_stage(args, extra: list[str] | None = None) -> int:
+    """The pretraining demo; `extra` replaces the command line's overrides (the sft stage's are not for it)."""
     import os
 
     import torch
@@ -61,7 +84,8 @@ def run(args) -> int:
     overrides = (FAST if args.fast else []) + [f"data.dir={out / 'data'}", f"out_dir={out / 'pretrain'}"]
     if args.steps is not None or args.fast:
         overrides.append(f"steps={args.steps if args.steps is not None else 8}")
-    cfg = load_config("demo", overrides + list(args.overrides))
+    overrides += list(args.overrides) if extra is None else extra
+    cfg = load_config("demo", overrides)
     vocab = cfg.model_config().vocab_size
 
     print(f"[1/5] tokenizer: byte-level BPE, {vocab} tokens, on "

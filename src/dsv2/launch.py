@@ -44,6 +44,29 @@ def add_arguments(p) -> None:
                    help="FSDP2 mixed precision: bf16 parameters for compute and all-gathers, fp32 reductions")
 
 
+def add_training_verb(sub, verb: str, run, help: str, description: str, config_help: str,
+                      default_config: str, example: str):
+    """A training verb's parser: KEY=VALUE overrides, --config, --resume, --print-config and the
+    launcher's flags; `run(args)` resolves the config and calls `start(args, cfg, trainer_cls)`."""
+    p = sub.add_parser(verb, help=help, description=description)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted overrides, e.g. {example}")
+    p.add_argument("--config", default=default_config, help=f"{config_help} (default {default_config})")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in out_dir, if any) or a checkpoint path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def start(args, cfg, trainer_cls) -> int:
+    """--print-config prints the resolved config; otherwise train it (`launch`)."""
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    return launch(args, cfg, trainer_cls)
+
+
 def distributed_wanted(args, cfg=None) -> bool:
     """True when the run goes through dsv2.distributed: several processes, expert
     parallelism, or resuming a DCP checkpoint (e.g. one written by N processes, continued by one)."""

@@ -83,6 +83,14 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_chat(self, rendered: str) -> list[int]:
+        """The ids of a rendered chat (apply_chat_template's text). The template writes BOS
+        itself when it has one; BOS is prepended only if it did not and add_bos_token says so."""
+        ids = self.encode(rendered, add_bos=False)
+        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -112,12 +120,16 @@ class Tokenizer:
     def _special(self) -> set[int]:
         return {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the tokenizer's own template, else DeepSeek-V2's format."""
+    @functools.cached_property
+    def _template(self):
+        """The chat template, compiled once (SFT renders every turn of every conversation)."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template or DEEPSEEK_CHAT_TEMPLATE)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return env.from_string(self.chat_template or DEEPSEEK_CHAT_TEMPLATE)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the tokenizer's own template, else DeepSeek-V2's format."""
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 

@@ -105,3 +105,22 @@ def test_gate_affinities_stay_float32_under_bf16_autocast():
         r = gate(x)
     assert r.scores_NE.dtype == torch.float32
     torch.testing.assert_close(r.scores_NE, gate(x).scores_NE)
+
+
+def test_padding_counts_in_no_balance_loss():
+    """A row padded at the end gives the losses of the same row without its padding."""
+    from dsv2.train.balance import balance_losses
+    g = torch.Generator().manual_seed(0)
+    B, T, E, K, D = 3, 10, 8, 2, 4
+    scores = torch.rand(B, T, E, generator=g).softmax(-1)
+    idx = torch.rand(B, T, E, generator=g).topk(K, -1).indices
+    group = torch.arange(E) // (E // D)
+    lens = [10, 6, 3]
+    valid = torch.arange(T)[None] < torch.tensor(lens)[:, None]
+    padded = balance_losses(scores, idx, group, D, 2, 0.1, 0.2, 0.3, valid_BT=valid)
+    for k in padded:
+        alone = sum(balance_losses(scores[b:b + 1, :n], idx[b:b + 1, :n], group, D, 2, 0.1, 0.2, 0.3)[k]
+                    for b, n in enumerate(lens)) / B
+        assert torch.allclose(padded[k], alone), k
+    unmasked = balance_losses(scores, idx, group, D, 2, 0.1, 0.2, 0.3)
+    assert not torch.allclose(unmasked["exp_bal"], padded["exp_bal"])

@@ -67,3 +67,15 @@ def test_weight_decay_on_matrices_only():
     assert no_decay["weight_decay"] == 0.0
     opt = build_optimizer(model, cfg.optim)
     assert opt.defaults["betas"] == (0.9, 0.95) and isinstance(opt, torch.optim.AdamW)
+
+
+def test_cosine_and_constant_schedules():
+    cos = Schedule(load_config("tiny", ["steps=12", "optim.warmup_steps=1", "optim.schedule=cosine",
+                                        "optim.lr=1.0", "optim.min_lr_factor=0.1"]))
+    assert cos.lr(0) == 1.0 and cos.lr(1) == pytest.approx(1.0) and cos.lr(11) == pytest.approx(0.1)
+    assert cos.lr(6) == pytest.approx(0.55)                      # halfway: the mean of lr and min lr
+    assert all(cos.lr(i) >= cos.lr(i + 1) for i in range(1, 11))
+    const = Schedule(load_config("tiny", ["steps=5", "optim.warmup_steps=2", "optim.schedule=constant", "optim.lr=2.0"]))
+    assert [const.lr(i) for i in range(5)] == [1.0, 2.0, 2.0, 2.0, 2.0]
+    with pytest.raises(ConfigError, match="'optim.schedule' is invalid: use step, cosine or constant"):
+        load_config("tiny", ["optim.schedule=linear"])

@@ -1,4 +1,4 @@
-"""Fixed-length training windows from token shards, in a seeded order, with an exact position.
+"""Training batches: `Batch`, the seeded resumable order (`EpochOrder`), and fixed windows from token shards.
 
 A split's shards are cut into non-overlapping windows of seq_len + 1 tokens (inputs and
 their next-token targets); windows never cross a shard boundary. Each epoch visits every
@@ -12,12 +12,80 @@ ranks see disjoint windows and together see what one process would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..model.loss import IGNORE_INDEX
 from .shards import read_card
+
+
+@dataclass
+class Batch:
+    """One micro-batch as the model takes it: input_ids and targets [B, T] (the token each
+    position predicts, IGNORE_INDEX where nothing is scored) and, for packed rows, segment_ids
+    [B, T] (the document each token belongs to; -1 marks padding; model/mask.py)."""
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
+                     None if self.segment_ids is None else self.segment_ids.to(device, non_blocking=True))
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """[B, T] bool, True on tokens that are not padding (None: no padding)."""
+        return None if self.segment_ids is None else self.segment_ids >= 0
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens scored (the loss is normalised by these)."""
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens that are not padding (what tokens/s counts)."""
+        return self.input_ids.numel() if self.segment_ids is None else int((self.segment_ids >= 0).sum())
+
+
+class EpochOrder:
+    """Which item comes next: every epoch visits all `n` items once, in `randperm(n)` seeded by
+    (seed, epoch); data-parallel rank r of R takes positions r, r + R, ... of that order. The
+    whole state is (epoch, cursor), which is what makes a resumed run read exactly what a
+    straight run would have."""
+
+    def __init__(self, n: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1):
+        self.n, self.seed, self.dp_rank, self.dp_size = n, seed, dp_rank, dp_size
+        self.epoch, self.cursor = 0, 0
+        self._order: torch.Tensor | None = None
+
+    def next(self) -> tuple[int, int]:
+        """-> (item index, a sample id unique across epochs: epoch * n + item)."""
+        pos = self.cursor * self.dp_size + self.dp_rank
+        if pos >= self.n - (self.n % self.dp_size):  # ranks stay in step
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+            pos = self.dp_rank
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._order = torch.randperm(self.n, generator=g)
+        self.cursor += 1
+        item = int(self._order[pos])
+        return item, self.epoch * self.n + item
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "dp_size": self.dp_size}
+
+    def load_state_dict(self, sd: dict, **also) -> None:
+        """Restore (epoch, cursor); `also` names further values that must match (e.g. n_windows)."""
+        mine = {"seed": self.seed, "dp_size": self.dp_size, **also}
+        for k, v in mine.items():
+            if sd[k] != v:
+                raise ValueError(f"the checkpoint's data position was saved with {k}={sd[k]} but this run has "
+                                 f"{k}={v}: resume with the same data and config.")
+        self.epoch, self.cursor, self._order = sd["epoch"], sd["cursor"], None
 
 
 class TokenLoader:
@@ -37,8 +105,7 @@ class TokenLoader:
             raise ValueError(f"the '{split}' split of {data_dir} has {sum(map(len, self.shards)):,} tokens, fewer "
                              f"than one window of {seq_len + 1} per rank: lower seq_len or add data.")
         self.starts = np.cumsum([0] + per_shard)  # first global window id of each shard
-        self.epoch, self.cursor = 0, 0
-        self._order: torch.Tensor | None = None
+        self.order = EpochOrder(self.n_windows, seed, dp_rank, dp_size)
 
     # ----------------------------------------------------------------- reading
     def window(self, w: int) -> np.ndarray:
@@ -46,25 +113,11 @@ class TokenLoader:
         off = (w - int(self.starts[shard])) * self.seq_len
         return self.shards[shard][off: off + self.seq_len + 1]
 
-    def _epoch_order(self) -> torch.Tensor:
-        if self._order is None:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            self._order = torch.randperm(self.n_windows, generator=g)
-        return self._order
-
     def next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> tokens [n, seq_len + 1] int64 and a unique sample id per row (epoch * W + window)."""
-        rows, ids = [], []
-        for _ in range(n):
-            pos = self.cursor * self.dp_size + self.dp_rank
-            if pos >= self.n_windows - (self.n_windows % self.dp_size):  # ranks stay in step
-                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-                pos = self.dp_rank
-            w = int(self._epoch_order()[pos])
-            rows.append(self.window(w).astype(np.int64))
-            ids.append(self.epoch * self.n_windows + w)
-            self.cursor += 1
-        return torch.from_numpy(np.stack(rows)), torch.tensor(ids, dtype=torch.int64)
+        picks = [self.order.next() for _ in range(n)]
+        rows = [self.window(w).astype(np.int64) for w, _ in picks]
+        return torch.from_numpy(np.stack(rows)), torch.tensor([i for _, i in picks], dtype=torch.int64)
 
     def fixed_batches(self, n_batches: int, batch: int):
         """The first n_batches x batch windows in file order (validation: the same every time)."""
@@ -75,12 +128,7 @@ class TokenLoader:
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
-                "n_windows": self.n_windows, "dp_size": self.dp_size}
+        return {**self.order.state_dict(), "seq_len": self.seq_len, "n_windows": self.n_windows}
 
     def load_state_dict(self, sd: dict) -> None:
-        for k in ("seed", "seq_len", "n_windows", "dp_size"):
-            if sd[k] != getattr(self, k):
-                raise ValueError(f"the checkpoint's data position was saved with {k}={sd[k]} but this run has "
-                                 f"{k}={getattr(self, k)}: resume with the same data and config.")
-        self.epoch, self.cursor, self._order = sd["epoch"], sd["cursor"], None
+        self.order.load_state_dict(sd, seq_len=self.seq_len, n_windows=self.n_windows)

@@ -157,8 +157,7 @@ def export_from_ranks(trainer, layout: Layout):
     if layout.rank == 0:
         plain = DeepseekV2(trainer.model.config)   # fresh init (incl. rope buffers), then overwritten
         plain.load_state_dict(full)
-        tok = trainer.card.get("tokenizer")
-        save_pretrained(plain, path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
+        save_pretrained(plain, path, tokenizer_dir=trainer.tokenizer_dir)
         log0(f"exported {path}", layout=layout)
     dist.barrier()
     return path

@@ -54,7 +54,7 @@ class ChatSession:
         if seen is not None and rendered.startswith(seen):
             prompt = self.ids + tok.encode(rendered[len(seen):], add_bos=False)
         else:
-            prompt = tok.encode(rendered, add_bos=False)
+            prompt = tok.encode_chat(rendered)
         params = SamplingParams.make(**sampling)
         req = Request(prompt, params)
         try:

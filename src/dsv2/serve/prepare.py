@@ -77,11 +77,7 @@ def prompt_ids(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault, not the server's
             raise APIError(400, f"the chat template could not render these messages ({e}).", "messages") from None
-        # The template writes the BOS token itself; add one only if it did not.
-        ids = tokenizer.encode(text, add_bos=False)
-        if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
-            ids = [tokenizer.bos_id] + ids
-        return [ids]
+        return [tokenizer.encode_chat(text)]
     out = []
     for prompt in req.prompts:
         if isinstance(prompt, str):

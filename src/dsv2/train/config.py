@@ -42,8 +42,10 @@ class OptimConfig:
     weight_decay: float = 0.1           # matrices only; norms are not decayed
     grad_clip: float = 1.0
     warmup_steps: int = 2000            # linear warmup
+    schedule: str = "step"              # after warmup: step (the paper's pretraining), cosine or constant
     decay_at: list = field(default_factory=lambda: [0.6, 0.9])  # fractions of total tokens
     decay_factor: float = 0.316         # lr multiplier at each decay point
+    min_lr_factor: float = 0.1          # cosine: the lr it ends at, as a fraction of lr
     fused: bool = True                  # fused AdamW kernel where torch has one
 
 
@@ -104,9 +106,13 @@ class TrainConfig:
         need(self.steps > 0, "steps", "it must be positive")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", "use auto, bf16 or fp32")
         need(all(0 < f < 1 for f in self.optim.decay_at), "optim.decay_at", "fractions must be in (0, 1)")
+        need(self.optim.schedule in ("step", "cosine", "constant"), "optim.schedule", "use step, cosine or constant")
         need(self.moe.capacity_factor > 0, "moe.capacity_factor", "it must be positive")
         need(0 <= self.moe.protect_fraction <= 1, "moe.protect_fraction", "it must be in [0, 1]")
         need(self.data.seq_len > 1, "data.seq_len", "it must be at least 2")
+        self.check_model()
+
+    def check_model(self) -> None:
         self.model_config()  # raises ConfigError naming the model field
 
     def to_dict(self) -> dict:
@@ -148,28 +154,27 @@ def _coerce(v, default, key: str):
     raise ConfigError(f"training config '{key}' must be a {type(default).__name__}, got {v!r}.")
 
 
-def from_dict(d: dict) -> TrainConfig:
-    cfg = _fill(TrainConfig, d, "")
+def from_dict(d: dict, cls: type = TrainConfig) -> TrainConfig:
+    cfg = _fill(cls, d, "")
     cfg.validate()
     return cfg
 
 
-def resolve_path(name_or_path: str) -> Path:
+def resolve_path(name_or_path: str, presets: Path = PRETRAIN_PRESETS) -> Path:
     p = Path(name_or_path)
+    names = ", ".join(list_pretrain_presets(presets))
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
-            raise FileNotFoundError(f"no config file at {p}: give a preset name ({', '.join(list_pretrain_presets())}) "
-                                    "or an existing .yaml path.")
+            raise FileNotFoundError(f"no config file at {p}: give a preset name ({names}) or an existing .yaml path.")
         return p
-    p = PRETRAIN_PRESETS / f"{name_or_path}.yaml"
+    p = presets / f"{name_or_path}.yaml"
     if not p.exists():
-        raise ConfigError(f"unknown pretrain config '{name_or_path}': choose one of "
-                          f"{', '.join(list_pretrain_presets())} or give a .yaml path.")
+        raise ConfigError(f"unknown {presets.name} config '{name_or_path}': choose one of {names} or give a .yaml path.")
     return p
 
 
-def list_pretrain_presets() -> list[str]:
-    return sorted(p.stem for p in PRETRAIN_PRESETS.glob("*.yaml"))
+def list_pretrain_presets(presets: Path = PRETRAIN_PRESETS) -> list[str]:
+    return sorted(p.stem for p in presets.glob("*.yaml"))
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
@@ -190,10 +195,12 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
-def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> TrainConfig:
-    path = resolve_path(name_or_path)
+def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None, cls: type = TrainConfig,
+                presets: Path = PRETRAIN_PRESETS) -> TrainConfig:
+    """A preset of `presets` (or a .yaml path) with dotted overrides, as a `cls` (TrainConfig or a subclass)."""
+    path = resolve_path(name_or_path, presets)
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML ({e}).") from None
-    return from_dict(apply_overrides(d, overrides or []))
+    return from_dict(apply_overrides(d, overrides or []), cls)

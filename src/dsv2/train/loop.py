@@ -10,6 +10,12 @@ CE summed over target tokens / the step's number of target tokens (`count_target
 the package docstring) + the balance losses weighted by the micro-batch's share of the
 step, and gradients accumulate; then clip to 1.0 and AdamW. Nothing here is distributed:
 `parallelize`, `count_targets`, `checkpointer` and `is_main` are the seams.
+
+Other objectives subclass the Trainer and replace what differs, not the loop: the model's
+source (`model_config`, `build_model`), the data (`build_data`, `next_micro_batch`,
+`val_batches`: any `Batch` of input ids, targets with IGNORE_INDEX where nothing is scored,
+and segment ids for packed rows) and the export's tokenizer (`tokenizer_dir`). SFT
+(align/sft.py) is such a subclass.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import yaml
@@ -25,7 +31,7 @@ from torch import nn
 
 from ..checkpoint import save_pretrained
 from ..config import ModelConfig
-from ..data.loader import TokenLoader
+from ..data.loader import Batch, TokenLoader
 from ..data.shards import read_card
 from ..model import DeepseekV2
 from ..model.precision import cpu_has_fast_bf16
@@ -84,22 +90,16 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.out = Path(cfg.out_dir)
-        card = read_card(cfg.data.dir)
-        self.card = card
-        mcfg = cfg.model_config()
-        if card["vocab_size"] > mcfg.vocab_size:
-            raise ValueError(f"the data in {cfg.data.dir} uses {card['vocab_size']} token ids but the model's "
-                             f"vocab_size is {mcfg.vocab_size}: set model.vocab_size={card['vocab_size']} or retokenise.")
+        mcfg = self.model_config()
         # issue 5: init_device="meta" builds without memory; `parallelize` then shards and materialises
-        self.model = build_model(mcfg, init_device or self.device, cfg.seed)
+        self.model = self.build_model(mcfg, init_device or self.device)
+        self.build_data(dp_rank, dp_size)
         self.rules = MoERules(self.model, cfg.moe, cfg.seed)
         self.step_model = parallelize(self.model) if parallelize else self.model
         if cfg.compile:
             self.step_model = torch.compile(self.step_model)
         self.optimizer = build_optimizer(self.step_model, cfg.optim)
         self.schedule = Schedule(cfg)
-        self.train_data = TokenLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.seed, dp_rank, dp_size)
-        self.val_data = TokenLoader(cfg.data.dir, "val", cfg.data.seq_len, cfg.seed)
         self.count_targets = count_targets or (lambda n: n)
         self.grad_scale = grad_scale
         self.clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_  # issue 5: one that spans meshes
@@ -109,6 +109,42 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len, training=True)
         self.metrics: MetricsWriter | None = None
         self.last_val: float | None = None
+
+    # ------------------------------------------------ what a subclass replaces
+    # The objective's seams: where the model comes from, what a micro-batch is, what the
+    # validation set is and which tokenizer goes with the export. Everything else (schedule,
+    # accumulation, clipping, MoE rules, checkpoints, metrics, distribution) is shared.
+    name = "pretrain"
+    baseline_name = "unigram baseline"
+
+    def model_config(self) -> ModelConfig:
+        return self.cfg.model_config()
+
+    def build_model(self, mcfg: ModelConfig, device: torch.device) -> DeepseekV2:
+        return build_model(mcfg, device, self.cfg.seed)
+
+    def build_data(self, dp_rank: int, dp_size: int) -> None:
+        """The token shards of `data.dir`: fixed windows, next-token targets."""
+        cfg = self.cfg
+        self.card = read_card(cfg.data.dir)
+        vocab = self.model.config.vocab_size
+        if self.card["vocab_size"] > vocab:
+            raise ValueError(f"the data in {cfg.data.dir} uses {self.card['vocab_size']} token ids but the model's "
+                             f"vocab_size is {vocab}: set model.vocab_size={self.card['vocab_size']} or retokenise.")
+        self.train_data = TokenLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.seed, dp_rank, dp_size)
+        self.val_data = TokenLoader(cfg.data.dir, "val", cfg.data.seq_len, cfg.seed)
+        self.baseline = self.card.get("unigram_val_loss")   # the val loss to beat, printed beside ours
+        tok = self.card.get("tokenizer")
+        self.tokenizer_dir = tok if tok and Path(tok, "tokenizer.json").exists() else None
+
+    def next_micro_batch(self, n: int) -> tuple[Batch, torch.Tensor]:
+        """n rows of training data and a unique sample id per row (token dropping protects by id)."""
+        tokens, ids = self.train_data.next_batch(n)
+        return Batch(tokens[:, :-1], tokens[:, 1:]), ids
+
+    def val_batches(self) -> Iterator[Batch]:
+        for tokens in self.val_data.fixed_batches(self.cfg.data.val_batches, self.cfg.batch.micro_batch):
+            yield Batch(tokens[:, :-1], tokens[:, 1:])
 
     # ------------------------------------------------------------------ state
     def stateful(self) -> dict:
@@ -136,24 +172,29 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step at schedule position `step`; returns its scalars."""
+        """One optimizer step at schedule position `step`; returns its scalars.
+
+        The step's micro-batches are read first so the loss can be normalised by the number of
+        target tokens of the whole (global) step: with SFT's masked targets that number is
+        only known once every micro-batch is in hand."""
         cfg, mb = self.cfg, self.cfg.batch.micro_batch
-        n_seq, T = self.schedule.seqs[step], cfg.data.seq_len
+        n_seq = self.schedule.seqs[step]
         lr = self.schedule.lr(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        n_targets = self.count_targets(n_seq * T)
+        batches = [self.next_micro_batch(mb) for _ in range(n_seq // mb)]
+        n_targets = self.count_targets(sum(b.n_targets for b, _ in batches))
+        n_rows = self.count_targets(n_seq)
         lm_sum, aux_sum = 0.0, {}
-        for _ in range(n_seq // mb):
-            tokens, ids = self.train_data.next_batch(mb)
-            tokens = tokens.to(self.device, non_blocking=True)
-            x, y = tokens[:, :-1], tokens[:, 1:]
+        for batch, ids in batches:
+            batch = batch.to(self.device)
             self.rules.begin(ids)
             with self.autocast():
-                ce = self.step_model(x, targets=y)  # summed, without materialising the logits
-            aux = self.rules.collect(mb, T)
-            # mb * T / n_targets = this micro-batch's share of the (global) step's sequences
-            loss = ce / n_targets + sum(aux.values()) * (mb * T / n_targets)
+                # summed over target tokens, without materialising the logits
+                ce = self.step_model(batch.input_ids, targets=batch.targets, segment_ids=batch.segment_ids)
+            aux = self.rules.collect(*batch.input_ids.shape, valid_BT=batch.valid)
+            # balance losses are means over rows, weighted by this micro-batch's share of the step's rows
+            loss = ce / max(1, n_targets) + sum(aux.values()) * (mb / n_rows)
             (loss * self.grad_scale).backward()
             lm_sum += ce.detach()
             for k, v in aux.items():
@@ -162,19 +203,20 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         n_layers = max(1, len(self.rules.layers))
-        return {"lm_loss": float(lm_sum) / n_targets, "lr": lr, "grad_norm": float(grad_norm),
-                "aux": {k: float(v) / n_layers for k, v in aux_sum.items()}, "tokens": n_seq * T}
+        return {"lm_loss": float(lm_sum) / max(1, n_targets), "lr": lr, "grad_norm": float(grad_norm),
+                "aux": {k: float(v) / n_layers for k, v in aux_sum.items()},
+                "tokens": sum(b.n_tokens for b, _ in batches), "targets": sum(b.n_targets for b, _ in batches)}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token cross-entropy (nats) over the fixed validation windows; no dropping."""
+        """Mean cross-entropy (nats) per target token over the fixed validation set; no dropping."""
         self.step_model.eval()
         total, count = 0.0, 0
-        for tokens in self.val_data.fixed_batches(self.cfg.data.val_batches, self.cfg.batch.micro_batch):
-            tokens = tokens.to(self.device)
+        for batch in self.val_batches():
+            batch = batch.to(self.device)
             with self.autocast():
-                total += float(self.step_model(tokens[:, :-1], targets=tokens[:, 1:]))
-            count += tokens[:, 1:].numel()
+                total += float(self.step_model(batch.input_ids, targets=batch.targets, segment_ids=batch.segment_ids))
+            count += batch.n_targets
             for m in self.rules.layers:
                 m.last_routing = m.last_keep = None
         self.step_model.train()
@@ -190,7 +232,7 @@ class Trainer:
             self.metrics = MetricsWriter(self.out / "metrics.jsonl", append=resumed)
             if resumed:
                 self.metrics.truncate_after(self.state.step)
-            self.print(f"pretrain: {self.model.num_params():,} parameters ({self.model.active_params():,} active), "
+            self.print(f"{self.name}: {self.model.num_params():,} parameters ({self.model.active_params():,} active), "
                        f"{len(self.schedule)} steps, {self.schedule.total_tokens:,} tokens, device {self.device}, "
                        f"{self.precision}; MoE rules: D={self.rules.D} M={self.rules.M} "
                        f"drop={'on' if self.rules.policy else 'off'} a=({cfg.moe.exp_bal}, {cfg.moe.dev_bal}, "
@@ -216,7 +258,7 @@ class Trainer:
         if self.last_val is None:  # resumed a run that had already finished
             self._eval()
         result = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": self.last_val,
-                  "unigram_val_loss": self.card.get("unigram_val_loss")}
+                  "unigram_val_loss": self.baseline}
         if self.is_main and cfg.export:
             result["export"] = str(self.export())
         if self.metrics:
@@ -226,9 +268,9 @@ class Trainer:
     def _log(self, out, tok_window, dt_window, dt_total, steps_here) -> None:
         tok_s = tok_window / max(dt_window, 1e-9)
         mfu = tok_s * self.flops_per_token / self.peak if self.peak else None
-        remaining = sum(self.schedule.seqs[self.state.step:]) * self.cfg.data.seq_len
-        eta = remaining / max(1e-9, (self.state.tokens - self.schedule.tokens_before[self.state.step - steps_here])
-                              / max(dt_total, 1e-9))
+        seqs = self.schedule.seqs   # rows of the steps left, at the rate of this process's rows so far
+        done = sum(seqs[self.state.step - steps_here:self.state.step])
+        eta = sum(seqs[self.state.step:]) * dt_total / max(1, done)
         drop = self.rules.drop_rate() if self.rules.policy else None
         loss = out["lm_loss"] + sum(out["aux"].values()) * max(1, len(self.rules.layers))
         self.print(step_line(self.state.step, len(self.schedule), out["lm_loss"], out["aux"], drop, out["lr"],
@@ -249,16 +291,17 @@ class Trainer:
 
     def _eval(self) -> None:
         self.last_val = self.evaluate()
-        self.print(f"step {self.state.step}: val loss {self.last_val:.4f} nats "
-                   f"(unigram baseline {self.card.get('unigram_val_loss', float('nan')):.4f})")
+        if self.last_val is None:       # no validation data
+            return
+        self.print(f"step {self.state.step}: val loss {self.last_val:.4f} nats"
+                   + (f" ({self.baseline_name} {self.baseline:.4f})" if self.baseline is not None else ""))
         if self.metrics:
             self.metrics.write("val", step=self.state.step, tokens=self.state.tokens, val_loss_nats=self.last_val)
 
     def export(self) -> Path:
         """The final model as a Hugging Face directory with its tokenizer."""
         path = self.out / "hf"
-        tok = self.card.get("tokenizer")
-        save_pretrained(self.model, path, tokenizer_dir=tok if tok and Path(tok, "tokenizer.json").exists() else None)
+        save_pretrained(self.model, path, tokenizer_dir=self.tokenizer_dir)
         self.print(f"exported {path} (config.json + model.safetensors + tokenizer)")
         return path
 

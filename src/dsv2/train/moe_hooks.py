@@ -45,8 +45,9 @@ class MoERules:
         if self.policy is not None:
             self.policy.set_batch(sample_ids_B)
 
-    def collect(self, B: int, T: int) -> dict[str, torch.Tensor]:
-        """Balance losses of the last forward, summed over MoE layers; updates load statistics."""
+    def collect(self, B: int, T: int, valid_BT: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Balance losses of the last forward, summed over MoE layers; updates load statistics.
+        valid_BT marks real tokens in padded rows: padding counts in neither."""
         total: dict[str, torch.Tensor] = {}
         c = self.cfg
         for li, m in enumerate(self.layers):
@@ -57,15 +58,18 @@ class MoERules:
             group_E = self.group_E.to(r.idx_NK.device)
             K = r.idx_NK.shape[-1]
             losses = balance_losses(r.scores_NE.view(B, T, -1), r.idx_NK.view(B, T, K), group_E, self.D, self.M,
-                                    c.exp_bal, c.dev_bal, c.comm_bal, None if keep is None else keep.view(B, T, K))
+                                    c.exp_bal, c.dev_bal, c.comm_bal, None if keep is None else keep.view(B, T, K),
+                                    valid_BT)
             for k, v in losses.items():
                 total[k] = total[k] + v if k in total else v
             with torch.no_grad():
-                idx = r.idx_NK if keep is None else r.idx_NK[keep]
-                self.load_LE[li] += torch.bincount(idx.flatten(), minlength=self.n_experts).cpu()
-                self.copies += r.idx_NK.numel()
+                valid_NK = (torch.ones_like(r.idx_NK, dtype=torch.bool) if valid_BT is None
+                            else valid_BT.reshape(-1, 1).expand_as(r.idx_NK))
+                kept_NK = valid_NK if keep is None else valid_NK & keep
+                self.load_LE[li] += torch.bincount(r.idx_NK[kept_NK], minlength=self.n_experts).cpu()
+                self.copies += int(valid_NK.sum())
                 if keep is not None:
-                    self.dropped += int((~keep).sum())
+                    self.dropped += int((valid_NK & ~keep).sum())
         return total
 
     def drop_rate(self) -> float:
