@@ -12,23 +12,7 @@ import torch
 from dsv2.align.sft import SFTTrainer, load_sft_config
 from dsv2.cli import main
 
-CHATS = [
-    [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "7"}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "你好"},
-     {"role": "assistant", "content": "你好！🙂"}, {"role": "user", "content": "谢谢"},
-     {"role": "assistant", "content": "不客气 ✨"}],
-    [{"role": "user", "content": "Upper-case this: red fox runs"}, {"role": "assistant", "content": "RED FOX RUNS"}],
-]
-
-
-@pytest.fixture(scope="module")
-def chat_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chats")
-    rows = [{"messages": CHATS[i % 3]} for i in range(24)] + [{"prompt": f"{i} + 1 =", "completion": str(i + 1)}
-                                                              for i in range(8)]
-    (d / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    (d / "val.jsonl").write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CHATS))
-    return d
+from align_helpers import SFT_CHATS as CHATS, check_exact_resume
 
 
 def overrides(base, files, out, **extra):
@@ -95,21 +79,8 @@ def test_serve_answers_the_chat_as_the_offline_engine(sft_run):
 
 
 def test_resume_is_exact(sft_base, chat_files, tmp_path):
-    def trainer(out, **kw):
-        return SFTTrainer(load_sft_config("demo", overrides(sft_base, chat_files, out, export=False, **kw)),
-                          print_fn=lambda *_: None)
-    straight = trainer(tmp_path / "a")
-    straight.fit()
-    half = trainer(tmp_path / "b")
-    for step in range(2):
-        half.train_step(step)
-    half.state.step = 2
-    half.save()
-    resumed = trainer(tmp_path / "b")
-    resumed.fit(resume="auto")
-    ref, got = straight.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
-    assert resumed.train_data.state_dict() == straight.train_data.state_dict()
+    check_exact_resume(lambda out: SFTTrainer(load_sft_config("demo", overrides(sft_base, chat_files, out, export=False)),
+                                              print_fn=lambda *_: None), tmp_path)
 
 
 def test_the_loss_is_normalised_by_the_supervised_tokens_of_the_whole_step(sft_base, chat_files, tmp_path):
@@ -130,7 +101,7 @@ def test_the_loss_is_normalised_by_the_supervised_tokens_of_the_whole_step(sft_b
 
 def test_bad_settings_are_one_sentence(sft_base, chat_files, tmp_path, capsys):
     assert main(["sft", "--config", "demo", "init_from=", f"data.train={chat_files / 'train.jsonl'}"]) == 2
-    assert "sft needs the checkpoint to fine-tune: add init_from=PATH" in capsys.readouterr().err
+    assert "sft needs the checkpoint to start from: add init_from=PATH" in capsys.readouterr().err
     assert main(["sft", "--config", "demo", f"init_from={sft_base}", "data.overlong=cut"]) == 2
     assert "'data.overlong' is invalid" in capsys.readouterr().err
     assert main(["sft", "--config", "demo", f"init_from={sft_base}", f"data.train={tmp_path / 'none.jsonl'}",

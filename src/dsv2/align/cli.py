@@ -1,9 +1,10 @@
-"""`dsv2 sft`: fine-tune a checkpoint on chat data from a YAML config with dotted overrides.
+"""`dsv2 sft` and `dsv2 grpo`: fine-tune a checkpoint on chats, then with RL; YAML config + dotted overrides.
 
     dsv2 sft --config demo init_from=runs/demo/pretrain/hf data.train=train.jsonl data.val=val.jsonl
     dsv2 sft --config deepseek-v2 init_from=CKPT data.train=chats.jsonl --resume auto
     dsv2 sft --config deepseek-v2 --print-config
     dsv2 sft --config deepseek-v2 --nproc 4 --ep 2 init_from=CKPT data.train=...   # see dsv2.launch
+    dsv2 grpo --config deepseek-v2 init_from=runs/sft/hf data.train=prompts.jsonl data.val=held_out.jsonl
 """
 
 from __future__ import annotations
@@ -20,9 +21,23 @@ def add_parser(sub) -> None:
                     "(a preset name or a .yaml path) and then KEY=VALUE overrides.",
         config_help="preset name (deepseek-v2, demo) or path to a .yaml", default_config="deepseek-v2",
         example="init_from=CKPT data.train=chats.jsonl optim.lr=1e-5 epochs=1")
+    add_training_verb(
+        sub, "grpo", run_grpo, help="reinforcement learning with GRPO (group-relative advantages, k3 KL)",
+        description="Sample G completions per prompt from the live policy with dsv2's engine, reward them "
+                    "(exact match, regex, code tests, reward models or module:function), and optimise the clipped "
+                    "GRPO objective minus beta x KL to a frozen reference. Settings come from --config and then "
+                    "KEY=VALUE overrides.",
+        config_help="preset name (deepseek-v2, demo) or path to a .yaml", default_config="deepseek-v2",
+        example="init_from=CKPT data.train=prompts.jsonl grpo.group_size=16 grpo.beta=0")
 
 
 def run(args) -> int:
     from ..launch import start
     from .sft import SFTTrainer, load_sft_config
     return start(args, load_sft_config(args.config, args.overrides), SFTTrainer)
+
+
+def run_grpo(args) -> int:
+    from ..launch import start
+    from .grpo_trainer import GRPOTrainer, load_grpo_config
+    return start(args, load_grpo_config(args.config, args.overrides), GRPOTrainer)

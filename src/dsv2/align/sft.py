@@ -21,27 +21,23 @@ The paper's SFT (DeepSeek-V2 Chat): 1.5M conversations, 2 epochs, lr 5e-6
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError
 from ..data.loader import Batch
 from ..data.packing import OVERLONG, PackedLoader, pack
-from ..tokenizer import DEEPSEEK_CHAT_TEMPLATE, Tokenizer, load_tokenizer
-from ..train.config import TrainConfig
-from ..train.loop import Trainer
+from ..tokenizer import Tokenizer
 from .conversations import read_conversations, shifted, tokenize_conversation
+from .finetune import PRESETS, FinetuneConfig, FinetuneTrainer
 
 __all__ = ["SFTConfig", "SFTDataConfig", "SFTTrainer", "tokenize_conversation", "SFT_PRESETS"]
 
-SFT_PRESETS = Path(__file__).resolve().parent.parent / "presets" / "sft"
+SFT_PRESETS = PRESETS / "sft"
 
 
 @dataclass
@@ -54,57 +50,35 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    model: dict = field(default_factory=dict)         # unused: the architecture is init_from's
+class SFTConfig(FinetuneConfig):
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     out_dir: str = "runs/sft"
-    init_from: str = ""                 # the Hugging Face checkpoint (weights + tokenizer) to fine-tune
     epochs: float = 0.0                 # > 0: train this many passes over the rows (steps is then derived)
-
-    def model_config(self) -> ModelConfig:
-        if not self.init_from:
-            raise ConfigError("sft needs the checkpoint to fine-tune: add init_from=PATH (a Hugging Face folder).")
-        return ModelConfig.from_json(self.init_from)
+    stage = "sft"
 
     def validate(self) -> None:
-        if self.model:
-            raise ConfigError("sft takes its architecture from init_from: leave the 'model' section out.")
         if self.data.overlong not in OVERLONG:
             raise ConfigError(f"training config 'data.overlong' is invalid: use {' or '.join(OVERLONG)}.")
         if self.epochs < 0:
             raise ConfigError("training config 'epochs' is invalid: it must be >= 0 (0: use steps).")
         super().validate()
 
-    def check_model(self) -> None:
-        pass                            # init_from is read when training starts (a preset prints without it)
 
-
-class SFTTrainer(Trainer):
+class SFTTrainer(FinetuneTrainer):
     name = "sft"
     baseline_name = "before fine-tuning"
-
-    def build_model(self, mcfg: ModelConfig, device: torch.device):
-        from ..checkpoint import load_pretrained
-        if device.type == "meta":
-            raise ValueError("--meta-init draws fresh weights, but sft starts from init_from's: leave --meta-init out.")
-        # fp32 master weights whatever the checkpoint's dtype (autocast gives bf16 compute)
-        return load_pretrained(self.cfg.init_from, dtype=torch.float32, device=device).train()
 
     def build_data(self, dp_rank: int, dp_size: int) -> None:
         cfg, d = self.cfg, self.cfg.data
         if not d.train:
             raise ValueError("sft needs training conversations: add data.train=FILE.jsonl.")
-        tok = load_tokenizer(cfg.init_from, self.model.config.vocab_size)
-        self.tokenizer = tok
+        tok = self.load_tokenizer()
         packed = self._pack(d.train, tok)
         self.train_data = PackedLoader(packed, cfg.seed, dp_rank, dp_size)
         self.val_data = PackedLoader(self._pack(d.val, tok), cfg.seed) if d.val else None
         if cfg.epochs > 0:
             cfg.steps = max(1, math.ceil(cfg.epochs * packed.rows / (cfg.batch.final * dp_size)))
         self.baseline = None            # set to the val loss before fine-tuning, in fit()
-        self.tokenizer_dir = self.out / "tokenizer"
-        if self.is_main:
-            write_chat_tokenizer(tok, cfg.init_from, self.tokenizer_dir)
 
     def _pack(self, path: str, tok: Tokenizer):
         d = self.cfg.data
@@ -137,22 +111,6 @@ class SFTTrainer(Trainer):
             self.baseline = self.evaluate()
             self.print(f"before fine-tuning: val loss {self.baseline:.4f} nats per answer token")
         return super().fit(resume=resume)
-
-
-def write_chat_tokenizer(tok: Tokenizer, src: str | os.PathLike, dst: Path) -> None:
-    """The tokenizer files for the export, with the chat template the model was trained with
-    written into tokenizer_config.json when the source had none (so transformers'
-    apply_chat_template and `dsv2 serve` render chats the same way)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "special_tokens_map.json"):
-        if (Path(src) / name).exists():
-            shutil.copyfile(Path(src) / name, dst / name)
-    cfg_file = Path(src) / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-    cfg.setdefault("chat_template", tok.chat_template or DEEPSEEK_CHAT_TEMPLATE)
-    tmp = dst / f".tokenizer_config.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
-    os.replace(tmp, dst / "tokenizer_config.json")
 
 
 def _progress(items, path, show: bool):

@@ -116,36 +116,7 @@ class LLM:
         requests = [Request(p, params, id=i) for i, p in enumerate(ids)]
         for r in requests:
             eng.validate(r)  # every prompt checked before any work starts
-        tokens: list[list[int]] = [[] for _ in ids]
-        texts = [""] * len(ids)
-        reasons: list[str | None] = [None] * len(ids)
-        lps: list[list] = [[] for _ in ids]
-        tops: list[list] = [[] for _ in ids]
-        prompt_lps: list = [None] * len(ids)
-        pending = iter(requests)
-        nxt = next(pending, None)
-        while nxt is not None or eng.seqs:
-            batch = []
-            while nxt is not None and len(batch) < eng.slots - len(eng.seqs):
-                batch.append(nxt)
-                nxt = next(pending, None)
-            if batch:
-                eng.add_many(batch)   # fresh prompts prefilled together
-            for out in eng.step():
-                tokens[out.request_id].append(out.token_id)
-                texts[out.request_id] += out.text
-                if out.prompt_logprobs is not None:
-                    prompt_lps[out.request_id] = out.prompt_logprobs
-                if logprobs is not None:
-                    lps[out.request_id].append(out.logprob)
-                    tops[out.request_id].append(out.top_logprobs)
-                if out.finished:
-                    reasons[out.request_id] = out.finish_reason
-        if self.tokenizer is None:
-            texts = [""] * len(ids)
-        lps, tops = (lps, tops) if logprobs is not None else ([None] * len(ids), [None] * len(ids))
-        return [Completion(t, tok, r, len(p), lp, top, plp)
-                for t, tok, r, p, lp, top, plp in zip(texts, tokens, reasons, ids, lps, tops, prompt_lps)]
+        return run_requests(eng, requests, keep_text=self.tokenizer is not None)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop=None,
@@ -163,3 +134,43 @@ class LLM:
             for out in eng.step():
                 if out.text:
                     yield out.text
+
+
+def run_requests(eng: Engine, requests: list[Request], keep_text: bool = True) -> list[Completion]:
+    """Run every request through `eng` (at most its slots at once, fresh prompts prefilled
+    together); results in request order. Each request keeps its own sampling params (and seed)."""
+    ids = [r.prompt_ids for r in requests]
+    for i, r in enumerate(requests):
+        r.id = i
+    logprobs = any(r.params.logprobs is not None for r in requests)
+    tokens: list[list[int]] = [[] for _ in ids]
+    texts = [""] * len(ids)
+    reasons: list[str | None] = [None] * len(ids)
+    lps: list[list] = [[] for _ in ids]
+    tops: list[list] = [[] for _ in ids]
+    prompt_lps: list = [None] * len(ids)
+    pending = iter(requests)
+    nxt = next(pending, None)
+    while nxt is not None or eng.seqs:
+        batch = []
+        while nxt is not None and len(batch) < eng.slots - len(eng.seqs):
+            batch.append(nxt)
+            nxt = next(pending, None)
+        if batch:
+            eng.add_many(batch)   # fresh prompts prefilled together
+        for out in eng.step():
+            tokens[out.request_id].append(out.token_id)
+            texts[out.request_id] += out.text
+            if out.prompt_logprobs is not None:
+                prompt_lps[out.request_id] = out.prompt_logprobs
+            if logprobs:
+                lps[out.request_id].append(out.logprob)
+                tops[out.request_id].append(out.top_logprobs)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    if not keep_text:
+        texts = [""] * len(ids)
+    lps, tops = (lps, tops) if logprobs else ([None] * len(ids), [None] * len(ids))
+    return [Completion(t, tok, r, len(p), lp, top, plp)
+            for t, tok, r, p, lp, top, plp in zip(texts, tokens, reasons, ids, lps, tops, prompt_lps)]
+

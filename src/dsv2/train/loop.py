@@ -116,6 +116,8 @@ class Trainer:
     # accumulation, clipping, MoE rules, checkpoints, metrics, distribution) is shared.
     name = "pretrain"
     baseline_name = "unigram baseline"
+    val_name, val_unit, val_key = "val loss", " nats", "val_loss_nats"   # what evaluate() returns, as shown and logged
+    shown_extra: tuple[str, ...] = ()                 # keys of train_step's "extra" shown in the step line
 
     def model_config(self) -> ModelConfig:
         return self.cfg.model_config()
@@ -273,12 +275,15 @@ class Trainer:
         eta = sum(seqs[self.state.step:]) * dt_total / max(1, done)
         drop = self.rules.drop_rate() if self.rules.policy else None
         loss = out["lm_loss"] + sum(out["aux"].values()) * max(1, len(self.rules.layers))
-        self.print(step_line(self.state.step, len(self.schedule), out["lm_loss"], out["aux"], drop, out["lr"],
-                             tok_s, mfu, eta))
+        extra = out.get("extra", {})    # an objective's own scalars (GRPO: rewards, kl, clip ratio, ...)
+        shown = {k: extra[k] for k in self.shown_extra if k in extra}
+        self.print(step_line(self.state.step, len(self.schedule), out["lm_loss"], {**out["aux"], **shown}, drop,
+                             out["lr"], tok_s, mfu, eta))
         if self.metrics:
             self.metrics.write("train", step=self.state.step, tokens=self.state.tokens, loss_nats=loss,
                                lm_loss_nats=out["lm_loss"], **{f"{k}": v for k, v in out["aux"].items()},
-                               drop_rate=drop, lr=out["lr"], grad_norm=out["grad_norm"], tokens_per_s=tok_s, mfu=mfu)
+                               drop_rate=drop, lr=out["lr"], grad_norm=out["grad_norm"], tokens_per_s=tok_s, mfu=mfu,
+                               **extra)
 
     def _log_load(self) -> None:
         if self.metrics:
@@ -293,10 +298,10 @@ class Trainer:
         self.last_val = self.evaluate()
         if self.last_val is None:       # no validation data
             return
-        self.print(f"step {self.state.step}: val loss {self.last_val:.4f} nats"
+        self.print(f"step {self.state.step}: {self.val_name} {self.last_val:.4f}{self.val_unit}"
                    + (f" ({self.baseline_name} {self.baseline:.4f})" if self.baseline is not None else ""))
         if self.metrics:
-            self.metrics.write("val", step=self.state.step, tokens=self.state.tokens, val_loss_nats=self.last_val)
+            self.metrics.write("val", step=self.state.step, tokens=self.state.tokens, **{self.val_key: self.last_val})
 
     def export(self) -> Path:
         """The final model as a Hugging Face directory with its tokenizer."""
@@ -311,5 +316,6 @@ def _mean(outs: list[dict]) -> dict:
     n = len(outs)
     last = outs[-1]
     return {**last, "lm_loss": sum(o["lm_loss"] for o in outs) / n,
-            "aux": {k: sum(o["aux"][k] for o in outs) / n for k in last["aux"]}}
+            "aux": {k: sum(o["aux"][k] for o in outs) / n for k in last["aux"]},
+            "extra": {k: sum(o["extra"][k] for o in outs) / n for k in last.get("extra", {})}}
 

@@ -3,7 +3,7 @@
     dsv2 plot runs/demo/pretrain          # -> runs/demo/pretrain/plots/*.png
 
 loss.png (train and val loss, with the tokenizer's unigram baseline when the data card is
-found), lr.png, balance.png (each balance loss, per layer, and the drop rate) and
+found), reward.png (RL runs: the mean reward and the held-out score), lr.png, balance.png (each balance loss, per layer, and the drop rate) and
 expert_load.png (a heat map of each MoE layer's share of tokens per expert over time:
 balanced routing is an even colour).
 """
@@ -42,14 +42,26 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["lm_loss_nats"] for r in train], label="train (LM)")
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss_nats"] for r in val], "o-", label="val")
+    val_loss = [(r["step"], r["val_loss_nats"]) for r in val if "val_loss_nats" in r]
+    if val_loss:
+        ax.plot(*zip(*val_loss), "o-", label="val")
     baseline = _unigram_baseline(run)
     if baseline:
         ax.axhline(baseline, ls="--", c="gray", label=f"unigram baseline {baseline:.2f}")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
     ax.legend()
     save(fig, "loss.png")
+
+    if any("reward" in r for r in train):      # an RL run (dsv2 grpo): rewards and the held-out score
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in train if "reward" in r], [r["reward"] for r in train if "reward" in r],
+                label="train reward (mean)")
+        scores = [(r["step"], r["val_score"]) for r in val if "val_score" in r]
+        if scores:
+            ax.plot(*zip(*scores), "o-", label="held-out score (greedy)")
+        ax.set(xlabel="step", ylabel="reward", title="rewards")
+        ax.legend()
+        save(fig, "reward.png")
 
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot([r["step"] for r in train], [r["lr"] for r in train])

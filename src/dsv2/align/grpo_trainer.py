@@ -1,0 +1,264 @@
+"""`dsv2 grpo`: GRPO on the pretraining loop's machinery (checkpoints, resume, metrics, plots).
+
+    dsv2 grpo --config demo init_from=runs/demo/sft/hf data.train=prompts.jsonl data.val=held_out.jsonl
+    dsv2 grpo --config deepseek-v2 init_from=CKPT data.train=math.jsonl grpo.rewards='{exact_match: 1.0}'
+    dsv2 grpo --config my.yaml --resume auto
+
+One step (`GRPOTrainer.train_step`):
+1. N prompts (grpo.prompts_per_step) in a seeded, resumable order;
+2. G completions each from the live policy through the engine (align/rollout.py);
+3. rewards: the weighted sum of the configured functions (align/rewards.py), then the
+   group-relative advantages (align/grpo.py);
+4. the sampled tokens' log-probs under the policy before the update (pi_old) and under the
+   frozen reference (skipped when beta = 0);
+5. mu optimizer steps on the clipped objective minus beta x KL, micro-batch by micro-batch,
+   each micro-batch weighted by its share of the batch's normaliser (outputs or tokens);
+6. iterative GRPO: every grpo.ref_update_every steps the reference becomes the policy.
+Logged: the loss, the reward's mean and std (and per function), frac_reward_zero_std (groups
+whose G rewards are all equal, which teach nothing), kl, clip_ratio, entropy, completion
+lengths, and the tokens/s of rollouts and of updates. Every eval_every steps the held-out
+prompts (data.val) are answered greedily and scored by grpo.eval_reward.
+
+A prompts file holds one JSON object per line: {"prompt": "..."} or {"messages": [...]}
+(rendered with the chat template's generation prompt) plus any columns the rewards read
+(e.g. "answer"). GRPO runs on one process for now.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..data.loader import EpochOrder
+from ..engine.sampling import SamplingParams
+from .conversations import generation_prompt_ids
+from .finetune import PRESETS, FinetuneConfig, FinetuneTrainer
+from .grpo import AGGS, SCALES, group_advantages, grpo_loss
+from .rewards import Rewards, resolve
+from .rollout import completion_logprobs, pack_sequences, rollout
+
+GRPO_PRESETS = PRESETS / "grpo"
+
+
+@dataclass
+class GRPODataConfig:
+    train: str = ""                     # JSONL prompts: {"prompt": ...} or {"messages": [...]}, plus reward columns
+    val: str | None = None              # held-out prompts, answered greedily every eval_every (null: none)
+    chat: bool = True                   # render prompts with the chat template's generation prompt
+    seq_len: int = 1024                 # prompt + completion tokens, for the FLOPs estimate
+
+
+@dataclass
+class GRPOSettings:
+    group_size: int = 8                 # G: outputs sampled per prompt
+    prompts_per_step: int = 8           # N: prompts per step (a batch is N x G outputs)
+    max_new_tokens: int = 256           # completion length cap
+    temperature: float = 1.0            # sampling of rollouts (log-probs are the model's, before temperature)
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list = field(default_factory=list)   # stop strings ending a completion
+    beta: float = 0.04                  # KL weight (k3 estimator); 0 skips the reference model
+    eps_low: float = 0.2                # clip: rho in [1 - eps_low, 1 + eps_high]
+    eps_high: float | None = None       # null: eps_low (DAPO's clip-higher: e.g. 0.28)
+    agg: str = "grpo"                   # grpo (mean per output, then over outputs), token, constant
+    scale: str = "group"                # advantage scale: group std, batch std, none (mean-centring only)
+    mu: int = 1                         # optimizer steps per batch of rollouts
+    ref_update_every: int = 0           # iterative GRPO: reference <- policy every this many steps (0: never)
+    rewards: dict = field(default_factory=lambda: {"exact_match": 1.0})   # name or module:function -> weight
+    eval_reward: str = "exact_match"    # what the held-out greedy answers are scored by
+    rollout_slots: int = 64             # engine slots while sampling
+
+
+@dataclass
+class GRPOConfig(FinetuneConfig):
+    data: GRPODataConfig = field(default_factory=GRPODataConfig)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    out_dir: str = "runs/grpo"
+    stage = "grpo"
+
+    def validate(self) -> None:
+        g, b = self.grpo, self.batch
+        if g.agg not in AGGS:
+            raise ConfigError(f"training config 'grpo.agg' is invalid: use {', '.join(AGGS)}.")
+        if g.scale not in SCALES:
+            raise ConfigError(f"training config 'grpo.scale' is invalid: use {', '.join(SCALES)}.")
+        if g.group_size < 2 or g.prompts_per_step < 1 or g.mu < 1:
+            raise ConfigError("training config 'grpo' is invalid: group_size >= 2, prompts_per_step >= 1 and mu >= 1.")
+        n = g.group_size * g.prompts_per_step
+        if n % b.micro_batch:
+            raise ConfigError(f"training config 'batch.micro_batch' ({b.micro_batch}) must divide the batch of "
+                              f"prompts_per_step x group_size = {n} outputs.")
+        b.start = b.final = n           # the batch is the rollouts of one step
+        b.ramp_tokens = 0
+        super().validate()
+
+
+def read_prompts(path: str | Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Rows with "prompt" (a string) or "messages" (a list); bad lines listed with their numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompts file at {path}: give a JSONL file with one "
+                                '{"prompt": ...} or {"messages": [...]} per line.')
+    rows, bad = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            bad.append((n, f"not JSON ({e})"))
+            continue
+        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+            bad.append((n, "a line needs a string 'prompt' or a list of 'messages'"))
+            continue
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no usable prompt" + (f"; line {bad[0][0]}: {bad[0][1]}." if bad else "."))
+    return rows, bad
+
+
+class GRPOTrainer(FinetuneTrainer):
+    name = "grpo"
+    baseline_name = "before RL"
+    val_name, val_unit, val_key = "held-out score", "", "val_score"
+    shown_extra = ("reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "completion_len")
+
+    def __init__(self, cfg: GRPOConfig, rewards: Rewards | None = None, **seams):
+        self._rewards = rewards
+        super().__init__(cfg, **seams)
+        if seams.get("dp_size", 1) > 1:
+            raise ValueError("dsv2 grpo runs on one process for now: leave out --nproc / torchrun.")
+
+    # --------------------------------------------------------------- setup
+    def build_data(self, dp_rank: int, dp_size: int) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        if not d.train:
+            raise ValueError("grpo needs prompts: add data.train=FILE.jsonl.")
+        tok = self.load_tokenizer()
+        self.prompts, bad = read_prompts(d.train)
+        for n, why in bad[:5]:
+            self.print(f"{d.train}: skipped line {n}: {why}")
+        self.val_prompts = read_prompts(d.val)[0] if d.val else []
+        self.prompt_ids = [self.encode(r) for r in self.prompts]
+        self.order = self.train_data = EpochOrder(len(self.prompts), cfg.seed, dp_rank, dp_size)   # checkpointed
+        self.rewards = self._rewards or Rewards(cfg.grpo.rewards)
+        self.eval_reward = resolve(cfg.grpo.eval_reward)
+        g = cfg.grpo
+        self.params = SamplingParams.make(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                                          top_p=g.top_p, stop=g.stop or None)
+        self.ref = None
+        if g.beta:
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.baseline = None
+        self.pad_id = tok.eos_id or 0
+
+    def encode(self, row: dict) -> list[int]:
+        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+        if self.cfg.data.chat:
+            return generation_prompt_ids(self.tokenizer, messages)
+        return self.tokenizer.encode(row.get("prompt") or messages[-1]["content"])
+
+    def stateful(self) -> dict:
+        state = super().stateful()
+        if self.ref is not None and self.cfg.grpo.ref_update_every:
+            state["ref"] = self.ref          # iterative GRPO: the reference moves
+        return state
+
+    # ---------------------------------------------------------------- step
+    def train_step(self, step: int) -> dict:
+        cfg, g = self.cfg, self.cfg.grpo
+        lr = self.schedule.lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        picks = [self.order.next()[0] for _ in range(g.prompts_per_step)]
+        rows = [self.prompts[i] for i in picks]
+        ro = rollout(self.model, self.tokenizer, [self.prompt_ids[i] for i in picks], g.group_size, self.params,
+                     cfg.seed, step, g.rollout_slots)
+        G, B = g.group_size, len(ro.texts)
+        prompts_text = [self.tokenizer.decode(p) for p in ro.prompt_ids]
+        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "messages")}
+        total, per_fn = self.rewards(prompts_text, ro.texts, columns)
+        rewards = torch.tensor(total)
+        adv = group_advantages(rewards, G, g.scale)
+        x, y, mask, valid = pack_sequences(ro.prompt_ids, ro.completion_ids, self.pad_id)
+        x, y, mask, valid, adv = (t.to(self.device) for t in (x, y, mask, valid, adv))
+        mb = cfg.batch.micro_batch
+        slices = [slice(s, s + mb) for s in range(0, B, mb)]
+        with torch.no_grad(), self.autocast():
+            old = torch.cat([completion_logprobs(self.model, x[s], y[s])[0] for s in slices]) if g.mu > 1 else None
+            ref = torch.cat([completion_logprobs(self.ref, x[s], y[s])[0] for s in slices]) if self.ref else None
+        n_tok = mask.sum()
+        t0 = time.perf_counter()
+        stats, loss_sum, aux_sum = {"kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0}, 0.0, {}
+        for _ in range(g.mu):
+            for s in slices:
+                self.rules.begin(torch.arange(s.start, min(s.stop, B)))
+                with self.autocast():
+                    logp, ent = completion_logprobs(self.step_model, x[s], y[s], with_entropy=True)
+                aux = self.rules.collect(*x[s].shape, valid_BT=valid[s])
+                loss, st = grpo_loss(logp, logp.detach() if old is None else old[s], None if ref is None else ref[s],
+                                     adv[s], mask[s], g.eps_low, g.eps_high, g.beta, g.agg, g.max_new_tokens)
+                share = (mask[s].sum() / n_tok) if g.agg == "token" else (mask[s].shape[0] / B)
+                (loss * share + sum(aux.values()) * (mask[s].shape[0] / B)).backward()
+                loss_sum += loss.item() * float(share) / g.mu
+                for k in stats:
+                    w = float(mask[s].sum() / n_tok) / g.mu
+                    stats[k] += w * (float((ent * mask[s]).sum() / mask[s].sum().clamp(min=1)) if k == "entropy" else st[k])
+                for k, v in aux.items():
+                    aux_sum[k] = aux_sum.get(k, 0.0) + v.item() * (mask[s].shape[0] / B) / g.mu
+            grad_norm = self.clip_grad_norm(self.step_model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        update_s = time.perf_counter() - t0
+        if self.ref is not None and g.ref_update_every and (step + 1) % g.ref_update_every == 0:
+            self.ref.load_state_dict(self.model.state_dict())
+        r_NG = rewards.view(-1, G)
+        lengths = [len(c) for c in ro.completion_ids]
+        extra = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                 **{f"reward/{k}": sum(v) / len(v) for k, v in per_fn.items()},
+                 "frac_reward_zero_std": float((r_NG.std(1) == 0).float().mean()), **stats,
+                 "completion_len": sum(lengths) / len(lengths),
+                 "stopped": sum(r == "stop" for r in ro.finish_reasons) / B,
+                 "rollout_tokens_per_s": ro.tokens / max(ro.seconds, 1e-9),
+                 "update_tokens_per_s": g.mu * int(valid.sum()) / max(update_s, 1e-9)}
+        n_layers = max(1, len(self.rules.layers))
+        return {"lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(valid.sum()),
+                "aux": {k: v / n_layers for k, v in aux_sum.items()}, "extra": extra}
+
+    # ---------------------------------------------------------------- eval
+    def evaluate(self) -> float | None:
+        """Held-out greedy accuracy: data.val's prompts answered at temperature 0, scored by grpo.eval_reward."""
+        if not self.val_prompts:
+            return None
+        return held_out_score(self.model, self.tokenizer, self.val_prompts, [self.encode(r) for r in self.val_prompts],
+                              self.eval_reward, self.cfg.grpo.max_new_tokens, self.cfg.grpo.stop)
+
+    def fit(self, resume: str | None = None) -> dict:
+        resuming = bool(resume) and (resume != "auto" or self.checkpointer.latest() is not None)
+        if self.val_prompts and not resuming:
+            self.baseline = self.evaluate()
+            self.print(f"before RL: held-out {self.cfg.grpo.eval_reward} {self.baseline:.4f}")
+        result = super().fit(resume=resume)
+        result["val_score"] = result.pop("val_loss")
+        return result
+
+
+def held_out_score(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward_fn,
+                   max_new_tokens: int, stop: list | None = None) -> float:
+    params = SamplingParams.make(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or None)
+    ro = rollout(model, tokenizer, prompt_ids, 1, params)
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
+    scores = reward_fn([tokenizer.decode(p) for p in prompt_ids], [t.strip() for t in ro.texts], **columns)
+    return sum(0.0 if s is None or not math.isfinite(s) else s for s in scores) / len(scores)
+
+
+def load_grpo_config(name_or_path: str, overrides: list[str] | None = None) -> GRPOConfig:
+    from ..train.config import load_config
+    return load_config(name_or_path, overrides, cls=GRPOConfig, presets=GRPO_PRESETS)
