@@ -1,8 +1,11 @@
-"""GRPO learns a verifiable task, and coin-flip rewards of the same mean do not: curves and a table.
+"""Does GRPO learn a verifiable task where coin-flip rewards of the same mean do not? Curves and a table.
 
     .venv/bin/dsv2 demo                                       # the base model, once (runs/demo/pretrain/hf)
     .venv/bin/python bench/grpo.py                            # SFT start, then 3 seeds x (GRPO, control)
     .venv/bin/python bench/grpo.py --seeds 0 --steps 40 --out /tmp/grpo_bench
+
+Measured so far (docs/grpo.md): GRPO raises the sampled train reward but not yet the held-out
+score on this task; the table and curves this writes are the record of that.
 
 The toy task is three-digit sums, "What is 4 + 7 + 2?" -> "13" (1,000 triples; 200 held out,
 never trained on). A short SFT of the demo model (presets/sft/demo.yaml, --sft-steps steps)
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--sft-steps", type=int, default=60)
+    p.add_argument("--sft-steps", type=int, default=64)
     p.add_argument("--no-control", action="store_true")
     p.add_argument("overrides", nargs="*", help="dsv2 grpo overrides for every run")
     args = p.parse_args(argv)
