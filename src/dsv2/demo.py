@@ -22,6 +22,7 @@ import math
 import time
 from pathlib import Path
 
+BASE_STEPS_FOR_SFT = 300  # `--stage sft` with no base yet: pretrain this many steps first
 PROMPTS = ["def", "class", "    def"]  # no trailing space: BPE names carry their leading space
 # Low temperature and a short top-k: a small model's tail is noise; greedy would loop.
 SAMPLING = {"temperature": 0.4, "top_k": 10, "seed": 0}
@@ -57,8 +58,11 @@ def run(args) -> int:
     from .align.demo import run_sft_demo
     base = out / "pretrain" / "hf"
     if not (base / "config.json").exists():
-        print(f"no pretrained demo model at {base}: training it first (the `make demo` run)")
-        pretrain_stage(args, extra=[])
+        # a shorter run than `make demo`'s 560 steps keeps `make demo-sft` from scratch under 10 minutes
+        steps = [] if args.fast else [f"steps={BASE_STEPS_FOR_SFT}"]
+        print(f"no pretrained demo model at {base}: training it first (the `make demo` run"
+              + (f", {BASE_STEPS_FOR_SFT} steps)" if steps else ")"))
+        pretrain_stage(args, extra=steps)
     fast = ["epochs=1", "data.seq_len=64", "batch.micro_batch=4", "batch.start=4", "batch.final=4",
             "log_every=2", "eval_every=1000", "threads=2"] if args.fast else []
     run_sft_demo(out, base, seed=args.seed, overrides=fast + list(args.overrides),

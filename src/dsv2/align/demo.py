@@ -1,6 +1,6 @@
 """`dsv2 demo --stage sft` / `make demo-sft`: fine-tune the demo model to follow instructions.
 
-    dsv2 demo --stage sft                     # uses runs/demo/pretrain/hf (`make demo`), else pretrains it first
+    dsv2 demo --stage sft                     # uses runs/demo/pretrain/hf (`make demo`), else pretrains one first
     dsv2 demo --stage sft --seed 1 epochs=2   # another seed; any `dsv2 sft` override after the options
 
 1. write the generated instruction set (align/instructions.py) as train / held-out JSONL;
