@@ -110,11 +110,14 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu") -> DeepseekV2:
+                    device: str | torch.device = "cpu", heads: dict[str, torch.Tensor] | None = None) -> DeepseekV2:
     """Load a Hugging Face DeepSeek-V2 directory; returns the model in eval mode.
 
     dtype: the parameters' dtype (default: the checkpoint's own `torch_dtype`).
+    heads: further tensors to fill by their HF key, e.g. {"score.weight": w} for a
+    DeepseekV2ForSequenceClassification checkpoint (a reward model), which has no lm_head.
     """
+    heads = heads or {}
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
@@ -131,7 +134,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
             expected |= {(name, part, e) for e in range(p.shape[0]) for part in ("gate", "up")}
         elif name.endswith(".mlp.experts.down_proj"):
             expected |= {(name, "down", e) for e in range(p.shape[0])}
-        elif not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+        elif not (name == "lm_head.weight" and (cfg.tie_word_embeddings or "score.weight" in heads)):
             expected.add((name, None, None))
     filled: set[tuple] = set()
     with torch.no_grad():
@@ -139,6 +142,14 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     if _IGNORED.search(key):
+                        continue
+                    if key in heads:
+                        shape = tuple(f.get_slice(key).get_shape())
+                        if shape != tuple(heads[key].shape):
+                            raise CheckpointError(f"tensor '{key}' in {file.name} has shape {list(shape)}, but this "
+                                                  f"model needs {list(heads[key].shape)}: the file belongs to another model.")
+                        heads[key].copy_(f.get_tensor(key))
+                        filled.add((key, None, None))
                         continue
                     name, part, e = hf_to_dsv2(key)
                     if name not in params:
@@ -154,6 +165,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                         filled |= {(name, pt, i) for i in range(target.shape[0]) for pt in parts}
                     else:
                         filled.add((name, part, e))
+    for key in heads:
+        if (key, None, None) not in filled:
+            raise CheckpointError(f"tensor '{key}' is missing from the checkpoint in {path}: it is not the kind "
+                                  "of checkpoint asked for (a reward model has score.weight).")
+    if "score.weight" in heads and ("lm_head.weight", None, None) not in filled and not cfg.tie_word_embeddings:
+        model.lm_head.weight.data.zero_()   # a classifier has no LM head; never leave memory uninitialised
     missing = sorted(expected - filled, key=str)
     if missing:
         name, part, e = missing[0]
@@ -176,13 +193,17 @@ def _target_view(p: torch.Tensor, part: str | None, e: int | None) -> torch.Tens
 
 # ----------------------------------------------------------------------------- save
 def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                    max_shard_bytes: int = 5 * 2**30) -> None:
+                    max_shard_bytes: int = 5 * 2**30, heads: dict[str, torch.Tensor] | None = None,
+                    config_extra: dict | None = None) -> None:
     """Write config.json, generation_config.json and safetensors shards that transformers loads.
 
     Order matters for a folder that already holds a checkpoint: every new file is written
     under a temporary name first, then renamed into place (shards before the index and
     config that point at them), and only then are stale shards of the old layout deleted.
     A crash while writing leaves the old checkpoint loadable; never a folder without weights.
+
+    heads: tensors written under their own HF keys instead of lm_head (a reward model's
+    score.weight); config_extra: keys added to config.json (its architectures, num_labels).
     """
     _refuse_decode_only(model)
     path = Path(path)
@@ -190,10 +211,12 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: s
     cfg = model.config
     state = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if name == "lm_head.weight" and (cfg.tie_word_embeddings or heads):
             continue
         for key, v in dsv2_to_hf(name, t):
             state[key] = v.detach().to("cpu").contiguous()
+    for key, v in (heads or {}).items():
+        state[key] = v.detach().to("cpu").contiguous()
     shards = _split(state, max_shard_bytes)
     dtype = next(model.parameters()).dtype
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
@@ -209,7 +232,8 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: s
         total = sum(t.numel() * t.element_size() for t in state.values())
         files["model.safetensors.index.json"] = _json_writer({"metadata": {"total_size": total},
                                                               "weight_map": weight_map})
-    files["config.json"] = _json_writer(cfg.to_hf_dict() | {"torch_dtype": str(dtype).split(".")[-1]})
+    files["config.json"] = _json_writer(cfg.to_hf_dict() | {"torch_dtype": str(dtype).split(".")[-1]}
+                                        | (config_extra or {}))
     files["generation_config.json"] = _json_writer(gen)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

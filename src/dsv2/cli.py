@@ -27,6 +27,7 @@ VERBS = {
     "pretrain": "dsv2.pretrain",
     "sft": "dsv2.align.cli",
     "grpo": "dsv2.align.cli",
+    "rm": "dsv2.align.cli",
     "export": "dsv2.distributed.cli",
     "plot": "dsv2.train.plot",
     "serve": "dsv2.serve.cli",

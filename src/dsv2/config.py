@@ -36,7 +36,7 @@ _HF_BOOKKEEPING = {
     "attn_implementation", "return_dict", "output_hidden_states", "output_attentions",
     "tie_encoder_decoder", "is_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id",
     "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
-    "task_specific_params", "finetuning_task", "quantization_config",
+    "task_specific_params", "finetuning_task", "quantization_config", "num_labels",
 }
 _YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
               "beta_slow", "mscale", "mscale_all_dim", "rope_theta", "attention_factor", "truncate"}

@@ -123,3 +123,20 @@ def test_bad_settings_are_one_sentence(sft_base, prompt_files, tmp_path, capsys)
     from dsv2.align.grpo import group_advantages
     with pytest.raises(ValueError, match="do not split into groups of 4"):
         group_advantages(torch.ones(6), 4)
+
+
+def test_grpo_and_rm_presets_load():
+    from dsv2.align.grpo_trainer import GRPO_PRESETS
+    from dsv2.align.reward_model import RM_PRESETS, load_rm_config
+    from dsv2.train.config import list_pretrain_presets
+    names = list_pretrain_presets(GRPO_PRESETS)
+    assert {"deepseek-v2", "deepseek-v2-preference", "demo"} <= set(names)
+    for name in names:
+        cfg = load_grpo_config(name)
+        assert cfg.batch.final == cfg.grpo.group_size * cfg.grpo.prompts_per_step and not cfg.moe.drop_tokens
+    paper = load_grpo_config("deepseek-v2")
+    assert (paper.grpo.group_size, paper.grpo.beta, paper.optim.lr) == (64, 0.04, 1e-6)
+    stage2 = load_grpo_config("deepseek-v2-preference")
+    assert any(k.startswith("rm:") for k in stage2.grpo.rewards) and stage2.grpo.eval_also == ["exact_match"]
+    for name in list_pretrain_presets(RM_PRESETS):
+        load_rm_config(name)

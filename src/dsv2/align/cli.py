@@ -29,6 +29,15 @@ def add_parser(sub) -> None:
                     "KEY=VALUE overrides.",
         config_help="preset name (deepseek-v2, demo) or path to a .yaml", default_config="deepseek-v2",
         example="init_from=CKPT data.train=prompts.jsonl grpo.group_size=16 grpo.beta=0")
+    rm = sub.add_parser("rm", help="reward models: `dsv2 rm train` (a scalar head, Bradley-Terry on preference pairs)",
+                        description="Reward models for GRPO (grpo.rewards: {rm:PATH: weight}).")
+    add_training_verb(
+        rm.add_subparsers(dest="rm_verb", metavar="VERB", required=True), "train", run_rm,
+        help="train a reward model on chosen/rejected pairs",
+        description="Put a scalar head on init_from's backbone and train it with the pairwise (Bradley-Terry) "
+                    "loss on JSONL preference pairs; exported as DeepseekV2ForSequenceClassification (num_labels 1).",
+        config_help="preset name (demo) or path to a .yaml", default_config="demo",
+        example="init_from=CKPT data.train=pairs.jsonl data.val=held_out.jsonl steps=200")
 
 
 def run(args) -> int:
@@ -41,3 +50,9 @@ def run_grpo(args) -> int:
     from ..launch import start
     from .grpo_trainer import GRPOTrainer, load_grpo_config
     return start(args, load_grpo_config(args.config, args.overrides), GRPOTrainer)
+
+
+def run_rm(args) -> int:
+    from ..launch import start
+    from .reward_model import RMTrainer, load_rm_config
+    return start(args, load_rm_config(args.config, args.overrides), RMTrainer)

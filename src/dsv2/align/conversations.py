@@ -91,13 +91,14 @@ class Conversations:
             print(f"  ... and {len(self.skipped) - show} more", file=file)
 
 
-def read_conversations(path: str | Path) -> Conversations:
-    """Every line of a JSONL file as a conversation; a bad line is listed, never silently lost."""
+def read_jsonl(path: str | Path, parse, kind: str, example: str) -> tuple[list, list[tuple[int, str]]]:
+    """Every line of a JSONL file through `parse(row) -> (item, None) | (None, what is wrong)`;
+    -> (items, [(line number, what is wrong)]). Bad lines are listed, never silently lost; a
+    file with no good line is refused with the first reason."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no conversation file at {path}: give a JSONL file with one "
-                                '{"messages": [...]} or {"prompt": ..., "completion": ...} per line.')
-    out = Conversations([])
+        raise FileNotFoundError(f"no {kind} file at {path}: give a JSONL file with one {example} per line.")
+    items, bad = [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -105,17 +106,24 @@ def read_conversations(path: str | Path) -> Conversations:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                out.skipped.append((n, f"not JSON ({e.msg} at column {e.colno})"))
+                bad.append((n, f"not JSON ({e.msg} at column {e.colno})"))
                 continue
-            messages, problem = as_messages(row)
+            item, problem = parse(row)
             if problem:
-                out.skipped.append((n, problem))
+                bad.append((n, problem))
             else:
-                out.messages.append(messages)
-    if not out.messages:
-        why = f"; line {out.skipped[0][0]}: {out.skipped[0][1]}" if out.skipped else ""
-        raise ValueError(f"{path} holds no usable conversation{why}.")
-    return out
+                items.append(item)
+    if not items:
+        why = f"; line {bad[0][0]}: {bad[0][1]}" if bad else ""
+        raise ValueError(f"{path} holds no usable {kind}{why}.")
+    return items, bad
+
+
+def read_conversations(path: str | Path) -> Conversations:
+    """Every line of a JSONL file as a conversation; a bad line is listed, never silently lost."""
+    messages, bad = read_jsonl(path, as_messages, "conversation",
+                               '{"messages": [...]} or {"prompt": ..., "completion": ...}')
+    return Conversations(messages, bad)
 
 
 def segments(tokenizer: Tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:

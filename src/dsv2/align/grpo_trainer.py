@@ -27,7 +27,6 @@ A prompts file holds one JSON object per line: {"prompt": "..."} or {"messages":
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import torch
 from ..config import ConfigError
 from ..data.loader import EpochOrder
 from ..engine.sampling import SamplingParams
-from .conversations import generation_prompt_ids
+from .conversations import generation_prompt_ids, read_jsonl
 from .finetune import PRESETS, FinetuneConfig, FinetuneTrainer
 from .grpo import AGGS, SCALES, group_advantages, grpo_loss
 from .rewards import Rewards, resolve
@@ -73,6 +72,7 @@ class GRPOSettings:
     ref_update_every: int = 0           # iterative GRPO: reference <- policy every this many steps (0: never)
     rewards: dict = field(default_factory=lambda: {"exact_match": 1.0})   # name or module:function -> weight
     eval_reward: str = "exact_match"    # what the held-out greedy answers are scored by
+    eval_also: list = field(default_factory=list)   # more held-out scores logged beside it (stage 1's metric in stage 2)
     rollout_slots: int = 64             # engine slots while sampling
 
 
@@ -102,26 +102,11 @@ class GRPOConfig(FinetuneConfig):
 
 def read_prompts(path: str | Path) -> tuple[list[dict], list[tuple[int, str]]]:
     """Rows with "prompt" (a string) or "messages" (a list); bad lines listed with their numbers."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompts file at {path}: give a JSONL file with one "
-                                '{"prompt": ...} or {"messages": [...]} per line.')
-    rows, bad = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            bad.append((n, f"not JSON ({e})"))
-            continue
-        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
-            bad.append((n, "a line needs a string 'prompt' or a list of 'messages'"))
-            continue
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no usable prompt" + (f"; line {bad[0][0]}: {bad[0][1]}." if bad else "."))
-    return rows, bad
+    def parse(row):
+        if isinstance(row, dict) and (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+            return row, None
+        return None, "a line needs a string 'prompt' or a list of 'messages'"
+    return read_jsonl(path, parse, "prompts", '{"prompt": ...} or {"messages": [...]}')
 
 
 class GRPOTrainer(FinetuneTrainer):
@@ -149,7 +134,8 @@ class GRPOTrainer(FinetuneTrainer):
         self.prompt_ids = [self.encode(r) for r in self.prompts]
         self.order = self.train_data = EpochOrder(len(self.prompts), cfg.seed, dp_rank, dp_size)   # checkpointed
         self.rewards = self._rewards or Rewards(cfg.grpo.rewards)
-        self.eval_reward = resolve(cfg.grpo.eval_reward)
+        self.eval_rewards = {n: resolve(n) for n in [cfg.grpo.eval_reward, *cfg.grpo.eval_also]}
+        self.val_scores: dict[str, float] = {}
         g = cfg.grpo
         self.params = SamplingParams.make(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                                           top_p=g.top_p, stop=g.stop or None)
@@ -234,29 +220,41 @@ class GRPOTrainer(FinetuneTrainer):
 
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> float | None:
-        """Held-out greedy accuracy: data.val's prompts answered at temperature 0, scored by grpo.eval_reward."""
+        """Held-out greedy score: data.val's prompts answered at temperature 0, scored by grpo.eval_reward
+        (and by each of grpo.eval_also, kept in val_scores and logged as val/<name>)."""
         if not self.val_prompts:
             return None
-        return held_out_score(self.model, self.tokenizer, self.val_prompts, [self.encode(r) for r in self.val_prompts],
-                              self.eval_reward, self.cfg.grpo.max_new_tokens, self.cfg.grpo.stop)
+        g = self.cfg.grpo
+        self.val_scores = held_out_scores(self.model, self.tokenizer, self.val_prompts,
+                                          [self.encode(r) for r in self.val_prompts], self.eval_rewards,
+                                          g.max_new_tokens, g.stop)
+        return self.val_scores[g.eval_reward]
+
+    def val_extra(self) -> dict:
+        return {f"val/{k}": v for k, v in self.val_scores.items() if k != self.cfg.grpo.eval_reward}
 
     def fit(self, resume: str | None = None) -> dict:
         resuming = bool(resume) and (resume != "auto" or self.checkpointer.latest() is not None)
         if self.val_prompts and not resuming:
             self.baseline = self.evaluate()
-            self.print(f"before RL: held-out {self.cfg.grpo.eval_reward} {self.baseline:.4f}")
+            self.print("before RL: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in self.val_scores.items()))
         result = super().fit(resume=resume)
         result["val_score"] = result.pop("val_loss")
         return result
 
 
-def held_out_score(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward_fn,
-                   max_new_tokens: int, stop: list | None = None) -> float:
+def held_out_scores(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], rewards: dict,
+                    max_new_tokens: int, stop: list | None = None) -> dict[str, float]:
+    """Greedy completions of every prompt, scored by each reward function: {name: mean score}."""
     params = SamplingParams.make(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or None)
     ro = rollout(model, tokenizer, prompt_ids, 1, params)
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
-    scores = reward_fn([tokenizer.decode(p) for p in prompt_ids], [t.strip() for t in ro.texts], **columns)
-    return sum(0.0 if s is None or not math.isfinite(s) else s for s in scores) / len(scores)
+    prompts = [tokenizer.decode(p) for p in prompt_ids]
+    out = {}
+    for name, fn in rewards.items():
+        scores = fn(prompts, [t.strip() for t in ro.texts], **columns)
+        out[name] = sum(0.0 if s is None or not math.isfinite(s) else s for s in scores) / len(scores)
+    return out
 
 
 def load_grpo_config(name_or_path: str, overrides: list[str] | None = None) -> GRPOConfig:

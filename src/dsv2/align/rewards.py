@@ -6,7 +6,8 @@ A reward function is called once per batch of rollouts as
 
 where `columns` are the dataset's other fields (e.g. `answer`), one value per completion.
 None means "no opinion" and counts as 0. A config names functions as "module:function"
-(any importable module) or by a built-in name, with a weight each; their weighted sum is
+(any importable module), "rm:PATH" (a reward model, align/reward_model.py) or by a built-in
+name, with a weight each; their weighted sum is
 the reward r_i (paper eq. 36: c1 RM_helpful + c2 RM_safety + c3 RM_rule).
 
 Built-ins:
@@ -95,9 +96,12 @@ BUILTIN: dict[str, Callable] = {"exact_match": exact_match, "regex": regex, "cod
 
 
 def resolve(name: str) -> Callable:
-    """A built-in name or "module:function"."""
+    """A built-in name, "rm:PATH" (a reward model from `dsv2 rm train`) or "module:function"."""
     if name in BUILTIN:
         return BUILTIN[name]
+    if name.startswith("rm:"):
+        from .reward_model import ModelReward
+        return ModelReward(name[3:])
     if ":" not in name:
         raise RewardError(f"unknown reward {name!r}: use a built-in ({', '.join(BUILTIN)}) or 'module:function'.")
     module, _, attr = name.partition(":")

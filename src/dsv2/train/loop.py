@@ -139,6 +139,10 @@ class Trainer:
         tok = self.card.get("tokenizer")
         self.tokenizer_dir = tok if tok and Path(tok, "tokenizer.json").exists() else None
 
+    def val_extra(self) -> dict:
+        """Further held-out scalars of the last evaluate(), written beside it in the val record."""
+        return {}
+
     def next_micro_batch(self, n: int) -> tuple[Batch, torch.Tensor]:
         """n rows of training data and a unique sample id per row (token dropping protects by id)."""
         tokens, ids = self.train_data.next_batch(n)
@@ -299,9 +303,11 @@ class Trainer:
         if self.last_val is None:       # no validation data
             return
         self.print(f"step {self.state.step}: {self.val_name} {self.last_val:.4f}{self.val_unit}"
-                   + (f" ({self.baseline_name} {self.baseline:.4f})" if self.baseline is not None else ""))
+                   + (f" ({self.baseline_name} {self.baseline:.4f})" if self.baseline is not None else "")
+                   + "".join(f", {k} {v:.4f}" for k, v in self.val_extra().items()))
         if self.metrics:
-            self.metrics.write("val", step=self.state.step, tokens=self.state.tokens, **{self.val_key: self.last_val})
+            self.metrics.write("val", step=self.state.step, tokens=self.state.tokens, **{self.val_key: self.last_val},
+                               **self.val_extra())
 
     def export(self) -> Path:
         """The final model as a Hugging Face directory with its tokenizer."""
