@@ -140,3 +140,17 @@ def test_grpo_and_rm_presets_load():
     assert any(k.startswith("rm:") for k in stage2.grpo.rewards) and stage2.grpo.eval_also == ["exact_match"]
     for name in list_pretrain_presets(RM_PRESETS):
         load_rm_config(name)
+
+
+def test_logprobs_at_a_sampling_temperature_are_those_of_the_tempered_policy(sft_base):
+    from dsv2 import Tokenizer, load_pretrained
+    model = load_pretrained(sft_base, dtype=torch.float32)
+    tok = Tokenizer(sft_base)
+    x = torch.tensor([tok.encode("3 + 4 = 7")])
+    with torch.no_grad():
+        logits = model(x[:, :-1])
+        got, _ = completion_logprobs(model, x[:, :-1], x[:, 1:], temperature=0.5)
+    want = torch.log_softmax(logits / 0.5, -1).gather(-1, x[:, 1:, None])[..., 0]
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(Exception, match="'grpo.temperature' must be > 0"):
+        load_grpo_config("demo", ["grpo.temperature=0"])

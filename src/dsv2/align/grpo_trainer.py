@@ -59,7 +59,7 @@ class GRPOSettings:
     group_size: int = 8                 # G: outputs sampled per prompt
     prompts_per_step: int = 8           # N: prompts per step (a batch is N x G outputs)
     max_new_tokens: int = 256           # completion length cap
-    temperature: float = 1.0            # sampling of rollouts (log-probs are the model's, before temperature)
+    temperature: float = 1.0            # rollouts sample softmax(logits / T); the objective's log-probs use the same T
     top_k: int | None = None
     top_p: float | None = None
     stop: list = field(default_factory=list)   # stop strings ending a completion
@@ -89,6 +89,9 @@ class GRPOConfig(FinetuneConfig):
             raise ConfigError(f"training config 'grpo.agg' is invalid: use {', '.join(AGGS)}.")
         if g.scale not in SCALES:
             raise ConfigError(f"training config 'grpo.scale' is invalid: use {', '.join(SCALES)}.")
+        if not g.temperature > 0:
+            raise ConfigError("training config 'grpo.temperature' must be > 0: GRPO learns from differences "
+                              "between sampled outputs (greedy rollouts would all be the same).")
         if g.group_size < 2 or g.prompts_per_step < 1 or g.mu < 1:
             raise ConfigError("training config 'grpo' is invalid: group_size >= 2, prompts_per_step >= 1 and mu >= 1.")
         n = g.group_size * g.prompts_per_step
@@ -178,8 +181,11 @@ class GRPOTrainer(FinetuneTrainer):
         mb = cfg.batch.micro_batch
         slices = [slice(s, s + mb) for s in range(0, B, mb)]
         with torch.no_grad(), self.autocast():
-            old = torch.cat([completion_logprobs(self.model, x[s], y[s])[0] for s in slices]) if g.mu > 1 else None
-            ref = torch.cat([completion_logprobs(self.ref, x[s], y[s])[0] for s in slices]) if self.ref else None
+            T = g.temperature
+            old = torch.cat([completion_logprobs(self.model, x[s], y[s], temperature=T)[0] for s in slices]) \
+                if g.mu > 1 else None
+            ref = torch.cat([completion_logprobs(self.ref, x[s], y[s], temperature=T)[0] for s in slices]) \
+                if self.ref else None
         n_tok = mask.sum()
         t0 = time.perf_counter()
         stats, loss_sum, aux_sum = {"kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0}, 0.0, {}
@@ -187,7 +193,8 @@ class GRPOTrainer(FinetuneTrainer):
             for s in slices:
                 self.rules.begin(torch.arange(s.start, min(s.stop, B)))
                 with self.autocast():
-                    logp, ent = completion_logprobs(self.step_model, x[s], y[s], with_entropy=True)
+                    logp, ent = completion_logprobs(self.step_model, x[s], y[s], with_entropy=True,
+                                                    temperature=g.temperature)
                 aux = self.rules.collect(*x[s].shape, valid_BT=valid[s])
                 loss, st = grpo_loss(logp, logp.detach() if old is None else old[s], None if ref is None else ref[s],
                                      adv[s], mask[s], g.eps_low, g.eps_high, g.beta, g.agg, g.max_new_tokens)

@@ -80,12 +80,15 @@ def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]],
     return full[:, :-1], full[:, 1:], mask, valid
 
 
-def completion_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def completion_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(target_t | prefix) [B, T] in float32 (with grad if enabled), and the policy's
     entropy at each position [B, T] (no grad) if asked. Right padding never affects real
-    positions (causal attention)."""
+    positions (causal attention). With a sampling temperature T the policy is softmax(logits / T),
+    the distribution the rollouts were drawn from (as TRL does)."""
     logits = model(input_ids)                                        # [B, T, V] float32
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_BTV = torch.log_softmax(logits, dim=-1)
     logp = logp_BTV.gather(-1, targets[..., None])[..., 0]
     entropy = None
