@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-sft test install clean
+.PHONY: demo demo-sft demo-grpo test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/dsv2 demo
+
+# GRPO on a verifiable toy task beside a coin-flip control, one seed (bench/grpo.py; ~4 min after `make demo`)
+demo-grpo: $(STAMP)
+	test -f runs/demo/pretrain/hf/config.json || $(VENV)/bin/dsv2 demo
+	$(PY) bench/grpo.py --seeds 0
 
 # fine-tune the `make demo` model on a generated instruction set (pretrains it first if absent)
 demo-sft: $(STAMP)

@@ -1,16 +1,14 @@
-"""Does GRPO learn a verifiable task where coin-flip rewards of the same mean do not? Curves and a table.
+"""GRPO learns a verifiable task, and coin-flip rewards of the same mean do not: curves and a table.
 
     .venv/bin/dsv2 demo                                       # the base model, once (runs/demo/pretrain/hf)
     .venv/bin/python bench/grpo.py                            # SFT start, then 3 seeds x (GRPO, control)
     .venv/bin/python bench/grpo.py --seeds 0 --steps 40 --out /tmp/grpo_bench
 
-Measured so far (docs/grpo.md): GRPO raises the sampled train reward but not yet the held-out
-score on this task; the table and curves this writes are the record of that.
-
 The toy task is three-digit sums, "What is 4 + 7 + 2?" -> "13" (1,000 triples; 200 held out,
-never trained on). A short SFT of the demo model (presets/sft/demo.yaml, --sft-steps steps)
-leaves the policy partly right; from that one start, each seed runs
-- GRPO: presets/grpo/demo.yaml, the exact-match reward;
+never trained on). The SFT start learns from noisy labels: half of its training answers are
+off by one (sum + 1), so it answers about half of the held-out sums right and most of the
+rest one too high, and it samples the right answer often. From that one start each seed runs
+- GRPO: presets/grpo/demo.yaml with the exact-match reward (the verifier the labels lacked);
 - control: the same loop, same steps and rollouts, but each reward replaced by a coin flip
   with the probability of the batch's mean exact match (same mean reward, no signal).
 Held-out greedy exact match is measured every --eval-every steps. Written under --out:
@@ -35,6 +33,13 @@ def triples(seed: int = 0, held_out: int = 200):
     return rows[held_out:], rows[:held_out]
 
 
+def noisy_sft(rows: list[dict], noise: float = 0.5, seed: int = 0) -> list[dict]:
+    """SFT chats whose answers are off by one (sum + 1) with probability `noise`."""
+    r = random.Random(seed)
+    return [{"messages": [{"role": "user", "content": x["prompt"]}, {"role": "assistant", "content":
+             x["answer"] if r.random() >= noise else str(int(x["answer"]) + 1)}]} for x in rows]
+
+
 class CoinFlips:
     """The control reward: a coin with the batch's exact-match rate, so the mean reward matches GRPO's."""
 
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--sft-steps", type=int, default=64)
+    p.add_argument("--sft-steps", type=int, default=120)
     p.add_argument("--no-control", action="store_true")
     p.add_argument("overrides", nargs="*", help="dsv2 grpo overrides for every run")
     args = p.parse_args(argv)
@@ -64,11 +69,12 @@ def main(argv=None) -> int:
     from dsv2.align.rewards import Rewards
     from dsv2.align.sft import SFTTrainer, load_sft_config
     out = Path(args.out)
+    if not (Path(args.base) / "config.json").exists():
+        raise SystemExit(f"no base model at {args.base}: run `make demo` first (or pass --base DIR).")
     train, held = triples()
     write_jsonl(out / "data" / "train.jsonl", train)
     write_jsonl(out / "data" / "val.jsonl", held)
-    write_jsonl(out / "data" / "sft.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
-                                                           {"role": "assistant", "content": r["answer"]}]} for r in train])
+    write_jsonl(out / "data" / "sft.jsonl", noisy_sft(train))
     t0 = time.time()
     sft = SFTTrainer(load_sft_config("demo", [f"init_from={args.base}", f"data.train={out / 'data' / 'sft.jsonl'}",
                                               "data.val=null", f"out_dir={out / 'sft'}", "epochs=0",
