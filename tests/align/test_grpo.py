@@ -39,7 +39,7 @@ def test_clip_is_active_exactly_where_the_clipped_branch_is_flat():
     assert torch.equal(clip_active(ratio, adv), want)
     # the gradient of the objective through logp is zero exactly there
     logp = torch.log(ratio).requires_grad_()
-    loss, _ = grpo_loss(logp, torch.zeros_like(logp), None, adv, torch.ones_like(logp), beta=0.0, agg="token")
+    loss = grpo_loss(logp, torch.zeros_like(logp), None, adv, torch.ones_like(logp), beta=0.0, agg="token")
     loss.backward()
     assert torch.equal(logp.grad == 0, want)
     assert torch.equal(clip_active(ratio, adv, eps_high=0.6)[0], torch.zeros(5, dtype=torch.bool))
@@ -56,7 +56,7 @@ def test_with_one_update_and_no_kl_the_gradient_is_minus_mean_advantage_times_gr
     def logp_of(w):
         return torch.log_softmax(x @ w, -1).gather(-1, tokens[..., None])[..., 0]
     logp = logp_of(w)
-    loss, _ = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
+    loss = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
     g, = torch.autograd.grad(loss, w)
     m = mask.float()
     ref = -(adv * (logp_of(w) * m).sum(1) / m.sum(1)).mean()        # -mean_i A_i/|o_i| sum_t log pi
@@ -82,7 +82,7 @@ def test_padding_after_eos_gets_no_gradient():
     ref = torch.randn(3, 6)
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
     for agg in ("grpo", "token", "constant"):
-        loss, _ = grpo_loss(logp, logp.detach() + 0.1, ref, torch.tensor([1.0, -1, 0.5]), mask, beta=0.04, agg=agg)
+        loss = grpo_loss(logp, logp.detach() + 0.1, ref, torch.tensor([1.0, -1, 0.5]), mask, beta=0.04, agg=agg)
         grad, = torch.autograd.grad(loss, logp)
         assert (grad[~mask] == 0).all() and (grad[mask] != 0).any(), agg
 
@@ -92,9 +92,10 @@ def test_aggregations_on_outputs_of_unequal_length():
     logp = torch.zeros(2, 4)
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     adv = torch.tensor([1.0, 2.0])          # per-token surrogate = A at ratio 1
-    grpo, _ = grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="grpo")
-    token, _ = grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="token")
-    const, _ = grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="constant", max_len=8)
+    grpo = grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="grpo")
+    token = grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="token")
+    const, stats = grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="constant", max_len=8, return_stats=True)
+    assert stats["clip_ratio"] == 0 and stats["kl"] == 0
     assert grpo.item() == pytest.approx(-(1 + 2) / 2)                # each output's mean, then over outputs
     assert token.item() == pytest.approx(-(4 * 1 + 2) / 5)           # every token counts once
     assert const.item() == pytest.approx(-(4 * 1 + 2) / (2 * 8))     # outputs x a fixed length

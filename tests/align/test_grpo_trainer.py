@@ -29,7 +29,7 @@ def prompt_files(tmp_path_factory):
 
 def overrides(base, files, out, **extra):
     kv = {"init_from": base, "data.train": files / "train.jsonl", "data.val": files / "val.jsonl", "out_dir": out,
-          "steps": 20, "grpo.group_size": 4, "grpo.prompts_per_step": 2, "grpo.max_new_tokens": 4,
+          "steps": 20, "grpo.group_size": 4, "batch.final": 8, "grpo.max_new_tokens": 4,
           "grpo.beta": 0.04, "grpo.mu": 2, "batch.micro_batch": 4, "threads": 1, "log_every": 1, "eval_every": 10,
           "save_every": 100, "optim.lr": 1e-3, "optim.warmup_steps": 1} | extra
     return [f"{k}={v}" for k, v in kv.items()]
@@ -56,7 +56,7 @@ def test_twenty_step_smoke_run_logs_every_metric(sft_base, prompt_files, tmp_pat
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 21))
-    for key in ("reward", "reward_std", "reward/exact_match", "frac_reward_zero_std", "kl", "clip_ratio", "entropy",
+    for key in ("reward", "reward_std", "reward/exact_match", "reward_std/exact_match", "frac_reward_zero_std", "kl", "clip_ratio", "entropy",
                 "completion_len", "rollout_tokens_per_s", "update_tokens_per_s", "grad_norm"):
         assert all(math.isfinite(r[key]) for r in train), key
     assert any(r["kl"] > 0 for r in train[1:])                     # the policy moved away from the reference
@@ -116,7 +116,9 @@ def test_bad_rewards_are_named_and_no_checkpoint_is_lost(name, match, sft_base, 
 
 def test_bad_settings_are_one_sentence(sft_base, prompt_files, tmp_path, capsys):
     assert main(["grpo", "--config", "demo", *overrides(sft_base, prompt_files, tmp_path, **{"batch.micro_batch": 3})]) == 2
-    assert "'batch.micro_batch' (3) must divide the batch of prompts_per_step x group_size = 8" in capsys.readouterr().err
+    assert "multiples of batch.micro_batch (3)" in capsys.readouterr().err
+    assert main(["grpo", "--config", "demo", *overrides(sft_base, prompt_files, tmp_path, **{"batch.final": 10})]) == 2
+    assert "batch.final=10 outputs does not split into groups of grpo.group_size=4" in capsys.readouterr().err
     assert main(["grpo", "--config", "demo", *overrides(sft_base, prompt_files, tmp_path,
                                                         **{"grpo.rewards": "{nope: 1}"})]) == 2
     assert "unknown reward 'nope'" in capsys.readouterr().err
@@ -133,7 +135,7 @@ def test_grpo_and_rm_presets_load():
     assert {"deepseek-v2", "deepseek-v2-preference", "demo"} <= set(names)
     for name in names:
         cfg = load_grpo_config(name)
-        assert cfg.batch.final == cfg.grpo.group_size * cfg.grpo.prompts_per_step and not cfg.moe.drop_tokens
+        assert cfg.batch.final % cfg.grpo.group_size == 0 and cfg.prompts_per_step >= 1 and not cfg.moe.drop_tokens
     paper = load_grpo_config("deepseek-v2")
     assert (paper.grpo.group_size, paper.grpo.beta, paper.optim.lr) == (64, 0.04, 1e-6)
     stage2 = load_grpo_config("deepseek-v2-preference")
@@ -154,3 +156,35 @@ def test_logprobs_at_a_sampling_temperature_are_those_of_the_tempered_policy(sft
     assert torch.allclose(got, want, atol=1e-6)
     with pytest.raises(Exception, match="'grpo.temperature' must be > 0"):
         load_grpo_config("demo", ["grpo.temperature=0"])
+
+
+def lines_with_a_digit(prompts, completions, **_):
+    """A process reward: 1 for each line (step) of a completion that holds a digit, else 0."""
+    return [[float(any(ch.isdigit() for ch in line)) for line in c.split("\n")] for c in completions]
+
+
+def test_process_supervision_gives_per_token_advantages(sft_base, prompt_files, tmp_path):
+    from dsv2 import Tokenizer
+    from dsv2.align.grpo_trainer import step_ends
+    tok = Tokenizer(sft_base)
+    ids = tok.encode("1 + 2\n= 3\nso 3", add_bos=False)
+    ends = step_ends(tok, ids, 3)
+    assert tok.decode(ids[: ends[0] + 1]).endswith("\n") and tok.decode(ids[: ends[1] + 1]).endswith("= 3\n")
+    assert ends[2] == len(ids) - 1 and step_ends(tok, ids, 5)[3:] == [len(ids) - 1] * 2
+    tr = GRPOTrainer(load_grpo_config("demo", overrides(sft_base, prompt_files, tmp_path, steps=3, export=False,
+                                                        **{"data.val": "null",
+                                                           "grpo.process_reward": "test_grpo_trainer:lines_with_a_digit"})),
+                     print_fn=lambda *_: None)
+    from dsv2.align.rollout import Rollouts
+    texts = ["7\nno", "no\n7", "7\n7", "no\nno"]                # one group of G = 4
+    comp = [tok.encode(t, add_bos=False) for t in texts]
+    ro = Rollouts([[5, 6]] * 4, comp, texts, ["stop"] * 4, 0.0)
+    _, _, mask, _ = pack_sequences(ro.prompt_ids, ro.completion_ids)
+    adv = tr._process_advantages(["p"] * 4, ro, {}, mask)
+    first = [adv[b][mask[b]][0].item() for b in range(4)]        # a token of the first line: both steps' sum
+    last = [adv[b][mask[b]][-1].item() for b in range(4)]        # the last token: the last step only
+    assert first[2] > first[0] > first[3] and first[0] == pytest.approx(first[1])
+    assert last[0] < 0 < last[1] and last[2] > 0 > last[3]
+    assert (adv[~mask] == 0).all()
+    out = tr.train_step(0)
+    assert math.isfinite(out["lm_loss"])

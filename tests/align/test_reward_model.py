@@ -96,7 +96,7 @@ def test_stage_two_raises_the_reward_model_score_and_reports_the_stage_one_metri
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
     cfg = load_grpo_config("demo", [f"init_from={sft_base}", f"data.train={tmp_path / 'train.jsonl'}",
                                     f"data.val={tmp_path / 'val.jsonl'}", f"out_dir={tmp_path / 'out'}", "steps=20",
-                                    "grpo.group_size=4", "grpo.prompts_per_step=4", "grpo.max_new_tokens=4",
+                                    "grpo.group_size=4", "batch.final=16", "grpo.max_new_tokens=4",
                                     "batch.micro_batch=16", "threads=1", "eval_every=20", "optim.lr=1e-3",
                                     "export=false", f"grpo.rewards={{'{rm}': 1.0}}", f"grpo.eval_reward={rm}",
                                     "grpo.eval_also=[exact_match]"])

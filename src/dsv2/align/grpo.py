@@ -75,8 +75,8 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, eps_low: float = 0.2, eps_high: float | None = None, beta: float = 0.04,
-              agg: str = "grpo", max_len: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The scalar to minimise, and its diagnostics (kl, clip_ratio, ...).
+              agg: str = "grpo", max_len: int | None = None, return_stats: bool = False):
+    """The scalar to minimise (with return_stats: and its diagnostics kl, clip_ratio, ratio_mean).
 
     logp, old_logp, ref_logp: [B, T] log-probs of the sampled tokens (ref_logp may be None when
     beta = 0); advantages: [B] (outcome) or [B, T] (process); mask: [B, T], 1 on completion
@@ -98,6 +98,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         objective = (per_token * m).sum() / m.sum().clamp(min=1)
     else:
         objective = (per_token * m).sum() / (logp.shape[0] * (max_len or logp.shape[1]))
+    if not return_stats:
+        return -objective
     with torch.no_grad():
         n = m.sum().clamp(min=1)
         clipped = clip_active(ratio, A, eps_low, eps_high)

@@ -5,7 +5,7 @@
     dsv2 grpo --config my.yaml --resume auto
 
 One step (`GRPOTrainer.train_step`):
-1. N prompts (grpo.prompts_per_step) in a seeded, resumable order;
+1. N = batch.final / grpo.group_size prompts in a seeded, resumable order;
 2. G completions each from the live policy through the engine (align/rollout.py);
 3. rewards: the weighted sum of the configured functions (align/rewards.py), then the
    group-relative advantages (align/grpo.py);
@@ -39,8 +39,8 @@ from ..data.loader import EpochOrder
 from ..engine.sampling import SamplingParams
 from .conversations import generation_prompt_ids, read_jsonl
 from .finetune import PRESETS, FinetuneConfig, FinetuneTrainer
-from .grpo import AGGS, SCALES, group_advantages, grpo_loss
-from .rewards import Rewards, resolve
+from .grpo import AGGS, SCALES, group_advantages, grpo_loss, process_advantages
+from .rewards import RewardError, Rewards, resolve
 from .rollout import completion_logprobs, pack_sequences, rollout
 
 GRPO_PRESETS = PRESETS / "grpo"
@@ -56,8 +56,7 @@ class GRPODataConfig:
 
 @dataclass
 class GRPOSettings:
-    group_size: int = 8                 # G: outputs sampled per prompt
-    prompts_per_step: int = 8           # N: prompts per step (a batch is N x G outputs)
+    group_size: int = 8                 # G: outputs sampled per prompt; batch.final (outputs per step) = N prompts x G
     max_new_tokens: int = 256           # completion length cap
     temperature: float = 1.0            # rollouts sample softmax(logits / T); the objective's log-probs use the same T
     top_k: int | None = None
@@ -71,6 +70,8 @@ class GRPOSettings:
     mu: int = 1                         # optimizer steps per batch of rollouts
     ref_update_every: int = 0           # iterative GRPO: reference <- policy every this many steps (0: never)
     rewards: dict = field(default_factory=lambda: {"exact_match": 1.0})   # name or module:function -> weight
+    process_reward: str | None = None   # process supervision: a function giving one reward per line (step) of
+                                        # each completion; advantages are then per token (see grpo.py), not per output
     eval_reward: str = "exact_match"    # what the held-out greedy answers are scored by
     eval_also: list = field(default_factory=list)   # more held-out scores logged beside it (stage 1's metric in stage 2)
     rollout_slots: int = 64             # engine slots while sampling
@@ -92,15 +93,18 @@ class GRPOConfig(FinetuneConfig):
         if not g.temperature > 0:
             raise ConfigError("training config 'grpo.temperature' must be > 0: GRPO learns from differences "
                               "between sampled outputs (greedy rollouts would all be the same).")
-        if g.group_size < 2 or g.prompts_per_step < 1 or g.mu < 1:
-            raise ConfigError("training config 'grpo' is invalid: group_size >= 2, prompts_per_step >= 1 and mu >= 1.")
-        n = g.group_size * g.prompts_per_step
-        if n % b.micro_batch:
-            raise ConfigError(f"training config 'batch.micro_batch' ({b.micro_batch}) must divide the batch of "
-                              f"prompts_per_step x group_size = {n} outputs.")
-        b.start = b.final = n           # the batch is the rollouts of one step
-        b.ramp_tokens = 0
+        if g.group_size < 2 or g.mu < 1:
+            raise ConfigError("training config 'grpo' is invalid: group_size >= 2 and mu >= 1.")
+        if b.final % g.group_size:
+            raise ConfigError(f"the batch of batch.final={b.final} outputs does not split into groups of "
+                              f"grpo.group_size={g.group_size}: make batch.final a multiple of the group size "
+                              "(prompts per step x group size).")
+        b.start, b.ramp_tokens = b.final, 0       # no batch-size ramp in RL
         super().validate()
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch.final // self.grpo.group_size
 
 
 def read_prompts(path: str | Path) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -138,6 +142,7 @@ class GRPOTrainer(FinetuneTrainer):
         self.order = self.train_data = EpochOrder(len(self.prompts), cfg.seed, dp_rank, dp_size)   # checkpointed
         self.rewards = self._rewards or Rewards(cfg.grpo.rewards)
         self.eval_rewards = {n: resolve(n) for n in [cfg.grpo.eval_reward, *cfg.grpo.eval_also]}
+        self.process_reward = resolve(cfg.grpo.process_reward) if cfg.grpo.process_reward else None
         self.val_scores: dict[str, float] = {}
         g = cfg.grpo
         self.params = SamplingParams.make(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
@@ -166,7 +171,7 @@ class GRPOTrainer(FinetuneTrainer):
         lr = self.schedule.lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        picks = [self.order.next()[0] for _ in range(g.prompts_per_step)]
+        picks = [self.order.next()[0] for _ in range(cfg.prompts_per_step)]
         rows = [self.prompts[i] for i in picks]
         ro = rollout(self.model, self.tokenizer, [self.prompt_ids[i] for i in picks], g.group_size, self.params,
                      cfg.seed, step, g.rollout_slots)
@@ -175,8 +180,11 @@ class GRPOTrainer(FinetuneTrainer):
         columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "messages")}
         total, per_fn = self.rewards(prompts_text, ro.texts, columns)
         rewards = torch.tensor(total)
-        adv = group_advantages(rewards, G, g.scale)
         x, y, mask, valid = pack_sequences(ro.prompt_ids, ro.completion_ids, self.pad_id)
+        if self.process_reward is None:
+            adv = group_advantages(rewards, G, g.scale)
+        else:
+            adv = self._process_advantages(prompts_text, ro, columns, mask)
         x, y, mask, valid, adv = (t.to(self.device) for t in (x, y, mask, valid, adv))
         mb = cfg.batch.micro_batch
         slices = [slice(s, s + mb) for s in range(0, B, mb)]
@@ -197,7 +205,8 @@ class GRPOTrainer(FinetuneTrainer):
                                                     temperature=g.temperature)
                 aux = self.rules.collect(*x[s].shape, valid_BT=valid[s])
                 loss, st = grpo_loss(logp, logp.detach() if old is None else old[s], None if ref is None else ref[s],
-                                     adv[s], mask[s], g.eps_low, g.eps_high, g.beta, g.agg, g.max_new_tokens)
+                                     adv[s], mask[s], g.eps_low, g.eps_high, g.beta, g.agg, g.max_new_tokens,
+                                     return_stats=True)
                 share = (mask[s].sum() / n_tok) if g.agg == "token" else (mask[s].shape[0] / B)
                 (loss * share + sum(aux.values()) * (mask[s].shape[0] / B)).backward()
                 loss_sum += loss.item() * float(share) / g.mu
@@ -216,6 +225,7 @@ class GRPOTrainer(FinetuneTrainer):
         lengths = [len(c) for c in ro.completion_ids]
         extra = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                  **{f"reward/{k}": sum(v) / len(v) for k, v in per_fn.items()},
+                 **{f"reward_std/{k}": float(torch.tensor(v).std()) for k, v in per_fn.items()},
                  "frac_reward_zero_std": float((r_NG.std(1) == 0).float().mean()), **stats,
                  "completion_len": sum(lengths) / len(lengths),
                  "stopped": sum(r == "stop" for r in ro.finish_reasons) / B,
@@ -224,6 +234,20 @@ class GRPOTrainer(FinetuneTrainer):
         n_layers = max(1, len(self.rules.layers))
         return {"lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(valid.sum()),
                 "aux": {k: v / n_layers for k, v in aux_sum.items()}, "extra": extra}
+
+    def _process_advantages(self, prompts, ro, columns, mask) -> torch.Tensor:
+        """Per-token advantages [B, L-1] from one reward per line of each completion."""
+        steps = self.process_reward(prompts, ro.texts, **columns)
+        if steps is None or len(steps) != len(ro.texts) or any(not isinstance(r, (list, tuple)) for r in steps):
+            raise RewardError(f"process reward {self.cfg.grpo.process_reward!r} must return one list of step rewards "
+                              f"per completion ({len(ro.texts)} completions).")
+        ends = [step_ends(self.tokenizer, c, len(r)) for c, r in zip(ro.completion_ids, steps)]
+        longest = max(map(len, ro.completion_ids))
+        per_token = process_advantages([[float(v) for v in r] for r in steps], ends, self.cfg.grpo.group_size, longest)
+        adv = torch.zeros(mask.shape)
+        for b, c in enumerate(ro.completion_ids):
+            adv[b, mask[b]] = per_token[b, : len(c)]
+        return adv
 
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> float | None:
@@ -248,6 +272,15 @@ class GRPOTrainer(FinetuneTrainer):
         result = super().fit(resume=resume)
         result["val_score"] = result.pop("val_loss")
         return result
+
+
+def step_ends(tokenizer, completion_ids: list[int], n_steps: int) -> list[int]:
+    """The token index where each of n_steps lines of a completion ends: the token holding the
+    line's newline; the last step, and any step past the last newline, end at the last token."""
+    newlines = [i for i, t in enumerate(completion_ids) for _ in range(tokenizer.token_bytes(t).count(b"\n"))]
+    last = len(completion_ids) - 1
+    ends = newlines[: max(0, n_steps - 1)]
+    return ends + [last] * (n_steps - len(ends))
 
 
 def held_out_scores(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], rewards: dict,
