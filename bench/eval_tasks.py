@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     diff = max(abs(a - b[0]) for a, b in zip(ours_ll, theirs))
     diff_ad = max(abs(a[0] - b[0]) for a, b in zip(via_adapter, theirs))
     q = len(docs)
-    print(f"| engine | questions/s | vs HFLM |\n|---|---|---|")
+    print("| engine | questions/s | vs HFLM |\n|---|---|---|")
     print(f"| lm-eval HFLM (transformers, batch {args.hf_batch}) | {q / ref:.2f} | 1.00x |")
     print(f"| dsv2 eval tasks | {q / ours:.2f} | **{ref / ours:.2f}x** |")
     print(f"| dsv2 harness model (DSV2LM) | {q / ad:.2f} | {ref / ad:.2f}x |")

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         rewards = Rewards({"coin": 1.0}, extra={"coin": CoinFlips(seed)}) if kind == "control" else None
         t1 = time.time()
         tr = GRPOTrainer(cfg, rewards=rewards, print_fn=lambda *_: None)
-        result = tr.fit()
+        tr.fit()
         wall = time.time() - t1
         recs = [json.loads(l) for l in (out / kind / str(seed) / "metrics.jsonl").read_text().splitlines()]
         curve = [(0, tr.baseline)] + [(r["step"], r["val_score"]) for r in recs if r["kind"] == "val"]

@@ -11,7 +11,7 @@ import torch
 import dsv2
 from dsv2.cli import main
 from dsv2.engine.score import Scorer
-from dsv2.eval.tasks import TaskError, load_task
+from dsv2.eval.tasks import load_task
 
 
 def full_forward(model, ctx, cont):

@@ -59,7 +59,7 @@ def test_losses_average_over_sequences():
 def test_perfect_balance_equals_coefficient():
     # E = 8 in D = 4 groups of 2, K = 2, M = 2: token t picks experts t and t + 2 (mod 8), i.e. groups
     # t//2 and t//2 + 1: every expert is chosen twice, every group reached by 4 tokens, uniform scores.
-    T, E, D, K = 8, 8, 4, 2
+    T, E, D = 8, 8, 4
     idx = torch.tensor([[[t % E, (t + 2) % E] for t in range(T)]])
     scores = torch.full((1, T, E), 1.0 / E)
     g = expert_groups(E, D)

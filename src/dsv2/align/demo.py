@@ -58,7 +58,7 @@ def run_sft_demo(out: Path, base: Path, seed: int = 0, overrides: list[str] | No
     print(f"[sft 3/4] fine-tuning (presets/sft/demo.yaml, seed {seed}; metrics: {out / 'sft' / 'metrics.jsonl'})")
     result = SFTTrainer(cfg).fit()
     after = exact_match(result["export"], held)
-    print(f"[sft 4/4] held-out prompts, greedy, before -> after SFT:")
+    print("[sft 4/4] held-out prompts, greedy, before -> after SFT:")
     for c, a, b in list(zip(held, before["answers"], after["answers"]))[:SHOW]:
         print(f"  {c['messages'][0]['content']}\n    before: {a[:60]!r}\n    after:  {b!r}   (expected {c['answer']!r})")
     print(f"held-out exact match: {100 * before['exact_match']:.1f}% before, {100 * after['exact_match']:.1f}% "

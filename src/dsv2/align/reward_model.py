@@ -19,7 +19,6 @@ Validation reports pairwise accuracy: the share of held-out pairs scored chosen 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

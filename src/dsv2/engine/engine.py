@@ -56,7 +56,6 @@ latent write lands at their own next position, which the next real write overwri
 from __future__ import annotations
 
 import itertools
-import sys
 from dataclasses import dataclass, field
 
 import torch
