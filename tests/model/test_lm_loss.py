@@ -43,3 +43,22 @@ def test_targets_are_checked():
         model(x, targets=torch.randint(0, 256, (2, 9)))
     with pytest.raises(ValueError, match=r"\[0, 256\)"):
         model(x, targets=torch.full((2, 8), -1))
+
+
+def test_token_logprobs_by_chunks_equal_log_softmax_and_their_gradients(monkeypatch):
+    from dsv2.model import loss as L
+    monkeypatch.setattr(L, "CHUNK_LOGITS", 64)          # several chunks even at this size
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 8, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(50, 8, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.randint(0, 50, (37,), generator=g)
+    weight = torch.randn(37, generator=g, dtype=torch.float64)
+    for T in (1.0, 0.7):
+        logp, ent = L.lm_head_token_logprobs(h, w, y, temperature=T, with_entropy=True)
+        ref_all = torch.log_softmax((h @ w.t()) / T, -1)
+        ref = ref_all.gather(1, y[:, None])[:, 0]
+        assert torch.allclose(logp.double(), ref, atol=1e-6)
+        assert torch.allclose(ent.double(), -(ref_all.exp() * ref_all).sum(-1).detach(), atol=1e-5)
+        gh, gw = torch.autograd.grad((logp.double() * weight).sum(), (h, w))
+        rh, rw = torch.autograd.grad((ref * weight).sum(), (h, w))
+        assert torch.allclose(gh, rh, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)

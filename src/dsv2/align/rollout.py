@@ -22,6 +22,7 @@ import torch
 from ..engine.engine import Engine, Request
 from ..engine.llm import run_requests
 from ..engine.sampling import SamplingParams
+from ..model.loss import lm_head_token_logprobs
 
 
 @dataclass
@@ -85,14 +86,10 @@ def completion_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, w
     """log pi(target_t | prefix) [B, T] in float32 (with grad if enabled), and the policy's
     entropy at each position [B, T] (no grad) if asked. Right padding never affects real
     positions (causal attention). With a sampling temperature T the policy is softmax(logits / T),
-    the distribution the rollouts were drawn from (as TRL does)."""
-    logits = model(input_ids)                                        # [B, T, V] float32
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_BTV = torch.log_softmax(logits, dim=-1)
-    logp = logp_BTV.gather(-1, targets[..., None])[..., 0]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_BTV.exp() * logp_BTV).sum(-1)
-    return logp, entropy
+    the distribution the rollouts were drawn from (as TRL does). The head runs by chunks
+    (model/loss.py): the [B, T, vocab] logits are never held at once."""
+    h = model.hidden_states(input_ids)                               # [B, T, D]
+    B, T, D = h.shape
+    logp, ent = lm_head_token_logprobs(h.reshape(B * T, D), model.lm_head.weight, targets.reshape(-1),
+                                       temperature, with_entropy)
+    return logp.view(B, T), None if ent is None else ent.view(B, T)

@@ -102,3 +102,81 @@ def _chunk_loss(logits_CV: torch.Tensor, y_C: torch.Tensor, lse_C: torch.Tensor 
     picked = logits_CV.gather(1, y_C.clamp_min(0)[:, None])[:, 0]
     lse_C = logits_CV.logsumexp(-1) if lse_C is None else lse_C
     return ((lse_C - picked) * keep).sum()
+
+
+def lm_head_token_logprobs(h_ND: torch.Tensor, w_VD: torch.Tensor, y_N: torch.Tensor, temperature: float = 1.0,
+                           with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probabilities log softmax(W h / T)[y] [N] (float32) by chunks, and the
+    entropy of each row's distribution [N] (no grad) if asked; never the [N, V] logits at once.
+
+    RL needs each sampled token's log-prob with its own gradient weight (the advantage), so
+    unlike the summed loss above the backward cannot be folded into the forward: it keeps
+    h, W and the log-normaliser, and recomputes each chunk's logits once more."""
+    ent = _entropy(h_ND.detach(), w_VD.detach(), temperature) if with_entropy else None
+    if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
+        return _HeadTokenLogprob.apply(h_ND, w_VD, y_N, temperature), ent
+    return _token_logprobs(h_ND, w_VD, y_N, temperature)[0], ent
+
+
+def _compute_dtype(h_ND: torch.Tensor) -> torch.dtype:
+    t = h_ND.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else h_ND.dtype
+
+
+@torch.no_grad()
+def _chunk_logits(h_ND, w_c, rows, dt, temperature) -> torch.Tensor:
+    return torch.mm(h_ND[rows].to(dt), w_c.t()).float() / temperature
+
+
+@torch.no_grad()
+def _entropy(h_ND, w_VD, temperature) -> torch.Tensor:
+    dt = _compute_dtype(h_ND)
+    out = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+    with torch.autocast(h_ND.device.type, enabled=False):
+        w_c = w_VD.to(dt)
+        for rows in _chunks(h_ND.shape[0], w_VD.shape[0]):
+            logp = torch.log_softmax(_chunk_logits(h_ND, w_c, rows, dt, temperature), -1)
+            out[rows] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+@torch.no_grad()
+def _token_logprobs(h_ND, w_VD, y_N, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (log-prob of y [N], log-normaliser [N]), float32, chunk by chunk."""
+    dt = _compute_dtype(h_ND)
+    logp = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+    lse = torch.empty_like(logp)
+    with torch.autocast(h_ND.device.type, enabled=False):
+        w_c = w_VD.to(dt)
+        for rows in _chunks(h_ND.shape[0], w_VD.shape[0]):
+            logits = _chunk_logits(h_ND, w_c, rows, dt, temperature)
+            lse[rows] = logits.logsumexp(-1)
+            logp[rows] = logits.gather(1, y_N[rows, None])[:, 0] - lse[rows]
+    return logp, lse
+
+
+class _HeadTokenLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, y_N, temperature):
+        logp, lse = _token_logprobs(h_ND, w_VD, y_N, temperature)
+        ctx.save_for_backward(h_ND, w_VD, y_N, lse)
+        ctx.temperature, ctx.dt = temperature, _compute_dtype(h_ND)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        h_ND, w_VD, y_N, lse = ctx.saved_tensors
+        dt, T = ctx.dt, ctx.temperature
+        with torch.autocast(h_ND.device.type, enabled=False):
+            w_c = w_VD.to(dt)
+            dh_ND = torch.empty_like(h_ND)
+            dw_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+            for rows in _chunks(h_ND.shape[0], w_VD.shape[0]):
+                h_c, y = h_ND[rows].to(dt), y_N[rows]
+                # d logp / d logits = (onehot - softmax) / T, weighted by each row's incoming gradient
+                g = (_chunk_logits(h_ND, w_c, rows, dt, T) - lse[rows, None]).exp_().neg_()
+                g[torch.arange(len(y), device=g.device), y] += 1.0
+                g = g.mul_((grad_N[rows] / T)[:, None]).to(dt)
+                dh_ND[rows] = torch.mm(g, w_c).to(dh_ND.dtype)
+                dw_VD.add_(torch.mm(g.t(), h_c).float())
+        return dh_ND, dw_VD.to(w_VD.dtype), None, None
