@@ -81,14 +81,19 @@ class Conversations:
     messages: list[list[dict]]
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
-    def report(self, path, file=sys.stderr, show: int = 5) -> None:
-        if not self.skipped:
-            return
-        print(f"{path}: skipped {len(self.skipped)} bad line(s):", file=file)
-        for line, why in self.skipped[:show]:
-            print(f"  line {line}: {why}", file=file)
-        if len(self.skipped) > show:
-            print(f"  ... and {len(self.skipped) - show} more", file=file)
+    def report(self, path) -> None:
+        report_skipped(path, self.skipped)
+
+
+def report_skipped(path, skipped: list[tuple[int, str]], file=sys.stderr, show: int = 5) -> None:
+    """Say which lines of a JSONL file were skipped and why (the first `show` of them)."""
+    if not skipped:
+        return
+    print(f"{path}: skipped {len(skipped)} bad line(s):", file=file)
+    for line, why in skipped[:show]:
+        print(f"  line {line}: {why}", file=file)
+    if len(skipped) > show:
+        print(f"  ... and {len(skipped) - show} more", file=file)
 
 
 def read_jsonl(path: str | Path, parse, kind: str, example: str) -> tuple[list, list[tuple[int, str]]]:

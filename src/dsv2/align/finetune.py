@@ -46,6 +46,8 @@ class FinetuneConfig(TrainConfig):
 
 
 class FinetuneTrainer(Trainer):
+    baseline: float | None = None       # the held-out score before training (fit() sets it on a fresh run)
+
     def build_model(self, mcfg: ModelConfig, device: torch.device):
         from ..checkpoint import load_pretrained
         if device.type == "meta":
@@ -53,6 +55,16 @@ class FinetuneTrainer(Trainer):
                              "leave --meta-init out.")
         # fp32 master weights whatever the checkpoint's dtype (autocast gives bf16 compute)
         return load_pretrained(self.cfg.init_from, dtype=torch.float32, device=device).train()
+
+    def fit(self, resume: str | None = None) -> dict:
+        """Train; a fresh run first scores the held-out set, the baseline every later evaluation is shown beside."""
+        resuming = bool(resume) and (resume != "auto" or self.checkpointer.latest() is not None)
+        if not resuming:
+            self.baseline = self.evaluate()
+            if self.baseline is not None:
+                self.print(f"{self.baseline_name}: {self.val_name} {self.baseline:.4f}{self.val_unit}"
+                           + "".join(f", {k} {v:.4f}" for k, v in self.val_extra().items()))
+        return super().fit(resume=resume)
 
     def load_tokenizer(self) -> Tokenizer:
         """init_from's tokenizer; the export gets it with the chat template written in."""

@@ -37,7 +37,7 @@ import torch
 from ..config import ConfigError
 from ..data.loader import EpochOrder
 from ..engine.sampling import SamplingParams
-from .conversations import generation_prompt_ids, read_jsonl
+from .conversations import generation_prompt_ids, read_jsonl, report_skipped
 from .finetune import PRESETS, FinetuneConfig, FinetuneTrainer
 from .grpo import AGGS, SCALES, group_advantages, grpo_loss, process_advantages
 from .rewards import RewardError, Rewards, resolve
@@ -120,6 +120,7 @@ class GRPOTrainer(FinetuneTrainer):
     name = "grpo"
     baseline_name = "before RL"
     val_name, val_unit, val_key = "held-out score", "", "val_score"
+    result_key = "val_score"
     shown_extra = ("reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "completion_len")
 
     def __init__(self, cfg: GRPOConfig, rewards: Rewards | None = None, **seams):
@@ -135,10 +136,13 @@ class GRPOTrainer(FinetuneTrainer):
             raise ValueError("grpo needs prompts: add data.train=FILE.jsonl.")
         tok = self.load_tokenizer()
         self.prompts, bad = read_prompts(d.train)
-        for n, why in bad[:5]:
-            self.print(f"{d.train}: skipped line {n}: {why}")
+        if self.is_main:
+            report_skipped(d.train, bad)
         self.val_prompts = read_prompts(d.val)[0] if d.val else []
+        # encoded (and decoded back, for the reward functions) once; steps and evaluations reuse them
         self.prompt_ids = [self.encode(r) for r in self.prompts]
+        self.prompt_texts = [tok.decode(p) for p in self.prompt_ids]
+        self.val_prompt_ids = [self.encode(r) for r in self.val_prompts]
         self.order = self.train_data = EpochOrder(len(self.prompts), cfg.seed, dp_rank, dp_size)   # checkpointed
         self.rewards = self._rewards or Rewards(cfg.grpo.rewards)
         self.eval_rewards = {n: resolve(n) for n in [cfg.grpo.eval_reward, *cfg.grpo.eval_also]}
@@ -150,7 +154,6 @@ class GRPOTrainer(FinetuneTrainer):
         self.ref = None
         if g.beta:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.baseline = None
         self.pad_id = tok.eos_id or 0
 
     def encode(self, row: dict) -> list[int]:
@@ -168,16 +171,13 @@ class GRPOTrainer(FinetuneTrainer):
     # ---------------------------------------------------------------- step
     def train_step(self, step: int) -> dict:
         cfg, g = self.cfg, self.cfg.grpo
-        lr = self.schedule.lr(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(step)
         picks = [self.order.next()[0] for _ in range(cfg.prompts_per_step)]
-        rows = [self.prompts[i] for i in picks]
         ro = rollout(self.model, self.tokenizer, [self.prompt_ids[i] for i in picks], g.group_size, self.params,
                      cfg.seed, step, g.rollout_slots)
         G, B = g.group_size, len(ro.texts)
-        prompts_text = [self.tokenizer.decode(p) for p in ro.prompt_ids]
-        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "messages")}
+        prompts_text = [self.prompt_texts[i] for i in picks for _ in range(G)]
+        columns = reward_columns([self.prompts[i] for i in picks], G)
         total, per_fn = self.rewards(prompts_text, ro.texts, columns)
         rewards = torch.tensor(total)
         x, y, mask, valid = pack_sequences(ro.prompt_ids, ro.completion_ids, self.pad_id)
@@ -210,14 +210,13 @@ class GRPOTrainer(FinetuneTrainer):
                 share = (mask[s].sum() / n_tok) if g.agg == "token" else (mask[s].shape[0] / B)
                 (loss * share + sum(aux.values()) * (mask[s].shape[0] / B)).backward()
                 loss_sum += loss.item() * float(share) / g.mu
+                st["entropy"] = float((ent * mask[s]).sum() / mask[s].sum().clamp(min=1))
+                w = float(mask[s].sum() / n_tok) / g.mu        # this micro-batch's share of the step's tokens
                 for k in stats:
-                    w = float(mask[s].sum() / n_tok) / g.mu
-                    stats[k] += w * (float((ent * mask[s]).sum() / mask[s].sum().clamp(min=1)) if k == "entropy" else st[k])
+                    stats[k] += w * st[k]
                 for k, v in aux.items():
                     aux_sum[k] = aux_sum.get(k, 0.0) + v.item() * (mask[s].shape[0] / B) / g.mu
-            grad_norm = self.clip_grad_norm(self.step_model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self.optimizer_step()
         update_s = time.perf_counter() - t0
         if self.ref is not None and g.ref_update_every and (step + 1) % g.ref_update_every == 0:
             self.ref.load_state_dict(self.model.state_dict())
@@ -231,9 +230,8 @@ class GRPOTrainer(FinetuneTrainer):
                  "stopped": sum(r == "stop" for r in ro.finish_reasons) / B,
                  "rollout_tokens_per_s": ro.tokens / max(ro.seconds, 1e-9),
                  "update_tokens_per_s": g.mu * int(valid.sum()) / max(update_s, 1e-9)}
-        n_layers = max(1, len(self.rules.layers))
-        return {"lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(valid.sum()),
-                "aux": {k: v / n_layers for k, v in aux_sum.items()}, "extra": extra}
+        return {"lm_loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": int(valid.sum()),
+                "aux": self.per_layer(aux_sum), "extra": extra}
 
     def _process_advantages(self, prompts, ro, columns, mask) -> torch.Tensor:
         """Per-token advantages [B, L-1] from one reward per line of each completion."""
@@ -256,22 +254,12 @@ class GRPOTrainer(FinetuneTrainer):
         if not self.val_prompts:
             return None
         g = self.cfg.grpo
-        self.val_scores = held_out_scores(self.model, self.tokenizer, self.val_prompts,
-                                          [self.encode(r) for r in self.val_prompts], self.eval_rewards,
-                                          g.max_new_tokens, g.stop)
+        self.val_scores = held_out_scores(self.model, self.tokenizer, self.val_prompts, self.val_prompt_ids,
+                                          self.eval_rewards, g.max_new_tokens, g.stop)
         return self.val_scores[g.eval_reward]
 
     def val_extra(self) -> dict:
         return {f"val/{k}": v for k, v in self.val_scores.items() if k != self.cfg.grpo.eval_reward}
-
-    def fit(self, resume: str | None = None) -> dict:
-        resuming = bool(resume) and (resume != "auto" or self.checkpointer.latest() is not None)
-        if self.val_prompts and not resuming:
-            self.baseline = self.evaluate()
-            self.print("before RL: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in self.val_scores.items()))
-        result = super().fit(resume=resume)
-        result["val_score"] = result.pop("val_loss")
-        return result
 
 
 def step_ends(tokenizer, completion_ids: list[int], n_steps: int) -> list[int]:
@@ -283,12 +271,18 @@ def step_ends(tokenizer, completion_ids: list[int], n_steps: int) -> list[int]:
     return ends + [last] * (n_steps - len(ends))
 
 
+def reward_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
+    """The prompt rows' other fields (e.g. answer), as the reward functions take them: one value
+    per completion, each row's repeated for its `repeat` outputs."""
+    return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in rows[0] if k not in ("prompt", "messages")}
+
+
 def held_out_scores(model, tokenizer, rows: list[dict], prompt_ids: list[list[int]], rewards: dict,
                     max_new_tokens: int, stop: list | None = None) -> dict[str, float]:
     """Greedy completions of every prompt, scored by each reward function: {name: mean score}."""
     params = SamplingParams.make(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or None)
     ro = rollout(model, tokenizer, prompt_ids, 1, params)
-    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
+    columns = reward_columns(rows)
     prompts = [tokenizer.decode(p) for p in prompt_ids]
     out = {}
     for name, fn in rewards.items():

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..model import DeepseekV2
 from ..tokenizer import Tokenizer
-from .conversations import read_jsonl
+from .conversations import read_jsonl, report_skipped
 from .finetune import PRESETS, FinetuneConfig, FinetuneTrainer
 
 RM_PRESETS = PRESETS / "rm"
@@ -143,6 +143,7 @@ class RMTrainer(FinetuneTrainer):
     name = "rm"
     baseline_name = "before training"
     val_name, val_unit, val_key = "pairwise accuracy", "", "val_pairwise_accuracy"
+    result_key = "val_pairwise_accuracy"
     shown_extra = ("accuracy", "margin")
 
     def build_model(self, mcfg, device):
@@ -155,14 +156,13 @@ class RMTrainer(FinetuneTrainer):
             raise ValueError("rm train needs preference pairs: add data.train=FILE.jsonl.")
         tok = self.load_tokenizer()
         pairs, bad = read_pairs(d.train)
-        for n, why in bad[:5]:
-            self.print(f"{d.train}: skipped line {n}: {why}")
+        if self.is_main:
+            report_skipped(d.train, bad)
         self.pairs = [(encode(tok, c, d.seq_len), encode(tok, r, d.seq_len)) for c, r in pairs]
         self.val_pairs = [(encode(tok, c, d.seq_len), encode(tok, r, d.seq_len)) for c, r in read_pairs(d.val)[0]] \
             if d.val else []
         self.train_data = EpochOrder(len(self.pairs), cfg.seed, dp_rank, dp_size)
         self.pad_id = tok.eos_id or 0
-        self.baseline = None
 
     def _scores(self, model, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, last, valid = batch_of([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)
@@ -172,10 +172,8 @@ class RMTrainer(FinetuneTrainer):
         return r[: len(pairs)], r[len(pairs):], valid.to(self.device)
 
     def train_step(self, step: int) -> dict:
-        cfg, mb = self.cfg, self.cfg.batch.micro_batch
-        lr = self.schedule.lr(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        mb = self.cfg.batch.micro_batch
+        lr = self.set_lr(step)
         n = self.schedule.seqs[step]
         total, correct, margin, aux_sum, tokens = 0.0, 0, 0.0, {}, 0
         for _ in range(n // mb):
@@ -190,12 +188,8 @@ class RMTrainer(FinetuneTrainer):
             tokens += int(valid.sum())
             for k, v in aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.item() * mb / n
-        grad_norm = self.clip_grad_norm(self.step_model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        n_layers = max(1, len(self.rules.layers))
-        return {"lm_loss": total / n, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                "aux": {k: v / n_layers for k, v in aux_sum.items()},
+        return {"lm_loss": total / n, "lr": lr, "grad_norm": self.optimizer_step(), "tokens": tokens,
+                "aux": self.per_layer(aux_sum),
                 "extra": {"accuracy": correct / n, "margin": margin / n}}
 
     @torch.no_grad()
@@ -212,14 +206,6 @@ class RMTrainer(FinetuneTrainer):
             m.last_routing = m.last_keep = None
         self.step_model.train()
         return correct / len(self.val_pairs)
-
-    def fit(self, resume: str | None = None) -> dict:
-        resuming = bool(resume) and (resume != "auto" or self.checkpointer.latest() is not None)
-        if self.val_pairs and not resuming:
-            self.baseline = self.evaluate()
-        result = super().fit(resume=resume)
-        result["val_pairwise_accuracy"] = result.pop("val_loss")
-        return result
 
     def export(self) -> Path:
         path = self.out / "hf"

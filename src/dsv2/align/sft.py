@@ -67,6 +67,7 @@ class SFTConfig(FinetuneConfig):
 class SFTTrainer(FinetuneTrainer):
     name = "sft"
     baseline_name = "before fine-tuning"
+    val_unit = " nats per answer token"
 
     def build_data(self, dp_rank: int, dp_size: int) -> None:
         cfg, d = self.cfg, self.cfg.data
@@ -78,7 +79,6 @@ class SFTTrainer(FinetuneTrainer):
         self.val_data = PackedLoader(self._pack(d.val, tok), cfg.seed) if d.val else None
         if cfg.epochs > 0:
             cfg.steps = max(1, math.ceil(cfg.epochs * packed.rows / (cfg.batch.final * dp_size)))
-        self.baseline = None            # set to the val loss before fine-tuning, in fit()
 
     def _pack(self, path: str, tok: Tokenizer):
         d = self.cfg.data
@@ -104,13 +104,6 @@ class SFTTrainer(FinetuneTrainer):
 
     def evaluate(self) -> float | None:
         return super().evaluate() if self.val_data is not None else None
-
-    def fit(self, resume: str | None = None) -> dict:
-        resuming = bool(resume) and (resume != "auto" or self.checkpointer.latest() is not None)
-        if self.val_data is not None and not resuming:
-            self.baseline = self.evaluate()
-            self.print(f"before fine-tuning: val loss {self.baseline:.4f} nats per answer token")
-        return super().fit(resume=resume)
 
 
 def _progress(items, path, show: bool):

@@ -48,7 +48,8 @@ class Batch:
     @property
     def n_tokens(self) -> int:
         """Tokens that are not padding (what tokens/s counts)."""
-        return self.input_ids.numel() if self.segment_ids is None else int((self.segment_ids >= 0).sum())
+        valid = self.valid
+        return self.input_ids.numel() if valid is None else int(valid.sum())
 
 
 class EpochOrder:

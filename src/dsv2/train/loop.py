@@ -117,6 +117,7 @@ class Trainer:
     name = "pretrain"
     baseline_name = "unigram baseline"
     val_name, val_unit, val_key = "val loss", " nats", "val_loss_nats"   # what evaluate() returns, as shown and logged
+    result_key = "val_loss"                           # ... and under which key fit() returns its last value
     shown_extra: tuple[str, ...] = ()                 # keys of train_step's "extra" shown in the step line
 
     def model_config(self) -> ModelConfig:
@@ -183,11 +184,9 @@ class Trainer:
         The step's micro-batches are read first so the loss can be normalised by the number of
         target tokens of the whole (global) step: with SFT's masked targets that number is
         only known once every micro-batch is in hand."""
-        cfg, mb = self.cfg, self.cfg.batch.micro_batch
+        mb = self.cfg.batch.micro_batch
         n_seq = self.schedule.seqs[step]
-        lr = self.schedule.lr(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = self.set_lr(step)
         batches = [self.next_micro_batch(mb) for _ in range(n_seq // mb)]
         n_targets = self.count_targets(sum(b.n_targets for b, _ in batches))
         n_rows = self.count_targets(n_seq)
@@ -205,13 +204,28 @@ class Trainer:
             lm_sum += ce.detach()
             for k, v in aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.detach() * (mb / n_seq)
-        grad_norm = self.clip_grad_norm(self.step_model.parameters(), cfg.optim.grad_clip)
+        grad_norm = self.optimizer_step()
+        return {"lm_loss": float(lm_sum) / max(1, n_targets), "lr": lr, "grad_norm": grad_norm,
+                "aux": self.per_layer(aux_sum),
+                "tokens": sum(b.n_tokens for b, _ in batches), "targets": sum(b.n_targets for b, _ in batches)}
+
+    def set_lr(self, step: int) -> float:
+        lr = self.schedule.lr(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def optimizer_step(self) -> float:
+        """Clip the accumulated gradients, step, clear them; -> the gradient norm before clipping."""
+        grad_norm = self.clip_grad_norm(self.step_model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def per_layer(self, aux_sum: dict) -> dict[str, float]:
+        """Balance losses summed over MoE layers -> their mean per layer (what the step line shows)."""
         n_layers = max(1, len(self.rules.layers))
-        return {"lm_loss": float(lm_sum) / max(1, n_targets), "lr": lr, "grad_norm": float(grad_norm),
-                "aux": {k: float(v) / n_layers for k, v in aux_sum.items()},
-                "tokens": sum(b.n_tokens for b, _ in batches), "targets": sum(b.n_targets for b, _ in batches)}
+        return {k: float(v) / n_layers for k, v in aux_sum.items()}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -263,7 +277,7 @@ class Trainer:
                 self.save()
         if self.last_val is None:  # resumed a run that had already finished
             self._eval()
-        result = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": self.last_val,
+        result = {"step": self.state.step, "tokens": self.state.tokens, self.result_key: self.last_val,
                   "unigram_val_loss": self.baseline}
         if self.is_main and cfg.export:
             result["export"] = str(self.export())
