@@ -4,6 +4,8 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --clients 16 --max-tokens 64 --dtype bfloat16
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --sequential 64   # replay all 64 one by one (~15 min)
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --engine-baseline # + the bare engine, same prompts
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --capacity bfloat16,fp8,mixed --kv-cache-mb 36
+                                                # one cache budget, three formats: slots and tokens/s
 
 A `small` DeepSeek-V2 with random weights and a byte-level BPE trained on this repository's
 text are written to a temporary folder; `dsv2 serve` runs on it in a child process on a free
@@ -20,6 +22,13 @@ all 64 would take ~15 minutes on 2 cores); half of them run before the concurren
 half after, so drift in the machine's load weighs on both sides of the ratio. Sampling is
 seeded per request, so the concurrent and sequential answers can also be compared text for
 text (reported, not required: batched and single forwards round differently).
+
+--capacity FORMATS instead serves the same model once per latent-cache format with the cache
+sized to one budget (`dsv2 serve --kv-cache-gb`): a format with fewer bytes per token holds
+more sequences of the same length, so more requests decode together. Each server gets the
+same requests at once (default: as many as the roomiest format holds); reported per format:
+bytes/token, the concurrent sequences the budget holds, and the aggregate tokens/s. This is
+the paper's claim that a smaller KV cache raises the maximum generation throughput.
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ def _args(argv=None):
     p.add_argument("--engine-baseline", action="store_true",
                    help="also time the bare engine (dsv2.LLM.generate, no HTTP) on the same 64 prompts")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--capacity", default=None, metavar="FORMATS",
+                   help="comma list of --kv-cache-dtype formats to compare at one cache budget (see above)")
+    p.add_argument("--kv-cache-mb", type=float, default=36.0, help="with --capacity: the cache budget in MiB")
     return p.parse_args(argv)
 
 
@@ -66,10 +78,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int, args, max_len: int) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, args, max_len: int, extra: tuple = ()) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "dsv2", "serve", str(ckpt), "--port", str(port), "--slots", str(args.clients),
-           "--max-len", str(max_len), "--dtype", args.dtype, "--log-level", "warning"]
+           "--max-len", str(max_len), "--dtype", args.dtype, "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -151,9 +163,55 @@ def show(s: dict) -> None:
           f"ITL ms p50/p90/p99 {f(s['itl_ms'])} | chunk gap p99 {s['chunk_gap_ms']['p99']:.1f} ms")
 
 
+def capacity(args, words: list[str]) -> int:
+    """One cache budget, one server per format: concurrent sequences and aggregate tokens/s."""
+    import torch
+
+    from dsv2 import ModelConfig
+    from dsv2.engine.cache import bytes_per_token
+    formats = [f.strip() for f in args.capacity.split(",") if f.strip()]
+    max_len = 4 * args.prompt_words + args.max_tokens + 16
+    cfg = ModelConfig.from_preset(args.preset)
+    per_token = {f: bytes_per_token(cfg, f, getattr(torch, args.dtype)) for f in formats}
+    slots = {f: int(args.kv_cache_mb * 2**20 // (max_len * per_token[f])) for f in formats}
+    clients = max(slots.values())
+    prompts = [" ".join(words[(7 * i) % (len(words) - args.prompt_words):][:args.prompt_words]) for i in range(clients)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / f"{args.preset}-random"
+        ckpt.mkdir()
+        random_checkpoint(ckpt, args.preset, tokenizer=True)
+        for f in formats:
+            port = free_port()
+            server = start_server(ckpt, port, args, max_len,
+                                  ("--kv-cache-dtype", f, "--kv-cache-gb", str(args.kv_cache_mb / 1024)))
+            try:
+                url = f"http://127.0.0.1:{port}"
+                asyncio.run(run_phase(url, ckpt.name, prompts[:2], 8, concurrent=True))   # warm-up
+                res, wall = asyncio.run(run_phase(url, ckpt.name, prompts, args.max_tokens, concurrent=True))
+            finally:
+                server.terminate()
+                server.wait(30)
+            rows.append({"format": f, "bytes_per_token": per_token[f], "slots": slots[f], **summarize(f, res, wall)})
+    print(f"dsv2 serve, preset {args.preset} ({args.dtype} weights, random), latent cache budget "
+          f"{args.kv_cache_mb:g} MiB, sequences of {max_len} positions, {clients} streaming clients x "
+          f"{args.max_tokens} tokens at once, server on {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    base = rows[0]
+    print(f"{'cache format':<12} {'bytes/token':>12} {'sequences held':>15} {'tokens/s':>10} {'vs ' + base['format']:>14}"
+          "  TTFT p50 ms  ITL p50 ms")
+    for r in rows:
+        print(f"{r['format']:<12} {r['bytes_per_token']:>12,} {r['slots']:>15} {r['tokens_per_s']:>10.1f} "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:>13.2f}x  {r['ttft_ms']['p50']:>11.0f}  {r['itl_ms']['p50']:>10.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     words = (ROOT / "README.md").read_text().split()
+    if args.capacity:
+        return capacity(args, words)
     prompts = [" ".join(words[(7 * i) % (len(words) - args.prompt_words):][:args.prompt_words])
                for i in range(args.clients)]
     load_before = os.getloadavg()[0]

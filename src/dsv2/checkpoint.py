@@ -61,23 +61,30 @@ def hf_to_dsv2(key: str) -> tuple[str, str | None, int | None]:
     raise CheckpointError(f"unexpected tensor '{key}' in the checkpoint: it is not a DeepSeek-V2 weight.")
 
 
-def dsv2_to_hf(name: str, tensor: torch.Tensor):
-    """dsv2 state-dict entry -> iterator of (HF key, tensor) in the released checkpoints' layout."""
+def dsv2_to_hf(name: str, tensor: torch.Tensor, scale: torch.Tensor | None = None):
+    """dsv2 state-dict entry (and, for float8, its block scales) -> iterator of (HF key, tensor)
+    in the released checkpoints' layout; a float8 weight's scales follow it as `weight_scale_inv`."""
     m = re.match(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
     if m:
         layer = m.group(1)
         for e in range(tensor.shape[0]):
             prefix = f"model.layers.{layer}.mlp.experts.{e}"
             if m.group(2) == "down_proj":
-                yield f"{prefix}.down_proj.weight", tensor[e]
+                parts = [("down_proj", tensor[e], None if scale is None else scale[e])]
             else:
-                gate, up = tensor[e].chunk(2, dim=0)
-                yield f"{prefix}.gate_proj.weight", gate
-                yield f"{prefix}.up_proj.weight", up
-    elif name == "lm_head.weight":
-        yield name, tensor
-    else:
-        yield f"model.{name}", tensor
+                half = tensor.shape[1] // 2
+                nb = None if scale is None else scale.shape[1] // 2
+                parts = [("gate_proj", tensor[e, :half], None if scale is None else scale[e, :nb]),
+                         ("up_proj", tensor[e, half:], None if scale is None else scale[e, nb:])]
+            for proj, w, sc in parts:
+                yield f"{prefix}.{proj}.weight", w
+                if sc is not None:
+                    yield f"{prefix}.{proj}.weight_scale_inv", sc
+        return
+    key = name if name == "lm_head.weight" else f"model.{name}"
+    yield key, tensor
+    if scale is not None:
+        yield f"{key}_scale_inv", scale
 
 
 # ----------------------------------------------------------------------------- load
@@ -109,24 +116,62 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
     return getattr(torch, name, torch.float32)
 
 
+def fp8_block_size(path: Path) -> tuple[int, int] | None:
+    """The checkpoint's float8 block size from config.json's quantization_config (None: not
+    quantized); any other quantization is refused with a sentence saying so."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None   # load_pretrained says what is missing
+    q = json.loads(config.read_text()).get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise CheckpointError(f"config.json's quantization_config has quant_method {method!r}; dsv2 loads "
+                              "float checkpoints and DeepSeek's block-scaled fp8 ones (quant_method \"fp8\").")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"config.json's quantization_config has fmt {q.get('fmt')!r}; dsv2 reads float8 e4m3.")
+    block = q.get("weight_block_size", [128, 128])
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"config.json's quantization_config has weight_block_size {block!r}; "
+                              "give two positive ints, e.g. [128, 128].")
+    return tuple(block)
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu", heads: dict[str, torch.Tensor] | None = None) -> DeepseekV2:
+                    device: str | torch.device = "cpu", heads: dict[str, torch.Tensor] | None = None,
+                    quantize: str | None = None) -> DeepseekV2:
     """Load a Hugging Face DeepSeek-V2 directory; returns the model in eval mode.
 
-    dtype: the parameters' dtype (default: the checkpoint's own `torch_dtype`).
+    dtype: the parameters' dtype (default: the checkpoint's own `torch_dtype`); "fp8" is short
+    for quantize="fp8" with the checkpoint's dtype for the rest.
+    quantize="fp8": the matrices quant/fp8.py lists stay float8 e4m3 with 128 x 128 block scales
+    (an FP8 checkpoint's bytes as stored, a float one's quantized tensor by tensor). Without it an
+    FP8 checkpoint is widened to `dtype` tensor by tensor (exactly its dequantized values).
     heads: further tensors to fill by their HF key, e.g. {"score.weight": w} for a
     DeepseekV2ForSequenceClassification checkpoint (a reward model), which has no lm_head.
     """
+    from .quant import fp8
     heads = heads or {}
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
+    if dtype == "fp8":
+        dtype, quantize = None, "fp8"
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"load_pretrained quantizes to fp8 only (got {quantize!r}); int8 applies after "
+                         "loading (dsv2.quant.quantize).")
     cfg = ModelConfig.from_json(path)
+    block = fp8_block_size(path)
     dtype = parse_dtype(dtype) or _checkpoint_dtype(path)
     with torch.device("meta"):
-        model = DeepseekV2(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    params = dict(model.named_parameters())
+        model = DeepseekV2(cfg).to(dtype)
+        if quantize == "fp8":
+            fp8.to_fp8(model, block or fp8.BLOCK)
+    model = model.to_empty(device=device)
+    block = block or fp8.BLOCK
+    params = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if b.dtype == fp8.FP8}
+    buffers = dict(model.named_buffers())
     # Track what has been filled; stacked experts are filled one expert-part at a time.
     expected: set[tuple[str, str | None, int | None]] = set()
     for name, p in params.items():
@@ -137,12 +182,14 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         elif not (name == "lm_head.weight" and (cfg.tie_word_embeddings or "score.weight" in heads)):
             expected.add((name, None, None))
     filled: set[tuple] = set()
+    files = _shard_files(path)
+    scales = _ScaleReader(files)
     with torch.no_grad():
-        for file in _shard_files(path):
+        for file in files:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if _IGNORED.search(key):
-                        continue
+                    if _IGNORED.search(key) or key.endswith("weight_scale_inv"):
+                        continue   # scales are read with their weights
                     if key in heads:
                         shape = tuple(f.get_slice(key).get_shape())
                         if shape != tuple(heads[key].shape):
@@ -159,7 +206,15 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                     if shape != tuple(target.shape):
                         raise CheckpointError(f"tensor '{key}' in {file.name} has shape {list(shape)}, but the config "
                                               f"expects {list(target.shape)}: config.json and the weights disagree.")
-                    target.copy_(f.get_tensor(key))
+                    t = f.get_tensor(key)
+                    scale = scales.get(key, t, block) if t.dtype == fp8.FP8 else None
+                    if target.dtype == fp8.FP8:
+                        _fill_fp8(target, _target_view(buffers[f"{name}_scale_inv"], part, e), t, scale, block,
+                                  split=target.shape[-2] // 2 if part is None and name.endswith("gate_up_proj") else None)
+                    elif scale is not None:
+                        target.copy_(fp8.dequantize_blocks(t, scale, block, target.dtype))
+                    else:
+                        target.copy_(t)
                     if part is None and ".mlp.experts." in name:  # stacked (transformers 5) layout
                         parts = ("down",) if name.endswith("down_proj") else ("gate", "up")
                         filled |= {(name, pt, i) for i in range(target.shape[0]) for pt in parts}
@@ -182,7 +237,44 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     return model.eval()
 
 
+class _ScaleReader:
+    """A float8 weight's `weight_scale_inv`, from whichever shard holds it, checked against the weight."""
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                self.where.update({k: file for k in f.keys() if k.endswith("weight_scale_inv")})
+
+    def get(self, key: str, weight: torch.Tensor, block) -> torch.Tensor:
+        from .quant.fp8 import scale_shape
+        skey = f"{key}_scale_inv"
+        if skey not in self.where:
+            raise CheckpointError(f"tensor '{key}' is float8 but its block scales '{skey}' are missing from the "
+                                  "checkpoint: an FP8 checkpoint stores one beside every float8 weight.")
+        with safe_open(str(self.where[skey]), framework="pt", device="cpu") as f:
+            s = f.get_tensor(skey)
+        want = scale_shape(tuple(weight.shape), block)
+        if tuple(s.shape) != want or not s.is_floating_point():
+            raise CheckpointError(f"tensor '{skey}' has shape {list(s.shape)} ({s.dtype}), but a float8 weight of "
+                                  f"{list(weight.shape)} in {block[0]}x{block[1]} blocks needs {list(want)} floats.")
+        return s.float()
+
+
+def _fill_fp8(q_out: torch.Tensor, s_out: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | None, block,
+              split: int | None = None) -> None:
+    """Fill a float8 target (and its scales) from a checkpoint tensor: float8 as stored, a float quantized."""
+    from .quant import fp8
+    if scale is None:
+        t, scale = fp8.quantize_stacked(t, split, block) if split else fp8.quantize_blocks(t, block)
+    elif split:
+        raise CheckpointError("stacked float8 experts (one gate_up_proj tensor) are not read; store them per expert.")
+    q_out.copy_(t)
+    s_out.copy_(scale)
+
+
 def _target_view(p: torch.Tensor, part: str | None, e: int | None) -> torch.Tensor:
+    """One expert's part of a stacked tensor (or its float8 block scales: gate blocks, then up blocks)."""
     if part is None:
         return p
     if part == "down":
@@ -194,7 +286,7 @@ def _target_view(p: torch.Tensor, part: str | None, e: int | None) -> torch.Tens
 # ----------------------------------------------------------------------------- save
 def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                     max_shard_bytes: int = 5 * 2**30, heads: dict[str, torch.Tensor] | None = None,
-                    config_extra: dict | None = None) -> None:
+                    config_extra: dict | None = None, fp8: bool = False) -> None:
     """Write config.json, generation_config.json and safetensors shards that transformers loads.
 
     Order matters for a folder that already holds a checkpoint: every new file is written
@@ -204,21 +296,27 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: s
 
     heads: tensors written under their own HF keys instead of lm_head (a reward model's
     score.weight); config_extra: keys added to config.json (its architectures, num_labels).
+    fp8: write DeepSeek's FP8 format (quant/fp8.py: e4m3 matrices with 128 x 128 block scales and
+    a quantization_config); without it a model loaded in fp8 is written widened to float.
     """
+    from .quant.fp8 import BLOCK, QUANT_CONFIG, float_weights
     _refuse_decode_only(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    block = getattr(model, "fp8_block", None) or BLOCK
     state = {}
-    for name, t in model.state_dict().items():
+    for name, t, scale in float_weights(model, fp8, block):
         if name == "lm_head.weight" and (cfg.tie_word_embeddings or heads):
             continue
-        for key, v in dsv2_to_hf(name, t):
+        for key, v in dsv2_to_hf(name, t, scale):
             state[key] = v.detach().to("cpu").contiguous()
+    if fp8:
+        config_extra = {"quantization_config": QUANT_CONFIG | {"weight_block_size": list(block)}} | (config_extra or {})
     for key, v in (heads or {}).items():
         state[key] = v.detach().to("cpu").contiguous()
     shards = _split(state, max_shard_bytes)
-    dtype = next(model.parameters()).dtype
+    dtype = next(t.dtype for t in model.state_dict().values() if t.is_floating_point() and t.dtype != torch.float8_e4m3fn)
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
     files: dict[str, object] = {}       # final name -> writer(tmp_path), in the order they are swapped in
     if len(shards) == 1:
@@ -250,9 +348,10 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, tokenizer_dir: s
 
 
 def _refuse_decode_only(model) -> None:
-    """Matrices quantized for decoding (int8 rows + scales) are not a checkpoint transformers reads."""
-    quantized = getattr(model, "quantized", None) or next(
-        (str(t.dtype).split(".")[-1] for t in model.state_dict().values() if not t.is_floating_point()), None)
+    """Matrices quantized for decoding (int8 rows + scales) are not a checkpoint transformers reads
+    (float8 ones are written as DeepSeek's FP8 format, or widened)."""
+    quantized = next((str(t.dtype).split(".")[-1] for t in model.state_dict().values() if not t.is_floating_point()),
+                     None)
     if quantized:
         raise ValueError(f"this model's matrices are {quantized} for decoding and cannot be saved as a "
                          "checkpoint; save the float model it was quantized from.")

@@ -8,6 +8,10 @@ taken as given. torch is imported inside the function, so CLIs can list the name
 from __future__ import annotations
 
 DTYPE_NAMES = ("float32", "bfloat16")
+# The latent cache's formats (engine/cache.py): auto = the model's dtype.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "fp8", "int8", "mixed")
+# Weight quantization for inference (dsv2.quant).
+QUANTIZE = ("int8", "fp8")
 
 
 def parse_dtype(value, what: str = "dtype"):

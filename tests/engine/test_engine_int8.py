@@ -7,7 +7,7 @@ import torch
 
 import dsv2
 from dsv2.engine import Engine, Request, SamplingParams
-from dsv2.engine.quant import Int8GroupedExperts, Int8Linear, quantize_int8, quantize_rows
+from dsv2.quant.int8 import Int8GroupedExperts, Int8Linear, quantize_int8, quantize_rows
 
 import _tiny
 

@@ -17,7 +17,7 @@ from dsv2.engine import Engine, Request, SamplingParams
 from dsv2.engine.cache import LatentCache
 from dsv2.engine.decode import DecodeStep
 from dsv2.engine.native import NativeDecoder, build
-from dsv2.engine.quant import quantize_int8
+from dsv2.quant.int8 import quantize_int8
 
 import _tiny
 
@@ -305,8 +305,9 @@ def test_work_space_is_what_the_step_asks_for():
 
 def op_args(dec, cache, tokens=(3, 4), positions=(5, 7), kv_len=8):
     dec._work = torch.zeros(dec.work_floats(len(positions), kv_len))
+    fmt = cache.fmt.code if cache.fmt is not None else {torch.float32: 0, torch.bfloat16: 1}[cache.dtype]
     return (dec.weights, dec.ints, dec.floats, torch.tensor(tokens), torch.tensor(positions), kv_len, cache.joint,
-            dec._work)
+            fmt, cache.scales, dec._work)
 
 
 @needs_cc
@@ -321,7 +322,7 @@ def test_the_operator_passes_opcheck_and_compiles_in_one_graph():
     assert set(result.values()) == {"SUCCESS"}, result
 
     def step(tokens, positions, joint, work):
-        logits = torch.ops.dsv2.decode_step(dec.weights, dec.ints, dec.floats, tokens, positions, 8, joint, work)
+        logits = torch.ops.dsv2.decode_step(dec.weights, dec.ints, dec.floats, tokens, positions, 8, joint, 0, None, work)
         return logits.log_softmax(-1)
 
     ours, theirs = filled_caches(m.config, 2, torch.float32, seed=1)

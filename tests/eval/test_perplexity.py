@@ -130,3 +130,24 @@ def test_bad_input_is_one_sentence(hf_eval_checkpoint, tmp_path, capsys, case, w
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_perplexity_through_a_cache_format_and_quantized_weights(hf_eval_checkpoint, tmp_path, capsys):
+    """--kv-cache-dtype scores each window through a latent cache of that format: a float32 cache
+    gives the cache-free figure exactly (the path is right), 8-bit ones a little more; --quantize
+    fp8 / int8 measure the weights' rounding the same way."""
+    f = tmp_path / "a.txt"
+    f.write_text(TEXT)
+
+    def ppl(*extra):
+        assert main(["eval", "perplexity", str(hf_eval_checkpoint), "--text", str(f), "--max-len", "64",
+                     "--dtype", "float32", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    plain = ppl()
+    assert ppl("--kv-cache-dtype", "float32")["nll"] == pytest.approx(plain["nll"], rel=1e-5)
+    for extra in (("--kv-cache-dtype", "int8"), ("--kv-cache-dtype", "fp8"), ("--quantize", "int8"),
+                  ("--quantize", "fp8")):
+        got = ppl(*extra)
+        assert got["tokens"] == plain["tokens"]
+        assert got["nll"] != plain["nll"] and abs(got["nll"] / plain["nll"] - 1) < 0.1, extra

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsv2 import ModelConfig
+from dsv2.engine.cache import LatentCache
 from dsv2.model.attention import MLA, KVStep
 from dsv2.model.moe import MoE
 from dsv2.model.rope import RotaryEmbedding, apply_rope, rope_inv_freq, softmax_scale
@@ -72,7 +73,7 @@ def test_absorbed_attention_equals_naive(q_lora_rank):
         assert (naive - absorbed).abs().max() < 1e-4
         # Through a cache: prefill 8 tokens, then decode 4 one at a time with both paths.
         for absorb in (False, True):
-            kv = (torch.zeros(B, 16, cfg.kv_lora_rank), torch.zeros(B, 16, cfg.qk_rope_head_dim))
+            kv = LatentCache(cfg, B, 16, torch.float32).layers()[0]
             outs = [attn(x[:, :8], cos[:, :8], sin[:, :8], kv, KVStep.causal(pos[:, :8], 8), absorb=False)]
             for t in range(8, T):
                 step = KVStep.causal(pos[:, t:t + 1], t + 1)

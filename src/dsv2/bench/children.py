@@ -22,11 +22,12 @@ def _child_dsv2(path, dtype, a) -> dict:
     from ..engine.llm import LLM
     from ..engine.sampling import SamplingParams
     native = a.get("native")
-    llm = LLM(path, dtype=dtype, compile=a["compile"], quantize="int8" if a["dtype"] == "int8" else None,
-              native=native)
+    kv = a.get("kv_cache_dtype")
+    llm = LLM(path, dtype=dtype, compile=a["compile"], quantize=a["dtype"] if a["dtype"] in ("int8", "fp8") else None,
+              native=native, kv_cache_dtype=kv)
     cfg = llm.model.config
     res = {}
-    eng = Engine(llm.model, max_batch_slots=1, max_len=a["prefill_len"] + 8, compile=False)
+    eng = Engine(llm.model, max_batch_slots=1, max_len=a["prefill_len"] + 8, compile=False, kv_cache_dtype=kv)
     x = random_prompts(1, a["prefill_len"], cfg.vocab_size, 0)[0].tolist()
 
     def prefill():
@@ -39,7 +40,7 @@ def _child_dsv2(path, dtype, a) -> dict:
     res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
     for B in a["batches"]:
         eng = Engine(llm.model, max_batch_slots=B, max_len=a["prompt_len"] + a["new_tokens"] + 1,
-                     compile=a["compile"], native=native)
+                     compile=a["compile"], native=native, kv_cache_dtype=kv)
         params = SamplingParams(max_new_tokens=a["new_tokens"], ignore_eos=True)
         for r in random_prompts(B, a["prompt_len"], cfg.vocab_size, 1).tolist():
             eng.add(Request(r, params))
@@ -122,7 +123,8 @@ def _tensors(obj, seen=None):
 def _child(spec: str) -> None:
     a = json.loads(spec)
     torch.set_num_threads(a["threads"])
-    dtype = torch.float32 if a["dtype"] == "int8" else getattr(torch, a["dtype"])
+    # int8: float32 around the int8 matrices; fp8: bfloat16 around the e4m3 ones, as DeepSeek's checkpoints
+    dtype = {"int8": torch.float32, "fp8": torch.bfloat16}.get(a["dtype"]) or getattr(torch, a["dtype"])
     fn = _child_dsv2 if a["engine"] == "dsv2" else _child_peer
     res = fn(a["path"], dtype, a)
     report(res)

@@ -40,6 +40,7 @@ import tempfile
 
 import torch
 
+from ..dtypes import KV_CACHE_DTYPES
 from ..options import add_native
 from .common import copy_bandwidth, random_checkpoint, run_child, weight_bytes_per_step
 
@@ -54,7 +55,10 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", default="small", help="model preset (default small, the benchmark config)")
     p.add_argument("--dtypes", default="float32,bfloat16,int8",
                    help="comma list of float32, bfloat16, int8 (dsv2's int8 weights with float32 activations; "
-                        "no peer row). Default: all three")
+                        "no peer row), fp8 (dsv2's e4m3 block-scaled matrices, the rest bfloat16; no peer row). "
+                        "Default: float32,bfloat16,int8")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                   help="dsv2's latent-cache format (default: the model's dtype)")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -71,8 +75,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
-        if d not in ("float32", "bfloat16", "int8"):
-            raise ValueError(f"--dtypes takes float32, bfloat16 and/or int8, got {d!r}.")
+        if d not in ("float32", "bfloat16", "int8", "fp8"):
+            raise ValueError(f"--dtypes takes float32, bfloat16, int8 and/or fp8, got {d!r}.")
     batches = [int(b) for b in args.batches.split(",")]
     bw = copy_bandwidth()
     load = os.getloadavg()[0]
@@ -86,10 +90,11 @@ def run(args) -> int:
         # each figure is the best over rounds.
         for rnd in range(args.repeat):
             for dtype in dtypes:
-                for engine in ["dsv2"] + ([] if args.no_peer or dtype == "int8" else ["transformers"]):
+                for engine in ["dsv2"] + ([] if args.no_peer or dtype in ("int8", "fp8") else ["transformers"]):
                     spec = dict(engine=engine, dtype=dtype, path=tmp, threads=args.threads, batches=batches,
                                 prefill_len=args.prefill_len, prompt_len=args.prompt_len,
-                                new_tokens=args.new_tokens, compile=args.compile, native=args.native)
+                                new_tokens=args.new_tokens, compile=args.compile, native=args.native,
+                                kv_cache_dtype=args.kv_cache_dtype)
                     res = run_child("dsv2.bench.children", spec)
                     res.update(engine=engine, dtype=dtype, load=os.getloadavg()[0])
                     prev = rows.get((engine, dtype))
@@ -111,7 +116,7 @@ def _print_row(r: dict, batches, model, bw: float, header: bool) -> None:
     if header:
         cols = ["engine", "dtype", "prefill tok/s"] + [f"decode b{b} tok/s best/avg (roofline %)" for b in batches]
         print(" | ".join(cols) + " | KV bytes/token | peak RSS MB | load")
-    esz = {"float32": 4, "bfloat16": 2, "int8": 1}[r["dtype"]]  # int8: the matrices (most of the bytes)
+    esz = {"float32": 4, "bfloat16": 2, "int8": 1, "fp8": 1}[r["dtype"]]  # int8/fp8: the matrices (most bytes)
     cells = [f"{r['engine']:<12}", f"{r['dtype']:<8}", f"{r['prefill_tok_s']:>9,.0f}"]
     for b in batches:
         roof = b * bw / (weight_bytes_per_step(model, b) * esz / 4)

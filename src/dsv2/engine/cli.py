@@ -37,7 +37,8 @@ def _load(args):
     from .llm import LLM
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, compile=args.compile, quantize=args.quantize, native=args.native)
+    return LLM(args.model, dtype=args.dtype, compile=args.compile, quantize=args.quantize, native=args.native,
+               kv_cache_dtype=args.kv_cache_dtype)
 
 
 def add_parser(sub) -> None:

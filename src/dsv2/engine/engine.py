@@ -15,6 +15,8 @@ API (stable; the OpenAI-compatible server builds continuous batching on it)
         longer than this are prefilled in chunks of this many tokens, bounding prefill memory.
         native: decode with the fused C step (engine/native) - None: wherever it applies (CPU,
         a C compiler present); True: require it (ValueError saying why not); False: PyTorch ops.
+        kv_cache_dtype: the cache's format - None/"auto" (the model's dtype), "bfloat16",
+        "float32", "fp8", "int8" or "mixed" (~5.8 bits per element; engine/cache.py).
 
     slot = engine.add(Request(prompt_ids=[...], params=SamplingParams(...), id=None))
         Validates, takes a free slot (raises EngineFull when none is free; check
@@ -112,7 +114,8 @@ class _Seq:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_slots: int = 8, max_len: int | None = None,
-                 compile: bool | None = None, prefill_chunk: int = 2048, native: bool | None = None):
+                 compile: bool | None = None, prefill_chunk: int = 2048, native: bool | None = None,
+                 kv_cache_dtype: str | None = None):
         cfg = model.config
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}.")
@@ -124,7 +127,7 @@ class Engine:
                              f"(max_position_embeddings = {cfg.max_position_embeddings}).")
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        self.cache = LatentCache(cfg, max_batch_slots, self.max_len, dtype, self.device)
+        self.cache = LatentCache(cfg, max_batch_slots, self.max_len, dtype, self.device, kv_cache_dtype)
         self.slots = max_batch_slots
         self.seqs: dict[int, _Seq] = {}
         # Token ids whose latents a slot holds (kept after a request ends, for prefix reuse).

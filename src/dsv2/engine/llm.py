@@ -38,7 +38,7 @@ class Completion:
 class LLM:
     def __init__(self, path_or_model, tokenizer=None, dtype=None, max_batch_slots: int = 16,
                  max_len: int | None = None, compile: bool | None = None, quantize: str | None = None,
-                 native: bool | None = None):
+                 native: bool | None = None, kv_cache_dtype: str | None = None):
         from ..model import DeepseekV2
         from ..tokenizer import Tokenizer, load_tokenizer
         from ..dtypes import parse_dtype
@@ -51,16 +51,13 @@ class LLM:
             if not Path(path_or_model).is_dir():
                 raise FileNotFoundError(f"no checkpoint directory at {path_or_model}: give a folder with "
                                         "config.json and safetensors weights.")
-            model = load_pretrained(path_or_model, dtype=dtype)
+            model = load_pretrained(path_or_model, dtype=dtype, quantize="fp8" if quantize == "fp8" else None)
             tok_dir = path_or_model if (Path(path_or_model) / "tokenizer.json").exists() else None
         else:
             raise ValueError(f"LLM takes a checkpoint directory or a DeepseekV2 model, got "
                              f"{type(path_or_model).__name__}.")
-        if quantize not in (None, "int8"):
-            raise ValueError(f"unknown quantize {quantize!r}: use 'int8' (weight-only, CPU) or leave it out.")
-        if quantize == "int8":
-            from .quant import quantize_int8
-            model = quantize_int8(model)
+        from ..quant import quantize as quantize_model
+        model = quantize_model(model, quantize)
         self.model = model.eval()
         if tokenizer is None and tok_dir is not None:
             tokenizer = tok_dir
@@ -70,6 +67,8 @@ class LLM:
             raise ValueError("tokenizer must be a dsv2.Tokenizer or a directory holding tokenizer.json.")
         self.tokenizer = tokenizer
         self.max_batch_slots, self.max_len, self.compile, self.native = max_batch_slots, max_len, compile, native
+        from .cache import check_kv_cache_dtype
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.context = model.config.max_position_embeddings if max_len is None else max_len
         self.last_engine: Engine | None = None
 
@@ -91,7 +90,7 @@ class LLM:
         """A fresh engine whose cache fits `slots` sequences of `longest` positions."""
         max_len = min(self.context, longest)
         eng = Engine(self.model, self.tokenizer, max_batch_slots=slots, max_len=max_len, compile=self.compile,
-                     native=self.native)
+                     native=self.native, kv_cache_dtype=self.kv_cache_dtype)
         self.last_engine = eng
         return eng
 

@@ -33,7 +33,8 @@ Pair = tuple[list[int], list[int]]   # (context ids, continuation ids)
 
 
 class Scorer:
-    def __init__(self, model, max_len: int | None = None, batch_tokens: int = 8192, max_rows: int = 64):
+    def __init__(self, model, max_len: int | None = None, batch_tokens: int = 8192, max_rows: int = 64,
+                 kv_cache_dtype: str | None = None):
         """max_len: the longest context + continuation scored (default: the model's context).
         batch_tokens, max_rows: a batch's padded (rows x length) and row count, bounding memory."""
         cfg = model.config
@@ -43,6 +44,7 @@ class Scorer:
             raise ValueError(f"max_len {self.max_len} exceeds the model's context "
                              f"(max_position_embeddings = {cfg.max_position_embeddings}).")
         self.batch_tokens, self.max_rows = batch_tokens, max_rows
+        self.kv_cache_dtype = kv_cache_dtype   # the cache's format (engine/cache.py); None: the model's dtype
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self._f32 = p.dtype == torch.bfloat16 and p.device.type == "cpu" and not cpu_has_fast_bf16()
@@ -103,7 +105,7 @@ class Scorer:
         R = len(rows)
         C = [len(ctx) for ctx, _ in batch]
         span = max(C) + len(rows[-1][2])
-        cache = LatentCache(self.cfg, G + R, span, self.dtype, self.device)
+        cache = LatentCache(self.cfg, G + R, span, self.dtype, self.device, self.kv_cache_dtype)
         dev = self.device
         with float32_matmuls(self._f32):
             # 1. contexts without their last token into rows [0, G), longest first, padded within

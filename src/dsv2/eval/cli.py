@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..dtypes import KV_CACHE_DTYPES, QUANTIZE
 from ..options import add_dtype
 
 
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
     ppl.add_argument("--plot", default=None, help="with --lengths: the PNG's path (default MODEL/ppl_vs_context.png)")
     ppl.add_argument("--json", action="store_true", help="end with one line of JSON (tokens, nll, ppl, bits_per_byte, bytes)")
     add_dtype(ppl)
+    _add_formats(ppl)
     ppl.set_defaults(func=_perplexity)
 
     t = verbs.add_parser("tasks", help="multiple-choice, generation and rolling log-likelihood tasks")
@@ -48,6 +50,7 @@ def add_parser(sub) -> None:
     t.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     t.add_argument("--out", default=None, help="write results.json and samples_<task>.jsonl here")
     add_dtype(t)
+    _add_formats(t)
     t.set_defaults(func=_tasks)
 
     h = verbs.add_parser("harness", help="lm-evaluation-harness's simple_evaluate with the dsv2 model (dsv2[eval])")
@@ -63,9 +66,17 @@ def add_parser(sub) -> None:
     h.set_defaults(func=_harness)
 
 
+def _add_formats(p) -> None:
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="int8 or fp8 weights (dsv2.quant), to measure what a deployment loses")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                   help="score through a latent cache of this format (engine/cache.py; default: none for "
+                        "perplexity, the model's dtype for tasks)")
+
+
 def _load(args):
     from .runner import load_model
-    return load_model(args.model, args.dtype)
+    return load_model(args.model, args.dtype, args.quantize)
 
 
 def _perplexity(args) -> int:
@@ -80,7 +91,8 @@ def _perplexity(args) -> int:
             lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
         except ValueError:
             raise ValueError(f"--lengths takes a comma list of integers, got {args.lengths!r}.") from None
-        rows = context_curve(model, docs, lengths, args.tail or max(1, lengths[0] // 2), args.batch, progress=True)
+        rows = context_curve(model, docs, lengths, args.tail or max(1, lengths[0] // 2), args.batch, progress=True,
+                             kv_cache_dtype=args.kv_cache_dtype)
         for r in rows:
             print(f"context {r['max_len']:>6}: ppl {r['ppl']:.4f} over {r['tokens']:,} tokens of {r['documents']} documents")
         png = plot_curve(rows, Path(args.plot) if args.plot else Path(args.model) / "ppl_vs_context.png",
@@ -90,7 +102,7 @@ def _perplexity(args) -> int:
             print(json.dumps(rows))
         return 0
     max_len = args.max_len or default_window(model)
-    r = perplexity(model, docs, max_len, args.stride, args.batch, progress=True)
+    r = perplexity(model, docs, max_len, args.stride, args.batch, progress=True, kv_cache_dtype=args.kv_cache_dtype)
     print(f"{r['tokens']:,} tokens scored in {len(docs)} document(s), {r['bytes']:,} bytes: nll {r['nll']:.4f} nats, "
           f"ppl {r['ppl']:.4f}, {r['bits_per_byte']:.4f} bits per byte (max-len {max_len}, "
           f"stride {args.stride or max_len})")
@@ -108,10 +120,12 @@ def _tasks(args) -> int:
     tasks = [load_task(name, tok) for name in args.tasks]   # every task file is checked before any runs
     from ..engine import LLM
     from ..engine.score import Scorer
-    scorer, llm = Scorer(model), LLM(model, tokenizer=tok)
+    kv = args.kv_cache_dtype
+    scorer, llm = Scorer(model, kv_cache_dtype=kv), LLM(model, tokenizer=tok, kv_cache_dtype=kv)
     results, samples = {}, {}
     for task in tasks:
-        results[task.task], samples[task.task] = run_task(task, model, tok, args.shots, args.limit, scorer, llm)
+        results[task.task], samples[task.task] = run_task(task, model, tok, args.shots, args.limit, scorer, llm,
+                                                          kv_cache_dtype=kv)
     print(table(results))
     if args.out:
         path = write_results(Path(args.out), results, samples,

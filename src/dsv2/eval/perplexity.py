@@ -3,6 +3,7 @@
     dsv2 eval perplexity runs/demo/pretrain/hf --text held_out.py --max-len 256 --stride 128
     dsv2 eval perplexity MODEL --text a.txt b.txt --json               # last stdout line: one JSON object
     dsv2 eval perplexity MODEL --text long.txt --lengths 256,512,1024  # perplexity against context length
+    dsv2 eval perplexity MODEL --text a.txt --quantize fp8 --kv-cache-dtype mixed   # a deployment's formats
 
 A document is its tokens s (with BOS first when the tokenizer config's add_bos_token says so).
 Every token but s[0] is scored once. Windows of at most max_len input tokens start every
@@ -47,9 +48,11 @@ def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.inference_mode()
 def score_windows(model, ids: list[int], max_len: int, stride: int, batch: int = 8,
-                  scored_from: int = 1) -> tuple[float, int]:
+                  scored_from: int = 1, kv_cache_dtype: str | None = None) -> tuple[float, int]:
     """(summed nll in nats, tokens scored) of one document's tokens under `model`, through the
-    sliding windows above; with scored_from, targets before that index are not scored."""
+    sliding windows above; with scored_from, targets before that index are not scored. With
+    kv_cache_dtype (engine/cache.py) each window is prefilled into a latent cache of that format
+    and attends to the rows as stored, so the score includes the cache's rounding."""
     device = next(model.parameters()).device
     jobs = []
     for begin, end, first in windows(len(ids), max_len, stride):
@@ -66,9 +69,20 @@ def score_windows(model, ids: list[int], max_len: int, stride: int, batch: int =
             same = [(x, y) for x, y in part if len(x) == length]
             x = torch.tensor([x for x, _ in same], device=device)
             y = torch.tensor([y for _, y in same], device=device)
-            nll += float(model(x, targets=y))
+            nll += float(model(x, targets=y, **_through_cache(model, x, kv_cache_dtype)))
             n += int((y != IGNORE).sum())
     return nll, n
+
+
+def _through_cache(model, x: torch.Tensor, kv_cache_dtype: str | None) -> dict:
+    """forward() arguments that prefill x [B, T] into a fresh cache of that format (none: {})."""
+    if kv_cache_dtype in (None, "auto"):
+        return {}
+    from ..engine.cache import LatentCache
+    from ..model.attention import KVStep
+    B, T = x.shape
+    cache = LatentCache(model.config, B, T, next(model.parameters()).dtype, x.device, kv_cache_dtype)
+    return {"kv": cache.layers(), "step": KVStep(torch.arange(T, device=x.device)[None].expand(B, T), T, None)}
 
 
 @dataclass
@@ -117,14 +131,14 @@ def check_window(model, max_len: int) -> None:
 
 
 def perplexity(model, docs: list[Document], max_len: int, stride: int | None = None, batch: int = 8,
-               progress: bool = False) -> dict:
+               progress: bool = False, kv_cache_dtype: str | None = None) -> dict:
     """-> {tokens, nll, ppl, bits_per_byte, bytes} summed over the documents."""
     check_window(model, max_len)
     stride = max_len if stride is None else stride
     nll, n = 0.0, 0
     from tqdm import tqdm
     for doc in tqdm(docs, desc="perplexity", unit="doc", disable=not progress):
-        d_nll, d_n = score_windows(model, doc.ids, max_len, stride, batch)
+        d_nll, d_n = score_windows(model, doc.ids, max_len, stride, batch, kv_cache_dtype=kv_cache_dtype)
         nll, n = nll + d_nll, n + d_n
     nbytes = sum(d.bytes for d in docs)
     return {"tokens": n, "nll": nll, "ppl": math.exp(nll / n), "bits_per_byte": nll / (math.log(2) * nbytes),
@@ -132,7 +146,7 @@ def perplexity(model, docs: list[Document], max_len: int, stride: int | None = N
 
 
 def context_curve(model, docs: list[Document], lengths: list[int], tail: int, batch: int = 8,
-                  progress: bool = False) -> list[dict]:
+                  progress: bool = False, kv_cache_dtype: str | None = None) -> list[dict]:
     """Perplexity of the same final `tail` tokens of each document, read with windows of each
     length in `lengths` (stride = tail, so every scored token has at least length - tail tokens
     of context). Documents shorter than max(lengths) + 1 tokens are left out (named in the rows)."""
@@ -151,7 +165,8 @@ def context_curve(model, docs: list[Document], lengths: list[int], tail: int, ba
         nll, n = 0.0, 0
         for d in used:
             begin = len(d.ids) - 1 - L   # the document's last L + 1 tokens
-            d_nll, d_n = score_windows(model, d.ids[begin:], L, tail, batch, scored_from=L + 1 - tail)
+            d_nll, d_n = score_windows(model, d.ids[begin:], L, tail, batch, scored_from=L + 1 - tail,
+                                       kv_cache_dtype=kv_cache_dtype)
             nll, n = nll + d_nll, n + d_n
         rows.append({"max_len": L, "tokens": n, "nll": nll, "ppl": math.exp(nll / n),
                      "documents": len(used), "left_out": [d.name for d in docs if d not in used]})

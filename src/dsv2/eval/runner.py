@@ -29,16 +29,19 @@ from pathlib import Path
 from .tasks import Task
 
 
-def load_model(path, dtype=None):
-    """A checkpoint directory -> (model in eval mode, its tokenizer); both are required."""
+def load_model(path, dtype=None, quantize: str | None = None):
+    """A checkpoint directory -> (model in eval mode, its tokenizer); both are required.
+    quantize: "int8" or "fp8" weights (dsv2.quant)."""
     from ..checkpoint import load_pretrained
+    from ..quant import quantize as quantize_model
     from ..tokenizer import load_tokenizer
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}: give a folder with config.json and weights.")
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: evaluation needs the model's tokenizer next to it.")
-    model = load_pretrained(path, dtype=dtype).eval()
+    model = quantize_model(load_pretrained(path, dtype=dtype, quantize="fp8" if quantize == "fp8" else None),
+                           quantize).eval()
     return model, load_tokenizer(path, model.config.vocab_size)
 
 
@@ -59,8 +62,9 @@ def _stderr(xs: list[float]) -> float:
 
 
 def run_task(task: Task, model, tokenizer, shots: int | None = None, limit: int | None = None,
-             scorer=None, llm=None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """-> (metrics, per-document records)."""
+             scorer=None, llm=None, progress: bool = True, kv_cache_dtype: str | None = None) -> tuple[dict, list[dict]]:
+    """-> (metrics, per-document records). kv_cache_dtype: the latent cache's format for every
+    kind of task (engine/cache.py)."""
     from tqdm import tqdm
     k = task.num_fewshot if shots is None else shots
     docs = task.docs[task.test_split][:limit]
@@ -69,7 +73,7 @@ def run_task(task: Task, model, tokenizer, shots: int | None = None, limit: int 
     t0 = time.perf_counter()
     if task.output_type == "multiple_choice":
         from ..engine.score import Scorer
-        scorer = scorer or Scorer(model)
+        scorer = scorer or Scorer(model, kv_cache_dtype=kv_cache_dtype)
         pairs, meta = [], []
         for i, doc in enumerate(docs):
             ctx, choices = task.context(i, k), task.choices(doc)
@@ -89,7 +93,7 @@ def run_task(task: Task, model, tokenizer, shots: int | None = None, limit: int 
         names = ("acc", "acc_norm")
     elif task.output_type == "generate_until":
         from ..engine import LLM
-        llm = llm or LLM(model, tokenizer=tokenizer)
+        llm = llm or LLM(model, tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype)
         gk = {"until": [], "max_gen_toks": 256} | task.generation_kwargs
         prompts = [task.context(i, k) for i in range(len(docs))]
         outs = llm.generate(prompts, max_new_tokens=int(gk["max_gen_toks"]), temperature=0.0,
@@ -109,7 +113,7 @@ def run_task(task: Task, model, tokenizer, shots: int | None = None, limit: int 
             ids = tokenizer.encode(text)
             if not tokenizer.add_bos or tokenizer.bos_id is None:
                 ids = [tokenizer.eos_id if tokenizer.eos_id is not None else 0] + ids   # score every token
-            nll, n = score_windows(model, ids, L, L)
+            nll, n = score_windows(model, ids, L, L, kv_cache_dtype=kv_cache_dtype)
             records.append({"doc_id": i, "nll": nll, "tokens": n, "bytes": len(text.encode()),
                             "words": len(text.split())})
         nll = sum(r["nll"] for r in records)

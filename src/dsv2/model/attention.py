@@ -15,7 +15,8 @@ Two paths compute the same attention, kept side by side and tested equal:
   per-head keys/values are never materialised. Used for decode.
 
 The cache holds only c^KV (after its norm) and k^R (after RoPE): (d_c + d_h^R) numbers per
-token per layer. It is allocated per request batch by the engine and passed in as `kv`.
+token per layer, in the model's dtype or packed to fewer bits (engine/cache.py). It is
+allocated per request batch by the engine and passed in as `kv`.
 
 Shape legend: B batch, T new tokens, S cached positions, H heads, C = d_c, R = d_h^R,
 N = d_h (nope part), V = v_head_dim.
@@ -105,8 +106,8 @@ class MLA(nn.Module):
                 absorb: bool = False) -> torch.Tensor:
         """Attention over the new tokens, and over cached ones when `kv` is given.
 
-        kv:   this layer's cache buffers (c_kv [B, S, C], k_pe [B, S, R]); the new latents are
-              written at `step.positions` before attending.
+        kv:   this layer's cache (engine/cache.py's LayerView): the new latents are stored at
+              `step.positions`, then the window [0, kv_len) is attended (c_kv [B, S, C], k_pe [B, S, R]).
         step: where the tokens sit; its mask (if any) applies with or without a cache (packed
               training rows pass a block-diagonal one, model/mask.py).
         absorb: use the weight-absorbed path (decode); otherwise decompress K/V (naive).
@@ -118,11 +119,8 @@ class MLA(nn.Module):
         q_pe, k_pe = pe[:, :, :-1], pe[:, :, -1]
         mask = None
         if kv is not None:
-            c_buf, pe_buf = kv
-            rows = torch.arange(x_BTD.shape[0], device=x_BTD.device)[:, None]
-            c_buf[rows, step.positions] = c_kv.to(c_buf.dtype)
-            pe_buf[rows, step.positions] = k_pe.to(pe_buf.dtype)
-            c_kv, k_pe = c_buf[:, : step.kv_len], pe_buf[:, : step.kv_len]
+            kv.store(step.positions, c_kv, k_pe)
+            c_kv, k_pe = kv.window(step.kv_len, c_kv.dtype)
         if step is not None:
             mask = step.mask
         if absorb:

@@ -119,6 +119,19 @@ class GroupedExperts(nn.Module):
         return _SwiGLUExperts.apply(x_MD, w13, w2, tuple(counts))
 
 
+class ExpertLoop(GroupedExperts):
+    """Experts stored in another form (quantized stacks, dsv2.quant), run one by one through
+    `expert(e, x)`: the padded all-experts bmm would widen every expert per step."""
+
+    stacked_bmm = False
+
+    def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        y_MD = torch.empty_like(x_MD)
+        for e, rows in expert_rows(counts):
+            y_MD[rows] = self.expert(e, x_MD[rows])
+        return y_MD
+
+
 class _SwiGLUExperts(torch.autograd.Function):
     """y = W2_e (silu(W1_e x) * W3_e x) over each expert's contiguous rows, with its own backward.
 

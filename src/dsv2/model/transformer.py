@@ -80,7 +80,7 @@ class DeepseekV2(nn.Module):
         chunks without ever holding the [B, T, vocab] logits (model/loss.py).
 
         Without `kv` this is plain causal attention over the given tokens (training, scoring).
-        With `kv` (one (c_kv, k_pe) buffer pair per layer) and `step`, the new tokens' latents
+        With `kv` (one cache LayerView per layer, engine/cache.py) and `step`, the new tokens' latents
         are written to the cache at `step.positions` and attention spans the cache.
 
         With `segment_ids` [B, T] (packed rows: several documents per row, each a run of equal
@@ -155,14 +155,16 @@ class DeepseekV2(nn.Module):
         b = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * torch.empty((), dtype=dtype).element_size()
         return b if per_layer else b * cfg.num_hidden_layers
 
-    def summary(self, dtype: torch.dtype = torch.bfloat16) -> str:
+    def summary(self, dtype: torch.dtype = torch.bfloat16, kv_cache: tuple[int, str] | None = None) -> str:
+        """kv_cache: (bytes per token, format name) of a packed cache format to report instead of dtype's."""
         cfg = self.config
         mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers
         mla = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+        nbytes, name = kv_cache or (self.kv_cache_bytes_per_token(dtype), str(dtype).split(".")[-1])
         return (f"parameters: {_human(self.num_params())} total, {_human(self.active_params())} active per token\n"
                 f"forward FLOPs per token (4K context): {_human(self.flops_per_token(4096))}\n"
-                f"KV cache per token: {self.kv_cache_bytes_per_token(dtype):,} bytes in {str(dtype).split('.')[-1]} "
-                f"({mla} elements; MHA with the same heads would cache {mha}, {mha / mla:.1f}x more)")
+                f"KV cache per token: {nbytes:,} bytes in {name} ({mla} elements, {nbytes * 8 / mla:.2f} bits each; "
+                f"MHA with the same heads would cache {mha}, {mha / mla:.1f}x more)")
 
 
 def _human(n: float) -> str:

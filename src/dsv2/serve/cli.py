@@ -2,6 +2,7 @@
 
     dsv2 serve path/to/checkpoint                          # http://127.0.0.1:8000/v1, 16 slots
     dsv2 serve path/to/checkpoint --slots 64 --max-len 1024 --dtype bfloat16 --api-key s3cret
+    dsv2 serve path/to/checkpoint --quantize fp8 --kv-cache-dtype mixed --kv-cache-gb 4   # slots from a budget
     curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "checkpoint", "prompt": "Hello", "max_tokens": 16}'
 
@@ -29,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     add_dtype(p)
     p.add_argument("--slots", type=int, default=16, help="sequences decoded together (cache slots; default 16)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="size the cache to this many GiB instead: as many slots of --max-len positions as fit "
+                        "in the --kv-cache-dtype format (overrides --slots)")
     p.add_argument("--max-len", type=int, default=None,
                    help="positions per slot: prompt + completion (default min(context, 2048))")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
@@ -63,6 +67,7 @@ def run(args) -> int:
                        max_queue=args.max_queue, model_name=args.model_name, api_key=args.api_key,
                        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                        max_body_bytes=args.max_body_bytes, prefill_budget=args.prefill_budget,
-                       compile=True if args.compile else None, quantize=args.quantize, native=args.native)
+                       compile=True if args.compile else None, quantize=args.quantize, native=args.native,
+                       kv_cache_dtype=args.kv_cache_dtype, kv_cache_gb=args.kv_cache_gb)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

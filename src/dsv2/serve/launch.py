@@ -25,7 +25,8 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
                  max_queue: int = 256, model_name: str | None = None, api_key: str | None = None,
                  max_tokens_limit: int | None = None, default_max_tokens: int = 256,
                  max_body_bytes: int = 1 << 20, prefill_budget: int = 512, compile: bool | None = None,
-                 quantize: str | None = None, native: bool | None = None):
+                 quantize: str | None = None, native: bool | None = None, kv_cache_dtype: str | None = None,
+                 kv_cache_gb: float | None = None):
     """-> a FastAPI app whose lifespan starts and stops the engine thread."""
     from ..checkpoint import load_pretrained
     from ..dtypes import parse_dtype
@@ -40,14 +41,21 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
     if not (tok_path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json in {tok_path}: the server needs the model's tokenizer; "
                                 "pass --tokenizer DIR.")
-    model = load_pretrained(model_path, dtype=parse_dtype(dtype))
-    if quantize == "int8":
-        from ..engine.quant import quantize_int8
-        model = quantize_int8(model)
-    elif quantize is not None:
-        raise ValueError(f"unknown quantize {quantize!r}: use int8 or leave it out.")
+    from ..quant import quantize as quantize_model
+    model = quantize_model(load_pretrained(model_path, dtype=parse_dtype(dtype),
+                                           quantize="fp8" if quantize == "fp8" else None), quantize)
     tokenizer = load_tokenizer(tok_path, model.config.vocab_size)
-    engine = Engine(model, tokenizer, max_batch_slots=slots, max_len=max_len, compile=compile, native=native)
+    if kv_cache_gb is not None:   # as many slots of max_len positions as the budget holds in this format
+        from ..engine.cache import bytes_per_token, check_kv_cache_dtype
+        check_kv_cache_dtype(kv_cache_dtype)
+        length = max_len or min(model.config.max_position_embeddings, 2048)
+        per_token = bytes_per_token(model.config, kv_cache_dtype, next(model.parameters()).dtype)
+        slots = int(kv_cache_gb * 2**30 // (length * per_token))
+        if slots < 1:
+            raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds no sequence of {length} positions at "
+                             f"{per_token:,} bytes/token: raise it or lower --max-len.")
+    engine = Engine(model, tokenizer, max_batch_slots=slots, max_len=max_len, compile=compile, native=native,
+                    kv_cache_dtype=kv_cache_dtype)
     scheduler = Scheduler(engine, max_queue=max_queue, prefill_budget=prefill_budget)
     limits = Limits(model_name=model_name or model_path.name, max_context=engine.max_len,
                     max_tokens_limit=max_tokens_limit or engine.max_len - 1,

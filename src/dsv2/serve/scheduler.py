@@ -134,7 +134,8 @@ class Scheduler:
     def capacity(self) -> str:
         """What the latent cache holds, for the start-up log line."""
         c = self.engine.cache
-        return (f"latent cache {c.nbytes / 2**20:,.1f} MiB ({c.bytes_per_token():,} bytes/token) holds "
+        return (f"latent cache {c.nbytes / 2**20:,.1f} MiB in {c.kv_cache_dtype} ({c.bytes_per_token():,} bytes/token, "
+                f"{c.bits_per_element():.2f} bits/element) holds "
                 f"{c.capacity_tokens():,} tokens: {c.slots} slots x {c.max_len} positions, so at most "
                 f"{c.slots} requests run at once (prompt + completion <= {c.max_len} tokens each); "
                 f"{self.max_queue} more may wait")

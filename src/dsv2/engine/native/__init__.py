@@ -4,8 +4,9 @@ On a CPU, decoding a few tokens is bound by per-op dispatch and by the bytes of 
 read, not by arithmetic: the eager step issues thousands of aten calls per token. The
 operator torch.ops.dsv2.decode_step (decode.cpp's kernels behind op.cpp's checks) runs the
 same math (absorbed MLA over the latent cache, DeepSeekMoE with greedy or group-limited
-routing) with float32 activations, reading float32, bfloat16 or int8 (`quantize_int8`)
-weights straight from the model's tensors, so nothing is copied per step.
+routing) with float32 activations, reading float32, bfloat16, int8 (`quantize_int8`) or
+block-scaled float8 (quant/fp8.py) weights straight from the model's tensors, so nothing is
+copied per step, and a latent cache in any of engine/cache.py's formats, rows read as stored.
 
 It is a registered custom operator, not a foreign-function call: the weights travel as
 tensors, op.cpp checks every shape, dtype and layout against the config (a mismatch is a
@@ -55,6 +56,12 @@ def available(notice: bool = True) -> bool:
 
 
 _TYPES = (torch.float32, torch.bfloat16)
+_CACHE_CODES = {torch.float32: 0, torch.bfloat16: 1}   # unpacked caches; packed ones carry their code
+
+
+def fp8_block(model) -> tuple[int, int]:
+    """The float8 weights' block size (0, 0 when none are float8)."""
+    return tuple(getattr(model, "fp8_block", None) or (0, 0))
 
 
 class NativeDecoder:
@@ -86,7 +93,8 @@ class NativeDecoder:
                     QR=cfg.q_lora_rank or 0, I_moe=cfg.moe_intermediate_size or 0, E=cfg.n_routed_experts or 0,
                     K=cfg.num_experts_per_tok or 0, n_group=cfg.n_group or 1, topk_group=cfg.topk_group or 1,
                     group_limited=int(cfg.topk_method == "group_limited_greedy"),
-                    norm_topk=int(bool(cfg.norm_topk_prob)), vocab=cfg.vocab_size)
+                    norm_topk=int(bool(cfg.norm_topk_prob)), vocab=cfg.vocab_size,
+                    fp8_bn=fp8_block(model)[0], fp8_bk=fp8_block(model)[1])
         floats = dict(eps=cfg.rms_norm_eps, scale=model.layers[0].self_attn.scale,
                       routed_scaling=float(cfg.routed_scaling_factor), rope_amp=model.rotary.amplitude)
         self.ints, self.floats = [ints[n] for n in int_names], [float(floats[n]) for n in float_names]
@@ -112,15 +120,18 @@ class NativeDecoder:
              src: torch.Tensor | None = None) -> dict:
         """{name: the [rows, cols] weight, name_scale: its int8 row scales or None}."""
         w = self._own(w if src is None else src, w.detach() if w.stride(-1) == 1 else w.detach().contiguous())
-        if w.dtype != torch.int8 and w.dtype not in _TYPES:
+        if w.dtype not in (torch.int8, torch.float8_e4m3fn) + _TYPES:
             raise Unsupported(f"weights of dtype {w.dtype} are not supported by the fused decode step")
-        return {name: w, f"{name}_scale": self._f32(scale) if w.dtype == torch.int8 else None}
+        scaled = w.dtype in (torch.int8, torch.float8_e4m3fn)
+        return {name: w, f"{name}_scale": self._f32(scale) if scaled else None}
 
     def _linear(self, name: str, lin: nn.Module) -> dict:
         if getattr(lin, "bias", None) is not None:
             raise Unsupported("linear biases are not supported by the fused decode step")
-        if hasattr(lin, "qweight"):   # engine.quant.Int8Linear
+        if hasattr(lin, "qweight"):   # quant.int8.Int8Linear
             return self._mat(name, lin.qweight, lin.scale)
+        if hasattr(lin, "weight_scale_inv"):   # quant.fp8.Fp8Linear
+            return self._mat(name, lin.weight, lin.weight_scale_inv)
         if isinstance(lin, nn.Linear):
             return self._mat(name, lin.weight)
         raise Unsupported(f"{type(lin).__name__} layers are not supported by the fused decode step")
@@ -136,8 +147,8 @@ class NativeDecoder:
                      q_a_norm=self._f32(a.q_a_layernorm.weight))
         d.update(self._linear("kv_a", a.kv_a_proj_with_mqa), **self._linear("kv_b", a.kv_b_proj),
                  **self._linear("o", a.o_proj))
-        if d["kv_b"].dtype == torch.int8:
-            raise Unsupported("an int8 kv_b_proj is not supported by the fused decode step")
+        if d["kv_b"].dtype in (torch.int8, torch.float8_e4m3fn):
+            raise Unsupported(f"a {d['kv_b'].dtype} kv_b_proj is not supported by the fused decode step")
         # W^UK transposed to [H * C, N] (a copy: a quarter of kv_b_proj's weight for the small preset).
         w_uk, _ = a._w_uk_uv()
         d.update(self._mat("w_ukt", w_uk.detach().transpose(1, 2).reshape(-1, w_uk.shape[1]).contiguous(),
@@ -156,8 +167,10 @@ class NativeDecoder:
         if not isinstance(mlp.dispatcher, LocalDispatcher):
             raise Unsupported("expert-parallel MoE layers decode with PyTorch ops")
         ex = mlp.experts
-        if hasattr(ex, "gate_up_proj_q"):   # engine.quant.Int8GroupedExperts
+        if hasattr(ex, "gate_up_proj_q"):   # quant.int8.Int8GroupedExperts
             gu, gus, dn, dns = ex.gate_up_proj_q, ex.gate_up_proj_s, ex.down_proj_q, ex.down_proj_s
+        elif hasattr(ex, "gate_up_proj_scale_inv"):   # quant.fp8.Fp8GroupedExperts: the stacks, blocks per expert
+            gu, gus, dn, dns = ex.gate_up_proj, ex.gate_up_proj_scale_inv, ex.down_proj, ex.down_proj_scale_inv
         else:
             gu, gus, dn, dns = ex.gate_up_proj, None, ex.down_proj, None
         # Every expert's rows as one matrix ([E * rows, cols], scales likewise): expert e is a block of rows.
@@ -175,8 +188,9 @@ class NativeDecoder:
         [0, min(positions[b] + 1, kv_len)). -> float32 logits [B, vocab]."""
         if any(t._version != v for t, v in self._copied):   # a copied weight was changed in place
             self.__init__(self.model)
-        if cache.dtype != self.dtype:
-            raise Unsupported(f"the cache is {cache.dtype} but the model is {self.dtype}")
+        fmt = cache.fmt.code if cache.fmt is not None else _CACHE_CODES.get(cache.dtype)
+        if fmt is None:
+            raise Unsupported(f"a {cache.kv_cache_dtype} cache is not read by the fused decode step")
         B, (B0, S0, t0), threads = len(positions), self._sized, torch.get_num_threads()
         if not (B <= B0 and kv_len <= S0 and threads == t0):   # the need grows with batch and length
             fit = (max(B, B0), max(kv_len, S0), threads) if threads == t0 else (B, kv_len, threads)
@@ -185,7 +199,7 @@ class NativeDecoder:
                 self._work = torch.empty(int(need * 1.25) + 1024)
             self._sized = fit
         return self._step(self.weights, self.ints, self.floats, tokens_B1, torch.tensor(positions, dtype=torch.long),
-                          kv_len, cache.joint, self._work)
+                          kv_len, cache.joint, fmt, cache.scales, self._work)
 
 
 def _ordered(d: dict, names: list[str]) -> list:

@@ -23,7 +23,7 @@
 
 #include "decode.h"
 
-static const int ELEM_SIZE[] = {4, 2, 1};   /* bytes, by type */
+static const int ELEM_SIZE[] = {4, 2, 1, 1, 1, 1, 1};   /* bytes, by type */
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -45,6 +45,59 @@ static inline v8f ld_i8(const int8_t *p) {
     v8b b; memcpy(&b, p, sizeof b);
     return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
 #endif
+}
+/* float8 e4m3 (1 sign, 4 exponent bits biased by 7, 3 mantissa bits) -> float32: the 7 magnitude
+ * bits moved to float32's exponent/mantissa position make 2^-120 times the value, subnormals
+ * included, so one multiply by 2^120 finishes it (e4m3's NaN codes are never written). */
+#define E4M3_SCALE 1.329227995784916e36f   /* 2^120 */
+static inline v8f ld_e4m3(const uint8_t *p) {
+#ifdef __AVX2__
+    __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f)), 20),
+                                   _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24));
+    return (v8f)_mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(E4M3_SCALE));
+#else
+    v8f v;
+    for (int i = 0; i < 8; i++) {
+        uint32_t u = ((uint32_t)(p[i] & 0x7f) << 20) | ((uint32_t)(p[i] & 0x80) << 24);
+        float f; memcpy(&f, &u, 4); v[i] = f * E4M3_SCALE;
+    }
+    return v;
+#endif
+}
+/* 8 4-bit codes (the low or the high nibbles of 8 bytes) -> floats, less the offset of 8. */
+static inline v8f ld_nib(const uint8_t *p, int hi) {
+#ifdef __AVX2__
+    __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    u = hi ? _mm256_srli_epi32(u, 4) : _mm256_and_si256(u, _mm256_set1_epi32(15));
+    return (v8f)_mm256_cvtepi32_ps(_mm256_sub_epi32(u, _mm256_set1_epi32(8)));
+#else
+    v8f v;
+    for (int i = 0; i < 8; i++) v[i] = (float)((hi ? p[i] >> 4 : p[i] & 15) - 8);
+    return v;
+#endif
+}
+static inline float e4m3_to_f32(uint8_t b) {
+    uint32_t u = ((uint32_t)(b & 0x7f) << 20) | ((uint32_t)(b & 0x80) << 24);
+    float f; memcpy(&f, &u, 4);
+    return f * E4M3_SCALE;
+}
+/* float32 -> e4m3, round to nearest even, saturating at +-448 (torch rounds the same way and
+ * engine/cache.py clamps before converting). */
+static inline uint8_t f32_to_e4m3(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    float a = fabsf(f);
+    if (!(a < 448.0f)) return sign | 0x7e;                        /* 448 (and NaN, never produced) */
+    if (a < 0.015625f) {                                          /* below 2^-6: subnormal steps of 2^-9 */
+        int q = (int)nearbyintf(a * 512.0f);                      /* 8 rounds up to the smallest normal */
+        return sign | (uint8_t)q;
+    }
+    uint32_t v; memcpy(&v, &a, 4);
+    v += 0x7ffffu + ((v >> 20) & 1);                              /* round the mantissa to 3 bits */
+    int e = (int)(v >> 23) - 127 + 7;
+    if (e > 15 || (e == 15 && ((v >> 20) & 7) == 7)) return sign | 0x7e;
+    return sign | (uint8_t)((e << 3) | ((v >> 20) & 7));
 }
 static inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -74,6 +127,117 @@ static float NAME(const float *x, const T *w, int n) {                          
 DOT(dot_f32, float, ld, AS_FLOAT)
 DOT(dot_bf16, uint16_t, ld_bf16, bf16_to_f32)
 DOT(dot_i8, int8_t, ld_i8, AS_FLOAT)
+DOT(dot_e4m3, uint8_t, ld_e4m3, e4m3_to_f32)
+
+/* FP8: the scales of row r's column blocks. */
+static inline const float *fp8_scales(const Mat *W, int64_t r) {
+    int64_t blk = W->split && r >= W->split ? (W->split + W->bn - 1) / W->bn + (r - W->split) / W->bn : r / W->bn;
+    return W->scale + blk * W->nbk;
+}
+
+/* Cached row r of a KV_ type widened to float32 in out (cols values: c^KV then k^R). */
+static void kv_row(const Mat *W, int64_t r, float *out) {
+    const uint8_t *p = (const uint8_t *)W->w + r * W->stride;
+    const int n = W->cols;
+    if (W->type == KV_FP8 || W->type == KV_I8) {
+        float s;
+        if (W->type == KV_FP8) s = W->scale[0];
+        else memcpy(&s, p + (n + 3) / 4 * 4, 4);
+        v8f sv = {s, s, s, s, s, s, s, s};
+        int k = 0;
+        if (W->type == KV_FP8) {
+            for (; k + 8 <= n; k += 8) st(out + k, ld_e4m3(p + k) * sv);
+            for (; k < n; k++) out[k] = e4m3_to_f32(p[k]) * s;
+        } else {
+            for (; k + 8 <= n; k += 8) st(out + k, ld_i8((const int8_t *)p + k) * sv);
+            for (; k < n; k++) out[k] = (float)(int8_t)p[k] * s;
+        }
+    } else {   /* KV_MIX */
+        const int C = W->split;
+        const uint8_t *sc = p + C / 2, *pe = sc + C / 16;
+        for (int g = 0; g < C / 32; g++) {   /* group g: bytes 16g..16g+15, values 0-15 low nibbles, 16-31 high */
+            float s = bf16_to_f32((uint16_t)(sc[2 * g] | sc[2 * g + 1] << 8));
+            v8f sv = {s, s, s, s, s, s, s, s};
+            const uint8_t *b = p + g * 16;
+            float *o = out + g * 32;
+            st(o, ld_nib(b, 0) * sv); st(o + 8, ld_nib(b + 8, 0) * sv);
+            st(o + 16, ld_nib(b, 1) * sv); st(o + 24, ld_nib(b + 8, 1) * sv);
+        }
+        const uint16_t *pe16 = (const uint16_t *)pe;   /* at an even byte offset */
+        int k = 0;
+        for (; k + 8 <= n - C; k += 8) st(out + C + k, ld_bf16(pe16 + k));
+        for (; k < n - C; k++) out[C + k] = bf16_to_f32(pe16[k]);
+    }
+}
+
+/* Columns [c0, c0 + n) of cached row r (within c^KV; c0 and n multiples of 8 for KV_MIX). */
+static void kv_cols(const Mat *W, int64_t r, int c0, int n, float *out) {
+    if (W->type == F32) { memcpy(out, (const float *)W->w + r * W->stride + c0, n * sizeof(float)); return; }
+    int c = 0;
+    if (W->type == BF16) {
+        const uint16_t *p = (const uint16_t *)W->w + r * W->stride + c0;
+        for (; c + 8 <= n; c += 8) st(out + c, ld_bf16(p + c));
+        for (; c < n; c++) out[c] = bf16_to_f32(p[c]);
+        return;
+    }
+    const uint8_t *p = (const uint8_t *)W->w + r * W->stride;
+    if (W->type == KV_FP8) {
+        float s = W->scale[0];
+        v8f sv = {s, s, s, s, s, s, s, s};
+        for (; c + 8 <= n; c += 8) st(out + c, ld_e4m3(p + c0 + c) * sv);
+        for (; c < n; c++) out[c] = e4m3_to_f32(p[c0 + c]) * s;
+    } else if (W->type == KV_I8) {
+        float s; memcpy(&s, p + (W->cols + 3) / 4 * 4, 4);
+        v8f sv = {s, s, s, s, s, s, s, s};
+        for (; c + 8 <= n; c += 8) st(out + c, ld_i8((const int8_t *)p + c0 + c) * sv);
+        for (; c < n; c++) out[c] = (float)(int8_t)p[c0 + c] * s;
+    } else {
+        const uint8_t *sc = p + W->split / 2;
+        for (; c < n; c += 8) {   /* column k: group k / 32, byte 16 (k / 32) + k % 16, high nibble if k % 32 >= 16 */
+            int k = c0 + c, g = k / 32;
+            float s = bf16_to_f32((uint16_t)(sc[2 * g] | sc[2 * g + 1] << 8));
+            v8f sv = {s, s, s, s, s, s, s, s};
+            st(out + c, ld_nib(p + g * 16 + k % 16, (k % 32) >= 16) * sv);
+        }
+    }
+}
+
+/* The new position's row (float32 x: c^KV then k^R) written in the cache's format; engine/cache.py
+ * encodes prefilled rows the same way. */
+static void kv_store(int type, void *dst, const float *x, int C, int R, float layer_scale) {
+    const int n = C + R;
+    if (type == F32) { memcpy(dst, x, n * sizeof(float)); return; }
+    if (type == BF16) { for (int k = 0; k < n; k++) ((uint16_t *)dst)[k] = f32_to_bf16(x[k]); return; }
+    uint8_t *p = (uint8_t *)dst;
+    if (type == KV_FP8) {
+        for (int k = 0; k < n; k++) p[k] = f32_to_e4m3(x[k] / layer_scale);
+    } else if (type == KV_I8) {
+        float amax = 0;
+        for (int k = 0; k < n; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+        float s = amax > 0 ? amax / 127.0f : 1.0f;
+        for (int k = 0; k < n; k++) p[k] = (uint8_t)(int8_t)nearbyintf(x[k] / s);
+        memcpy(p + (n + 3) / 4 * 4, &s, 4);
+    } else {
+        uint8_t *sc = p + C / 2, *pe = sc + C / 16;
+        for (int g = 0; g < C / 32; g++) {
+            float amax = 0;
+            for (int k = g * 32; k < g * 32 + 32; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+            uint16_t sb = f32_to_bf16(amax > 0 ? amax / 7.0f : 1.0f);
+            float s = bf16_to_f32(sb);
+            sc[2 * g] = (uint8_t)(sb & 0xff); sc[2 * g + 1] = (uint8_t)(sb >> 8);
+            for (int i = 0; i < 16; i++) {
+                int lo = (int)nearbyintf(x[g * 32 + i] / s), hi = (int)nearbyintf(x[g * 32 + 16 + i] / s);
+                lo = lo < -7 ? -7 : lo > 7 ? 7 : lo;
+                hi = hi < -7 ? -7 : hi > 7 ? 7 : hi;
+                p[g * 16 + i] = (uint8_t)((lo + 8) | (hi + 8) << 4);
+            }
+        }
+        for (int k = 0; k < R; k++) {
+            uint16_t h = f32_to_bf16(x[C + k]);
+            pe[2 * k] = (uint8_t)(h & 0xff); pe[2 * k + 1] = (uint8_t)(h >> 8);
+        }
+    }
+}
 
 /* Row r of W widened to float32 in buf (or a pointer into W itself when it is float32). */
 static const float *row_f32(const Mat *W, int64_t r, float *buf) {
@@ -84,6 +248,17 @@ static const float *row_f32(const Mat *W, int64_t r, float *buf) {
         int k = 0;
         for (; k + 8 <= n; k += 8) st(buf + k, ld_bf16(p + k));
         for (; k < n; k++) buf[k] = bf16_to_f32(p[k]);
+    } else if (W->type == FP8) {
+        const uint8_t *p = (const uint8_t *)W->w + r * W->stride;
+        const float *sc = fp8_scales(W, r);
+        for (int k0 = 0, kb = 0; k0 < n; k0 += W->bk, kb++) {
+            int k1 = k0 + W->bk < n ? k0 + W->bk : n, k = k0;
+            v8f sv = {sc[kb], sc[kb], sc[kb], sc[kb], sc[kb], sc[kb], sc[kb], sc[kb]};
+            for (; k + 8 <= k1; k += 8) st(buf + k, ld_e4m3(p + k) * sv);
+            for (; k < k1; k++) buf[k] = e4m3_to_f32(p[k]) * sc[kb];
+        }
+    } else if (W->type >= KV_FP8) {
+        kv_row(W, r, buf);
     } else {
         const int8_t *p = (const int8_t *)W->w + r * W->stride;
         float s = W->scale[r];
@@ -98,7 +273,14 @@ static const float *row_f32(const Mat *W, int64_t r, float *buf) {
 static inline float dot_row(const Mat *W, int64_t r, const float *x) {
     if (W->type == F32) return dot_f32(x, (const float *)W->w + r * W->stride, W->cols);
     if (W->type == BF16) return dot_bf16(x, (const uint16_t *)W->w + r * W->stride, W->cols);
-    return W->scale[r] * dot_i8(x, (const int8_t *)W->w + r * W->stride, W->cols);
+    if (W->type == I8) return W->scale[r] * dot_i8(x, (const int8_t *)W->w + r * W->stride, W->cols);
+    /* FP8: one dot per column block, times its scale */
+    const uint8_t *p = (const uint8_t *)W->w + r * W->stride;
+    const float *sc = fp8_scales(W, r);
+    float s = 0;
+    for (int k0 = 0, kb = 0; k0 < W->cols; k0 += W->bk, kb++)
+        s += sc[kb] * dot_e4m3(x + k0, p + k0, W->cols - k0 < W->bk ? W->cols - k0 : W->bk);
+    return s;
 }
 
 /* 3 inputs x 4 weight rows at once: 12 accumulators, 7 loads per 12 multiply-adds. */
@@ -124,7 +306,7 @@ static void tile34(const float *x, int64_t ldx, const float *const *w, int K, fl
  * row once (memory-bound); more go through 3 x 4 tiles on rows widened to float32 in buf. */
 static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
                     int n0, int n1, float *buf) {
-    if (M <= 2) {
+    if (M <= 2 && W->type < KV_FP8) {
         for (int n = n0; n < n1; n++)
             for (int m = 0; m < M; m++) y[m * ldy + n] = dot_row(W, n, x + m * ldx);
         return;
@@ -228,7 +410,20 @@ static void topk(const float *s, int n, int k, int *idx) {
 static Mat rows_of(const Mat *W, int64_t r0, int n) {
     Mat m = *W;
     m.w = (const char *)m.w + r0 * m.stride * ELEM_SIZE[m.type];
-    if (m.scale) m.scale += r0;
+    if (m.type == I8) m.scale += r0;
+    else if (m.type == FP8) m.scale = fp8_scales(W, r0);   /* op.cpp: FP8 heads start on block edges */
+    m.rows = n;
+    return m;
+}
+
+/* Expert e of a stack of E matrices of n rows each (FP8: each expert's blocks follow the last's). */
+static Mat expert_of(const Mat *W, int e, int n) {
+    if (W->type != FP8) return rows_of(W, (int64_t)e * n, n);
+    Mat m = *W;
+    int64_t blocks = W->split ? (W->split + W->bn - 1) / W->bn + (n - W->split + W->bn - 1) / W->bn
+                              : (n + W->bn - 1) / W->bn;
+    m.w = (const char *)m.w + (int64_t)e * n * m.stride;
+    m.scale += (int64_t)e * blocks * m.nbk;
     m.rows = n;
     return m;
 }
@@ -265,6 +460,14 @@ int64_t dsv2_work_floats(const Model *m, int B, int S, int threads) {
 }
 
 /* ------------------------------------------------------------------ one layer */
+/* The first len cached rows of the slot starting slot_off elements into the layer's buffer. */
+static Mat cache_rows(const Model *m, const Layer *L, void *cache, int64_t slot_off, int len) {
+    Mat rows = {(const char *)cache + slot_off * ELEM_SIZE[m->cache_type],
+                m->cache_scale ? m->cache_scale + (L - m->layers) : 0, m->cache_row, m->cache_type, len, m->C + m->R,
+                0, 0, 0, m->C};
+    return rows;
+}
+
 static void attention(const Model *m, const Layer *L, int B, const int64_t *pos, int S,
                       void *cache, int64_t slot_stride, Work *w, const Team *t) {
     const int D = m->D, H = m->H, N = m->N, R = m->R, V = m->V, C = m->C, CR = C + R, QK = N + R;
@@ -285,9 +488,8 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         float *r = w->kva + b * CR;
         rmsnorm(r, r, L->kv_a_norm, C, m->eps);
         rope(r + C, w->cs + b * (R / 2), w->sn + b * (R / 2), R);
-        int64_t off = b * slot_stride + pos[b] * CR;
-        if (m->cache_type == F32) memcpy((float *)cache + off, r, CR * sizeof(float));
-        else for (int k = 0; k < CR; k++) ((uint16_t *)cache + off)[k] = f32_to_bf16(r[k]);
+        int64_t off = (b * slot_stride + pos[b] * m->cache_row) * ELEM_SIZE[m->cache_type];
+        kv_store(m->cache_type, (char *)cache + off, r, C, R, m->cache_scale ? m->cache_scale[L - m->layers] : 1.0f);
     }
     /* The absorbed query per (token, head): [q^C W^UK ; rotated q^R]. W^UK^T [H * C, N] is kept
      * transposed so that each head's product is a matmul of the B tokens' q^C against its rows. */
@@ -310,7 +512,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
     SPLIT(it, B * nsb, t) {
         int b = it / nsb, s0 = (it % nsb) * BLOCK, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
         if (s0 >= len) continue;
-        Mat rows = {(const char *)cache + b * slot_stride * ELEM_SIZE[m->cache_type], 0, CR, m->cache_type, len, CR};
+        Mat rows = cache_rows(m, L, cache, b * slot_stride, len);
         mm_rows(&rows, w->qf + (int64_t)b * H * CR, CR, H, w->sc + (int64_t)b * H * S, S, s0,
                 s0 + BLOCK < len ? s0 + BLOCK : len, t->buf);
     }
@@ -327,14 +529,13 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
     const int ncb = (C + 15) / 16;
     SPLIT(it, B * ncb, t) {
         int b = it / ncb, c0 = (it % ncb) * 16, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
-        if (c0 + 16 > C || m->cache_type != F32) {   /* ragged edge or bfloat16 cache: plain loops */
+        if (c0 + 16 > C || m->cache_type != F32) {   /* ragged edge or a narrower cache: plain loops */
             int c1 = c0 + 16 < C ? c0 + 16 : C;
             float *buf = t->buf;
+            Mat rows = cache_rows(m, L, cache, b * slot_stride, len);
             for (int hd = 0; hd < H; hd++) memset(w->olat + ((int64_t)b * H + hd) * C + c0, 0, (c1 - c0) * sizeof(float));
             for (int s = 0; s < len; s++) {
-                const uint16_t *hp = (const uint16_t *)cache + b * slot_stride + (int64_t)s * CR + c0;
-                const float *fp = (const float *)cache + b * slot_stride + (int64_t)s * CR + c0;
-                for (int c = 0; c < c1 - c0; c++) buf[c] = m->cache_type == F32 ? fp[c] : bf16_to_f32(hp[c]);
+                kv_cols(&rows, s, c0, c1 - c0, buf);
                 for (int hd = 0; hd < H; hd++) {
                     float p = w->sc[((int64_t)b * H + hd) * S + s], *ol = w->olat + ((int64_t)b * H + hd) * C + c0;
                     for (int c = 0; c < c1 - c0; c++) ol[c] += p * buf[c];
@@ -460,10 +661,10 @@ static void moe(const Model *m, const Layer *L, int B, Work *w, const Team *t) {
             int e = w->item[2 * (first + it)], n0 = w->item[2 * (first + it) + 1] * BLOCK;
             int n1 = n0 + BLOCK < rows ? n0 + BLOCK : rows, r0 = cnt[e], M = cnt[e + 1] - cnt[e];
             if (pass == 0) {
-                Mat W = rows_of(&L->gu, (int64_t)e * 2 * I, 2 * I);
+                Mat W = expert_of(&L->gu, e, 2 * I);
                 mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, t->buf);
             } else {
-                Mat W = rows_of(&L->dn, (int64_t)e * D, D);
+                Mat W = expert_of(&L->dn, e, D);
                 mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, t->buf);
             }
         }

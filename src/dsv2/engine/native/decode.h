@@ -8,13 +8,21 @@
 #pragma once
 #include <stdint.h>
 
-enum { F32 = 0, BF16 = 1, I8 = 2 };
+/* Weight types: F32, BF16, I8 (int8 rows, one float scale each), FP8 (float8 e4m3 with one float
+ * scale per bn x bk block). Cache row types (one byte per element or packed, see engine/cache.py):
+ * KV_FP8 (e4m3, one scale for the layer), KV_I8 (int8, a float scale per row after the values),
+ * KV_MIX (c^KV as 4-bit codes with a bfloat16 scale per 32, then k^R in bfloat16). */
+enum { F32 = 0, BF16 = 1, I8 = 2, FP8 = 3, KV_FP8 = 4, KV_I8 = 5, KV_MIX = 6 };
 
 struct Mat {
-    const void *w;        /* [rows, cols], row stride `stride` elements */
-    const float *scale;   /* I8: one scale per row; else NULL */
+    const void *w;        /* [rows, cols], row stride `stride` elements (bytes for FP8 and the KV types) */
+    const float *scale;   /* I8: one per row; FP8: [row blocks, nbk]; KV_FP8: the layer's one scale; else NULL */
     int64_t stride;
     int32_t type, rows, cols;
+    /* FP8: blocks of bn rows x bk columns, nbk per row block. split: where a second matrix stacked
+     * below the first starts (gate | up of an expert, each blocked on its own); 0: none.
+     * KV_MIX: split is C, the 4-bit columns. */
+    int32_t bn, bk, nbk, split;
 };
 
 struct Layer {
@@ -30,12 +38,15 @@ struct Layer {
 
 struct Model {
     int32_t n_layers, D, H, N, R, V, C, QR, I_moe, E, K, n_group, topk_group, group_limited, norm_topk, vocab;
+    int32_t fp8_bn, fp8_bk;  /* the float8 weights' block size (0: none are float8) */
     float eps, scale, routed_scaling, rope_amp;
     const float *inv_freq;   /* [R / 2] */
     Mat embed, head;
     const float *final_norm;
     const Layer *layers;
-    int32_t cache_type;      /* F32 or BF16 */
+    int32_t cache_type;      /* F32, BF16, KV_FP8, KV_I8 or KV_MIX */
+    int32_t cache_row;       /* elements (bytes for the KV types) from one cached position to the next */
+    const float *cache_scale;   /* KV_FP8: [n_layers] scales; else NULL */
     int32_t max_cols;        /* widest matrix row */
     int32_t I_max;           /* widest dense / shared / expert hidden size */
 };

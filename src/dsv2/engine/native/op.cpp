@@ -31,7 +31,7 @@ using Weights = c10::List<std::optional<at::Tensor>>;
     X(gate) X(gate_scale) X(up) X(up_scale) X(down) X(down_scale) X(router)                    \
     X(gu) X(gu_scale) X(dn) X(dn_scale)
 #define INTS(X) X(n_layers) X(D) X(H) X(N) X(R) X(V) X(C) X(QR) X(I_moe) X(E) X(K) \
-    X(n_group) X(topk_group) X(group_limited) X(norm_topk) X(vocab)
+    X(n_group) X(topk_group) X(group_limited) X(norm_topk) X(vocab) X(fp8_bn) X(fp8_bk)
 #define FLOATS(X) X(eps) X(scale) X(routed_scaling) X(rope_amp)
 
 #define ENUM(n) n,
@@ -65,13 +65,16 @@ int32_t type_of(const at::Tensor &t, const Slots &s, int i) {
         case at::kFloat: return F32;
         case at::kBFloat16: return BF16;
         case at::kChar: return I8;
+        case at::kFloat8_e4m3fn: return FP8;
         default: TORCH_CHECK_VALUE(false, "decode_step: ", s.name(i), " is ", t.scalar_type(),
-                                   "; the fused step reads float32, bfloat16 or int8 weights.");
+                                   "; the fused step reads float32, bfloat16, int8 or float8_e4m3fn weights.");
     }
 }
 
-// Slot i as a [rows, cols] matrix (rows < 0: any), slot i + 1 its int8 row scales.
-Mat matrix(const Slots &s, int i, int64_t rows, int64_t cols) {
+// Slot i as a [rows, cols] matrix (rows < 0: any), slot i + 1 its int8 row scales or float8 block
+// scales. A float8 stack of `experts` matrices keeps each expert's blocks after the previous one's;
+// with `split`, each matrix is two stacked ones (gate over up, the first `split` rows), blocked apart.
+Mat matrix(const Slots &s, int i, int64_t rows, int64_t cols, const Model &md, int64_t experts = 1, int32_t split = 0) {
     at::Tensor w = s.at(i), sc = s.at(i + 1);
     TORCH_CHECK_VALUE(w.defined(), "decode_step: ", s.name(i), " is missing.");
     TORCH_CHECK_VALUE(w.device().is_cpu(), "decode_step: ", s.name(i), " is on ", w.device(), "; the fused step runs on CPU.");
@@ -80,8 +83,20 @@ Mat matrix(const Slots &s, int i, int64_t rows, int64_t cols) {
                       ", ", cols, "].");
     TORCH_CHECK_VALUE(w.stride(1) == 1 && w.stride(0) >= cols, "decode_step: ", s.name(i),
                       " must have contiguous rows (call .contiguous() on it).");
-    Mat m{w.data_ptr(), nullptr, w.stride(0), type_of(w, s, i), (int32_t)w.size(0), (int32_t)cols};
-    if (m.type == I8) {
+    Mat m{w.data_ptr(), nullptr, w.stride(0), type_of(w, s, i), (int32_t)w.size(0), (int32_t)cols, 0, 0, 0, 0};
+    if (m.type == FP8) {
+        TORCH_CHECK_VALUE(md.fp8_bn > 0 && md.fp8_bk > 0, "decode_step: ", s.name(i),
+                          " is float8 but the config gives no block size (fp8_bn, fp8_bk).");
+        m.bn = md.fp8_bn; m.bk = md.fp8_bk; m.nbk = (int32_t)((cols + m.bk - 1) / m.bk);
+        const int64_t per = w.size(0) / experts;
+        m.split = split;
+        const int64_t blocks = split ? (split + m.bn - 1) / m.bn + (per - split + m.bn - 1) / m.bn : (per + m.bn - 1) / m.bn;
+        TORCH_CHECK_VALUE(sc.defined() && sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.device().is_cpu()
+                              && sc.numel() == experts * blocks * m.nbk,
+                          "decode_step: float8 ", s.name(i), " needs ", experts * blocks * m.nbk,
+                          " contiguous float32 block scales in ", s.name(i + 1), ".");
+        m.scale = sc.const_data_ptr<float>();
+    } else if (m.type == I8) {
         TORCH_CHECK_VALUE(sc.defined() && sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.device().is_cpu()
                               && sc.numel() == w.size(0),
                           "decode_step: int8 ", s.name(i), " needs ", w.size(0), " contiguous float32 row scales in ",
@@ -89,7 +104,7 @@ Mat matrix(const Slots &s, int i, int64_t rows, int64_t cols) {
         m.scale = sc.const_data_ptr<float>();
     } else {
         TORCH_CHECK_VALUE(!sc.defined(), "decode_step: ", s.name(i), " is ", w.scalar_type(), ", so ", s.name(i + 1),
-                          " must be None (row scales go with int8 weights only).");
+                          " must be None (scales go with int8 and float8 weights only).");
     }
     return m;
 }
@@ -130,8 +145,8 @@ Description describe(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<
     const int D = m.D, QK = m.N + m.R, CR = m.C + m.R;
     Slots g{weights, 0, -1, GLOBAL_NAMES};
     m.inv_freq = floats(g, inv_freq, m.R / 2);
-    m.embed = matrix(g, embed, m.vocab, D);
-    m.head = matrix(g, head, m.vocab, D);
+    m.embed = matrix(g, embed, m.vocab, D, m);
+    m.head = matrix(g, head, m.vocab, D, m);
     m.final_norm = floats(g, final_norm, D);
     // Per-thread scratch holds 4 widened rows of the widest matrix the step reads (cache rows too).
     int32_t max_cols = std::max(D, CR), I_max = std::max(1, m.I_moe);
@@ -145,18 +160,20 @@ Description describe(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<
         L.kv_a_norm = floats(s, kv_a_norm, m.C);
         if (s.at(q_a).defined()) {
             TORCH_CHECK_VALUE(m.QR > 0, "decode_step: ", s.name(q_a), " is given but the config's QR is 0.");
-            L.q_a = matrix(s, q_a, m.QR, D);
+            L.q_a = matrix(s, q_a, m.QR, D, m);
             L.q_a_norm = floats(s, q_a_norm, m.QR);
         }
-        L.q_b = matrix(s, q_b, (int64_t)m.H * QK, L.q_a.w ? m.QR : D);
-        L.kv_a = matrix(s, kv_a, CR, D);
-        L.kv_b = matrix(s, kv_b, (int64_t)m.H * (m.N + m.V), m.C);
-        L.o = matrix(s, o, D, (int64_t)m.H * m.V);
-        L.w_ukt = matrix(s, w_ukt, (int64_t)m.H * m.C, m.N);
+        L.q_b = matrix(s, q_b, (int64_t)m.H * QK, L.q_a.w ? m.QR : D, m);
+        L.kv_a = matrix(s, kv_a, CR, D, m);
+        L.kv_b = matrix(s, kv_b, (int64_t)m.H * (m.N + m.V), m.C, m);
+        TORCH_CHECK_VALUE(L.kv_b.type != FP8, "decode_step: ", s.name(kv_b), " is float8; absorbed decoding reads it "
+                          "per head, so keep it in the model's dtype (dequantize it when loading).");
+        L.o = matrix(s, o, D, (int64_t)m.H * m.V, m);
+        L.w_ukt = matrix(s, w_ukt, (int64_t)m.H * m.C, m.N, m);
         if (s.at(gate).defined()) {
-            L.gate = matrix(s, gate, -1, D);
-            L.up = matrix(s, up, L.gate.rows, D);
-            L.down = matrix(s, down, D, L.gate.rows);
+            L.gate = matrix(s, gate, -1, D, m);
+            L.up = matrix(s, up, L.gate.rows, D, m);
+            L.down = matrix(s, down, D, L.gate.rows, m);
             I_max = std::max(I_max, L.gate.rows);
         }
         if (s.at(router).defined()) {
@@ -166,8 +183,8 @@ Description describe(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<
                               ", K ", m.K, ", groups ", m.n_group, " keeping ", m.topk_group, ") do not fit.");
             L.moe = 1;
             L.router = floats(s, router, (int64_t)m.E * D);
-            L.gu = matrix(s, gu, (int64_t)m.E * 2 * m.I_moe, D);
-            L.dn = matrix(s, dn, (int64_t)m.E * D, m.I_moe);
+            L.gu = matrix(s, gu, (int64_t)m.E * 2 * m.I_moe, D, m, m.E, m.I_moe);
+            L.dn = matrix(s, dn, (int64_t)m.E * D, m.I_moe, m, m.E);
         }
         for (const Mat *w : {&L.q_a, &L.q_b, &L.kv_a, &L.kv_b, &L.o, &L.w_ukt, &L.gate, &L.up, &L.down, &L.gu, &L.dn})
             max_cols = std::max(max_cols, w->cols);
@@ -184,8 +201,16 @@ int64_t work_floats(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<d
     return dsv2_work_floats(&d.m, (int)batch, (int)kv_len, at::get_num_threads());
 }
 
+// Bytes of one cached position in each KV_ format (engine/cache.py writes the same layouts).
+int64_t kv_row_bytes(int64_t format, int64_t C, int64_t R) {
+    if (format == KV_FP8) return C + R;
+    if (format == KV_I8) return (C + R + 3) / 4 * 4 + 4;
+    return C / 2 + C / 16 + 2 * R;   // KV_MIX
+}
+
 at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<double> fl, const at::Tensor &tokens_in,
-                       const at::Tensor &positions_in, int64_t kv_len, at::TensorList cache, const at::Tensor &work) {
+                       const at::Tensor &positions_in, int64_t kv_len, at::TensorList cache, int64_t cache_format,
+                       const std::optional<at::Tensor> &cache_scale, const at::Tensor &work) {
     Description d = describe(weights, ints, fl);
     Model &m = d.m;
     TORCH_CHECK_VALUE(!tokens_in.is_floating_point() && !positions_in.is_floating_point(),
@@ -198,13 +223,25 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     TORCH_CHECK_VALUE((int64_t)cache.size() == m.n_layers, "this cache does not fit the model: it needs ", m.n_layers,
                       " contiguous CPU layers of [slots, max_len, ", m.C + m.R, "], not ", cache.size(), ".");
     const at::Tensor &c0 = cache[0];
+    TORCH_CHECK_VALUE(cache_format == F32 || cache_format == BF16 || (cache_format >= KV_FP8 && cache_format <= KV_MIX),
+                      "decode_step: unknown cache format ", cache_format, ".");
+    const bool packed = cache_format >= KV_FP8;
+    const int64_t row = packed ? kv_row_bytes(cache_format, m.C, m.R) : m.C + m.R;
+    const at::ScalarType ctype = packed ? at::kByte : cache_format == F32 ? at::kFloat : at::kBFloat16;
+    TORCH_CHECK_VALUE(cache_format != KV_MIX || m.C % 32 == 0, "decode_step: the 4-bit cache needs kv_lora_rank "
+                      "to be a multiple of 32, not ", m.C, ".");
     for (const at::Tensor &c : cache)
-        TORCH_CHECK_VALUE(c.dim() == 3 && c.size(2) == m.C + m.R && c.sizes() == c0.sizes() && c.is_contiguous()
-                              && c.device().is_cpu() && c.scalar_type() == c0.scalar_type()
-                              && (c.scalar_type() == at::kFloat || c.scalar_type() == at::kBFloat16),
-                          "this cache does not fit the model: it needs ", m.n_layers,
-                          " contiguous CPU float32 or bfloat16 layers of [slots, max_len, ", m.C + m.R,
-                          "], not one of ", c.sizes(), ".");
+        TORCH_CHECK_VALUE(c.dim() == 3 && c.size(2) == row && c.sizes() == c0.sizes() && c.is_contiguous()
+                              && c.device().is_cpu() && c.scalar_type() == ctype,
+                          "this cache does not fit the model: it needs ", m.n_layers, " contiguous CPU ", ctype,
+                          " layers of [slots, max_len, ", row, "], not one of ", c.sizes(), " ", c.scalar_type(), ".");
+    m.cache_scale = nullptr;
+    if (cache_format == KV_FP8) {
+        TORCH_CHECK_VALUE(cache_scale.has_value() && cache_scale->scalar_type() == at::kFloat && cache_scale->is_contiguous()
+                              && cache_scale->numel() == m.n_layers && cache_scale->device().is_cpu(),
+                          "decode_step: an fp8 cache needs ", m.n_layers, " float32 layer scales.");
+        m.cache_scale = cache_scale->const_data_ptr<float>();
+    }
     const int64_t slots = c0.size(0), max_len = c0.size(1);
     const int64_t *pos = positions.const_data_ptr<int64_t>(), *tok = tokens.const_data_ptr<int64_t>();
     bool fits = 0 < B && B <= slots && 0 < kv_len && kv_len <= max_len;
@@ -214,7 +251,8 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     for (int64_t b = 0; b < B; b++)
         TORCH_CHECK_VALUE(0 <= tok[b] && tok[b] < m.vocab, "token ids must be in [0, ", m.vocab, "), got ",
                           at::IntArrayRef(tok, B), ".");
-    m.cache_type = c0.scalar_type() == at::kFloat ? F32 : BF16;
+    m.cache_type = (int32_t)cache_format;
+    m.cache_row = (int32_t)row;
     const int threads = at::get_num_threads();
     const int64_t need = dsv2_work_floats(&m, (int)B, (int)kv_len, threads);
     TORCH_CHECK_VALUE(work.scalar_type() == at::kFloat && work.is_contiguous() && work.device().is_cpu()
@@ -229,6 +267,11 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     return logits;
 }
 
+// The cache formats the step reads, by name (engine/cache.py's names) and code.
+std::tuple<std::vector<std::string>, std::vector<int64_t>> cache_formats() {
+    return {{"float32", "bfloat16", "fp8", "int8", "mixed"}, {F32, BF16, KV_FP8, KV_I8, KV_MIX}};
+}
+
 std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
 layout() {
     return {GLOBAL_NAMES, SLOT_NAMES, INT_NAMES, FLOAT_NAMES};
@@ -238,9 +281,10 @@ layout() {
 
 TORCH_LIBRARY(dsv2, m) {
     m.def("decode_step(Tensor?[] weights, int[] ints, float[] floats, Tensor tokens, Tensor positions, int kv_len, "
-          "Tensor(a!)[] cache, Tensor(b!) work) -> Tensor");
+          "Tensor(a!)[] cache, int cache_format, Tensor? cache_scale, Tensor(b!) work) -> Tensor");
     m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch, int kv_len) -> int");
     m.def("layout() -> (str[], str[], str[], str[])", &layout);
+    m.def("cache_formats() -> (str[], int[])", &cache_formats);
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CPU, m) {

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import GroupedExperts, expert_rows
+from ..model.moe import ExpertLoop, GroupedExperts
 
 INT8_MAX_ROWS = 32
 
@@ -71,12 +71,10 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class Int8GroupedExperts(GroupedExperts):
+class Int8GroupedExperts(ExpertLoop):
     """The routed experts with int8 rows, run expert by expert: each expert's rows multiply in
     int8 (or, past INT8_MAX_ROWS rows, against that expert's widened weights). The stacked
     `gate_up_proj` / `down_proj` are widened on access, for code that wants them whole."""
-
-    stacked_bmm = False   # widening every expert per decode step would cost more than int8 saves
 
     def __init__(self, experts: GroupedExperts):
         nn.Module.__init__(self)
@@ -95,12 +93,6 @@ class Int8GroupedExperts(GroupedExperts):
     def down_proj(self) -> torch.Tensor:
         return _widen(self.down_proj_q, self.down_proj_s, self.dtype)
 
-    def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        y_MD = torch.empty_like(x_MD)
-        for e, rows in expert_rows(counts):
-            y_MD[rows] = self.expert(e, x_MD[rows])
-        return y_MD
-
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         gate, up = _mm(x2, self.gate_up_proj_q[e], self.gate_up_proj_s[e]).chunk(2, dim=-1)
@@ -111,6 +103,8 @@ class Int8GroupedExperts(GroupedExperts):
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace the model's matrices by int8 ones in place (inference only); returns the model."""
+    if getattr(model, "quantized", None) not in (None, "int8"):
+        raise ValueError(f"this model is already quantized ({model.quantized}); int8 starts from float weights.")
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("int8 weights are for CPU decoding; on a GPU use bfloat16.")
     for parent in list(model.modules()):
