@@ -5,6 +5,7 @@
 
 For each row (weights : cache), in one run, against the unquantized model with a cache in its
 own dtype (the first row):
+- how far the logits of 4 held-out windows move (rms of the difference over the reference's);
 - perplexity and bits per byte of the held-out split (the data folder's val shard, decoded to
   text and re-tokenized, as `dsv2 eval perplexity --text` reads a file), windows of --window
   tokens, each prefilled into a cache of the row's format so the score includes its rounding;
@@ -69,6 +70,14 @@ def held_out(data_dir: Path, tok) -> list[str]:
 
 
 @torch.inference_mode()
+def logits_of(model, docs, window: int, kv: str | None, n: int = 4) -> torch.Tensor:
+    """Logits over the first window of n held-out documents (through a cache of the format)."""
+    from dsv2.eval.perplexity import _through_cache
+    x = torch.tensor([d.ids[:window] for d in docs if len(d.ids) >= window][:n])
+    return model(x, **_through_cache(model, x, kv))
+
+
+@torch.inference_mode()
 def recall(model, docs, context: int, n: int, kv: str | None, span: int = 64) -> float:
     """Greedy accuracy on the second copy of a span repeated at the far end of the context."""
     from dsv2.eval.perplexity import _through_cache
@@ -116,7 +125,7 @@ def main(argv=None) -> int:
     print(f"{args.model}: {ref_model.num_params() / 1e6:.1f}M parameters, {sum(len(d.ids) for d in docs):,} held-out "
           f"tokens in {len(docs)} documents; {args.prompts} greedy prompts x {args.new_tokens} tokens; passkey at "
           f"{context - 64} filler tokens ({args.passkey_docs} documents); lscpu: {_cpu()}", flush=True)
-    results, ref = [], None
+    results, ref, ref_logits = [], None, None
     for weights, cache in rows:
         t0 = time.perf_counter()
         model = ref_model if weights == "auto" else load(args.model, weights)
@@ -129,25 +138,30 @@ def main(argv=None) -> int:
         agree = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) / len(r) for o, r in zip(out, ref)]
         pk, _ = run_task(passkey, model, tok, limit=args.passkey_docs, llm=LLM(model, tokenizer=tok, kv_cache_dtype=kv),
                          progress=False)
+        logits = logits_of(model, docs, args.window, kv)
+        if ref_logits is None:
+            ref_logits = logits
+        drift = float((logits - ref_logits).norm() / ref_logits.norm())
         rec = recall(model, docs, context, args.passkey_docs, kv)
         rec_w = recall(model, docs, args.window, args.passkey_docs, kv)
         from dsv2.engine.cache import LatentCache
         bits = LatentCache(model.config, 1, 1, next(model.parameters()).dtype, kv_cache_dtype=kv).bits_per_element()
-        r = {"weights": weights, "cache": cache, "cache_bits": bits, "ppl": ppl["ppl"], "bits_per_byte": ppl["bits_per_byte"],
+        r = {"weights": weights, "cache": cache, "cache_bits": bits, "ppl": ppl["ppl"], "logit_rms": drift,
+             "bits_per_byte": ppl["bits_per_byte"],
              "greedy_agreement": float(np.mean(agree)), "identical": float(np.mean([a == 1.0 for a in agree])),
              "passkey": pk["exact_match"], "recall": rec, "recall_window": rec_w, "seconds": time.perf_counter() - t0}
         results.append(r)
-        print(f"  {weights:>5} weights, {cache:>8} cache ({bits:5.2f} bits): ppl {r['ppl']:8.3f} "
+        print(f"  {weights:>5} weights, {cache:>8} cache ({bits:5.2f} bits): ppl {r['ppl']:8.3f} logits {drift:6.2%} rms off "
               f"({r['bits_per_byte']:.4f} bpb)  greedy agreement {r['greedy_agreement']:6.1%}  identical "
               f"{r['identical']:6.1%}  passkey {r['passkey']:5.1%}  recall {r['recall_window']:5.1%} / {r['recall']:5.1%}  [{r['seconds']:.0f} s]",
               flush=True)
     base = results[0]
-    print(f"\n| weights | cache (bits/element) | perplexity | Δ ppl | bits/byte | greedy agreement | identical | "
+    print(f"\n| weights | cache (bits/element) | perplexity | Δ ppl | logits, rms off | greedy agreement | identical | "
           f"passkey @{context - 64} | recall @{args.window} | recall @{context} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['weights']} | {r['cache']} ({r['cache_bits']:.2f}) | {r['ppl']:.3f} | "
-              f"{(r['ppl'] / base['ppl'] - 1):+.2%} | {r['bits_per_byte']:.4f} | {r['greedy_agreement']:.1%} | "
+              f"{(r['ppl'] / base['ppl'] - 1):+.2%} | {r['logit_rms']:.2%} | {r['greedy_agreement']:.1%} | "
               f"{r['identical']:.1%} | {r['passkey']:.0%} | {r['recall_window']:.1%} | {r['recall']:.1%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "rows": results}, indent=1))

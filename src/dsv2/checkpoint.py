@@ -207,6 +207,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                         raise CheckpointError(f"tensor '{key}' in {file.name} has shape {list(shape)}, but the config "
                                               f"expects {list(target.shape)}: config.json and the weights disagree.")
                     t = f.get_tensor(key)
+                    if t.dtype == fp8.FP8 and part is None and ".mlp.experts." in name:
+                        raise CheckpointError(f"tensor '{key}' holds every expert's float8 matrices in one; dsv2 reads "
+                                              "float8 experts stored one per expert (experts.{e}.gate_proj.weight ...).")
                     scale = scales.get(key, t, block) if t.dtype == fp8.FP8 else None
                     if target.dtype == fp8.FP8:
                         _fill_fp8(target, _target_view(buffers[f"{name}_scale_inv"], part, e), t, scale, block,
@@ -241,19 +244,18 @@ class _ScaleReader:
     """A float8 weight's `weight_scale_inv`, from whichever shard holds it, checked against the weight."""
 
     def __init__(self, files: list[Path]):
-        self.where: dict[str, Path] = {}
+        self.scales: dict[str, torch.Tensor] = {}   # all of them: 1/16384 of the weights' elements
         for file in files:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                self.where.update({k: file for k in f.keys() if k.endswith("weight_scale_inv")})
+                self.scales.update({k: f.get_tensor(k) for k in f.keys() if k.endswith("weight_scale_inv")})
 
     def get(self, key: str, weight: torch.Tensor, block) -> torch.Tensor:
         from .quant.fp8 import scale_shape
         skey = f"{key}_scale_inv"
-        if skey not in self.where:
+        if skey not in self.scales:
             raise CheckpointError(f"tensor '{key}' is float8 but its block scales '{skey}' are missing from the "
                                   "checkpoint: an FP8 checkpoint stores one beside every float8 weight.")
-        with safe_open(str(self.where[skey]), framework="pt", device="cpu") as f:
-            s = f.get_tensor(skey)
+        s = self.scales[skey]
         want = scale_shape(tuple(weight.shape), block)
         if tuple(s.shape) != want or not s.is_floating_point():
             raise CheckpointError(f"tensor '{skey}' has shape {list(s.shape)} ({s.dtype}), but a float8 weight of "
@@ -267,8 +269,6 @@ def _fill_fp8(q_out: torch.Tensor, s_out: torch.Tensor, t: torch.Tensor, scale: 
     from .quant import fp8
     if scale is None:
         t, scale = fp8.quantize_stacked(t, split, block) if split else fp8.quantize_blocks(t, block)
-    elif split:
-        raise CheckpointError("stacked float8 experts (one gate_up_proj tensor) are not read; store them per expert.")
     q_out.copy_(t)
     s_out.copy_(scale)
 

@@ -124,3 +124,26 @@ def test_info_prints_the_bytes_of_each_format_and_the_papers_comparison(capsys):
     out = capsys.readouterr().out
     assert "194,560" in out and "389,120" in out          # DeepSeek 67B: 2 x 8 x 128 x 95 elements, bf16 bytes
     assert "bfloat16 17.8% (-82.2%)" in out and "mixed 6.4% (-93.6%)" in out   # the paper: -93.3% at 6 bits
+
+
+def test_fused_step_widens_every_e4m3_code_as_torch_does():
+    """Cache rows holding every e4m3 code (subnormals, both zeros, the largest) under a layer scale:
+    the fused step's logits equal PyTorch's, which widens the codes with torch's own conversion."""
+    m = _tiny.random_model()
+    codes = torch.tensor([c for c in range(256) if c & 0x7f != 0x7f], dtype=torch.uint8)
+    out = {}
+    for native in (True, False):
+        eng = Engine(m, max_batch_slots=1, max_len=40, native=native, kv_cache_dtype="fp8")
+        eng.cache.scales.fill_(0.125)
+        for j in eng.cache.joint:
+            j[0, :32] = codes[torch.arange(32 * j.shape[-1]) % len(codes)].view(32, -1)
+        eng.cache.lengths[0] = 32
+        eng.cached_ids[0] = list(range(3, 35))
+        eng.add(Request(list(range(3, 36)), SamplingParams(max_new_tokens=3, ignore_eos=True, logprobs=5)))
+        outs = []
+        while eng.seqs:
+            outs += [o.top_logprobs for o in eng.step()]
+        out[native] = outs
+    for a, b in zip(out[True][1:], out[False][1:]):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-3

@@ -178,3 +178,42 @@ def test_llm_and_cli_take_quantize_fp8(hf_checkpoint, capsys):
     assert a.token_ids[0] == b.token_ids[0]
     with pytest.raises(ValueError, match="unknown quantize 'fp4'"):
         dsv2.LLM(src, quantize="fp4")
+
+
+def test_gpu_block_scaled_matmul_keeps_only_a_layout_that_gives_the_widened_result(monkeypatch, capsys):
+    """No GPU here: torch._scaled_mm is replaced by fakes. A layout whose numbers are wrong is
+    skipped, the first right one is kept and reused; when none works the layer widens instead."""
+    from dsv2.quant import fp8
+    w = torch.randn(256, 384)
+    q, s = quantize_blocks(w)
+    x = torch.randn(5, 384)
+    want = x @ dequantize_blocks(q, s).t()
+
+    def fake(a, b, scale_a, scale_b, out_dtype):
+        if scale_a.is_contiguous():                       # this "GPU" reads the activations' scales M-major
+            return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
+        sa = scale_a.repeat_interleave(128, 1)
+        sb = scale_b.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return ((a.float() * sa) @ (b.float() * sb)).to(out_dtype)
+
+    monkeypatch.setattr(fp8, "_gpu", {"layout": None, "off": False})
+    monkeypatch.setattr(torch, "_scaled_mm", fake)
+    y = fp8._gpu_mm(x, q, s, (128, 128))
+    assert fp8._gpu["layout"] == (1, 0) and (y.float() - want).norm() < 0.1 * want.norm()
+    assert fp8._gpu_mm(x, q, s, (128, 128)) is not None
+    monkeypatch.setattr(fp8, "_gpu", {"layout": None, "off": False})
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not on this card")))
+    assert fp8._gpu_mm(x, q, s, (128, 128)) is None and fp8._gpu["off"]
+    assert "widening each layer's weights instead" in capsys.readouterr().err
+
+
+def test_dtype_casts_leave_float8_codes_and_scales_alone(hf_checkpoint):
+    ref = load_pretrained(hf_checkpoint("v2"), dtype=torch.float32)
+    m = load_pretrained(hf_checkpoint("v2"), dtype=torch.float32, quantize="fp8")
+    assert m.num_params() == ref.num_params()   # float8 matrices counted like the float ones
+    layer = m.layers[1].mlp.experts
+    codes, scales = layer.gate_up_proj.clone(), layer.gate_up_proj_scale_inv.clone()
+    m = m.to(torch.bfloat16)
+    assert m.embed_tokens.weight.dtype == torch.bfloat16 and layer.gate_up_proj.dtype == FP8
+    assert torch.equal(layer.gate_up_proj.view(torch.uint8), codes.view(torch.uint8))
+    assert layer.gate_up_proj_scale_inv.dtype == torch.float32 and torch.equal(layer.gate_up_proj_scale_inv, scales)

@@ -192,6 +192,8 @@ class LayerView:
 
     # (c_kv, k_pe) unpacking, for code that reads an unpacked cache's views directly
     def __iter__(self):
+        if self.fmt is not None:
+            raise TypeError(f"a {self.fmt.name} cache layer has no views to unpack; use window(kv_len, dtype).")
         return iter(self.window(self.buf.shape[1], self.buf.dtype))
 
 

@@ -127,8 +127,10 @@ class DeepseekV2(nn.Module):
 
     # ------------------------------------------------------------ accounting
     def num_params(self) -> int:
-        """Every parameter, counted once (tied weights once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Every weight, counted once (tied weights once; int8 / float8 matrices, which quantized
+        models hold as buffers beside their scales, included)."""
+        quantized = sum(b.numel() for b in self.buffers() if b.dtype in (torch.int8, torch.float8_e4m3fn))
+        return sum(p.numel() for p in self.parameters()) + quantized
 
     def active_params(self) -> int:
         """Parameters one token's forward multiplies by: embedding lookup out, output head in,

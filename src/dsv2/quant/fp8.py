@@ -87,7 +87,19 @@ def dequantize_stacked(q, s, split: int, block=BLOCK, dtype=torch.float32) -> to
 
 
 # ----------------------------------------------------------------------------- modules
-class Fp8Linear(nn.Module):
+class _KeepsFp8(nn.Module):
+    """Device moves apply to the e4m3 codes and their float32 scales; dtype casts (`.to(dtype)`,
+    `.bfloat16()`) do not: they would turn the codes into plain floats and round the scales."""
+
+    def _apply(self, fn, recurse=True):   # these modules hold buffers only
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                probe = fn(torch.empty(0, device=buf.device))   # what fn does to a float32 tensor
+                self._buffers[key] = buf.to(probe.device) if probe.dtype != torch.float32 else fn(buf)
+        return self
+
+
+class Fp8Linear(_KeepsFp8):
     """A bias-free linear layer holding `weight` (e4m3) and `weight_scale_inv` (its block scales)."""
 
     def __init__(self, in_features: int, out_features: int, block=BLOCK, dtype=torch.bfloat16, device=None):
@@ -123,7 +135,7 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 in {self.block} blocks"
 
 
-class Fp8GroupedExperts(ExpertLoop):
+class Fp8GroupedExperts(_KeepsFp8, ExpertLoop):
     """The routed experts in e4m3: `gate_up_proj` [E, 2I, D] (gate and up blocked apart) and
     `down_proj` [E, D, I], each with `*_scale_inv` block scales. Run expert by expert, each
     expert's weights widened for its matmul."""
@@ -208,27 +220,40 @@ def float_weights(model: nn.Module, fp8: bool, block=BLOCK):
         yield name, t, s
 
 
-_notice = False
+_gpu = {"layout": None, "off": False}   # the scale layout this GPU's _scaled_mm was checked with
 
 
 def _gpu_mm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block) -> torch.Tensor | None:
     """x [M, K] @ W^T by torch._scaled_mm: x quantized per 1 x 128 block, W's 128 x 128 block
-    scales. None where this card or torch cannot (then the caller widens the layer)."""
-    global _notice
+    scales. None where this card or torch cannot (then the caller widens the layer).
+
+    The first call tries the scale layouts torch versions have asked for and keeps the first whose
+    result matches the widened matmul (relative error under 10%: activations rounded to e4m3
+    add ~3%), so a layout this code has not met can never give wrong numbers silently."""
     (N, K), (bn, bk) = q.shape, block
-    if (bn, bk) != (128, 128) or K % 128 or N % 128:
+    if _gpu["off"] or (bn, bk) != (128, 128) or K % 128 or N % 128:
         return None
-    try:
-        M = x.shape[0]
-        xb = x.float().view(M, K // 128, 128)
-        sx = (xb.abs().amax(-1) / FP8_MAX).clamp_min(1e-12)
-        xq = (xb / sx[..., None]).view(M, K).to(FP8)
-        # block scales are read outer-dimension-major
-        return torch._scaled_mm(xq, q.t(), scale_a=sx.t().contiguous().t(), scale_b=s.t().contiguous().t(),
-                                out_dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError) as e:
-        if not _notice:
-            _notice = True
-            print(f"dsv2: FP8 block-scaled matmul unavailable on this GPU ({str(e).splitlines()[0][:100]}); "
-                  "widening each layer's weights instead.", file=sys.stderr)
-        return None
+    M = x.shape[0]
+    xb = x.float().view(M, K // 128, 128)
+    sx = (xb.abs().amax(-1) / FP8_MAX).clamp_min(1e-12)                 # [M, K/128]
+    xq = (xb / sx[..., None]).view(M, K).to(FP8)
+    layouts = [_gpu["layout"]] if _gpu["layout"] is not None else [(a, b) for a in (0, 1) for b in (0, 1)]
+    why = "no scale layout gave the widened result"
+    for a, b in layouts:
+        sa = sx.t().contiguous().t() if a else sx.contiguous()            # M-major or K-major
+        sb = s.t() if b else s.t().contiguous()                           # [K/128, N/128], either major
+        try:
+            y = torch._scaled_mm(xq, q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        except (RuntimeError, NotImplementedError) as e:
+            why = str(e).splitlines()[0][:100]
+            continue
+        if _gpu["layout"] is None:
+            ref = x.float() @ dequantize_blocks(q, s, block).t()
+            if (y.float() - ref).norm() > 0.1 * ref.norm():
+                continue
+            _gpu["layout"] = (a, b)
+        return y
+    _gpu["off"] = True
+    print(f"dsv2: FP8 block-scaled matmul unavailable on this GPU ({why}); widening each layer's weights "
+          "instead.", file=sys.stderr)
+    return None

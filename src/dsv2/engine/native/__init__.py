@@ -123,6 +123,9 @@ class NativeDecoder:
         if w.dtype not in (torch.int8, torch.float8_e4m3fn) + _TYPES:
             raise Unsupported(f"weights of dtype {w.dtype} are not supported by the fused decode step")
         scaled = w.dtype in (torch.int8, torch.float8_e4m3fn)
+        if scaled != (scale is not None):
+            raise Unsupported(f"{name} is {w.dtype} {'without' if scaled else 'with'} scales (a quantized layer "
+                              "cast to another dtype?)")
         return {name: w, f"{name}_scale": self._f32(scale) if scaled else None}
 
     def _linear(self, name: str, lin: nn.Module) -> dict:

@@ -46,22 +46,31 @@ static inline v8f ld_i8(const int8_t *p) {
     return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
 #endif
 }
-/* float8 e4m3 (1 sign, 4 exponent bits biased by 7, 3 mantissa bits) -> float32: the 7 magnitude
- * bits moved to float32's exponent/mantissa position make 2^-120 times the value, subnormals
- * included, so one multiply by 2^120 finishes it (e4m3's NaN codes are never written). */
-#define E4M3_SCALE 1.329227995784916e36f   /* 2^120 */
+static inline float e4m3_to_f32(uint8_t b) {
+    float f;
+    if ((b & 0x78) == 0) f = (float)(b & 7) * (1.0f / 512);
+    else { uint32_t u = ((uint32_t)(b & 0x7f) << 20) + (120u << 23); memcpy(&f, &u, 4); }
+    return b & 0x80 ? -f : f;
+}
+/* float8 e4m3 (1 sign, 4 exponent bits biased by 7, 3 mantissa bits) -> float32, exactly as torch
+ * widens it. Normal codes: the 7 magnitude bits moved to float32's exponent/mantissa position,
+ * the exponent bias raised by 120 in the integer domain; subnormal codes (exponent 0): mantissa
+ * x 2^-9. No float32 denormal is ever formed, so flush-to-zero modes and slow denormal paths
+ * cannot touch it (e4m3's NaN codes are never written). */
 static inline v8f ld_e4m3(const uint8_t *p) {
 #ifdef __AVX2__
     __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f)), 20),
-                                   _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24));
-    return (v8f)_mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(E4M3_SCALE));
+    __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f)), 20),
+                                      _mm256_set1_epi32(120 << 23));
+    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(u, _mm256_set1_epi32(7))),
+                               _mm256_set1_ps(1.0f / 512));
+    __m256i is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x78)), _mm256_setzero_si256());
+    __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, _mm256_castsi256_ps(is_sub));
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24);
+    return (v8f)_mm256_or_ps(mag, _mm256_castsi256_ps(sign));
 #else
     v8f v;
-    for (int i = 0; i < 8; i++) {
-        uint32_t u = ((uint32_t)(p[i] & 0x7f) << 20) | ((uint32_t)(p[i] & 0x80) << 24);
-        float f; memcpy(&f, &u, 4); v[i] = f * E4M3_SCALE;
-    }
+    for (int i = 0; i < 8; i++) v[i] = e4m3_to_f32(p[i]);
     return v;
 #endif
 }
@@ -76,11 +85,6 @@ static inline v8f ld_nib(const uint8_t *p, int hi) {
     for (int i = 0; i < 8; i++) v[i] = (float)((hi ? p[i] >> 4 : p[i] & 15) - 8);
     return v;
 #endif
-}
-static inline float e4m3_to_f32(uint8_t b) {
-    uint32_t u = ((uint32_t)(b & 0x7f) << 20) | ((uint32_t)(b & 0x80) << 24);
-    float f; memcpy(&f, &u, 4);
-    return f * E4M3_SCALE;
 }
 /* float32 -> e4m3, round to nearest even, saturating at +-448 (torch rounds the same way and
  * engine/cache.py clamps before converting). */
