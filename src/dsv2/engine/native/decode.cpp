@@ -53,27 +53,23 @@ static inline float e4m3_to_f32(uint8_t b) {
     return b & 0x80 ? -f : f;
 }
 /* float8 e4m3 (1 sign, 4 exponent bits biased by 7, 3 mantissa bits) -> float32, exactly as torch
- * widens it. Normal codes: the 7 magnitude bits moved to float32's exponent/mantissa position,
- * the exponent bias raised by 120 in the integer domain; subnormal codes (exponent 0): mantissa
- * x 2^-9. No float32 denormal is ever formed, so flush-to-zero modes and slow denormal paths
- * cannot touch it (e4m3's NaN codes are never written). */
-static inline v8f ld_e4m3(const uint8_t *p) {
-#ifdef __AVX2__
-    __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f)), 20),
-                                      _mm256_set1_epi32(120 << 23));
-    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(u, _mm256_set1_epi32(7))),
-                               _mm256_set1_ps(1.0f / 512));
-    __m256i is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x78)), _mm256_setzero_si256());
-    __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, _mm256_castsi256_ps(is_sub));
-    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24);
-    return (v8f)_mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+ * widens it. The code shifted left by 7 is a float16 of the same sign, exponent and mantissa
+ * whose exponent bias is 15 instead of 7, so 256 times the float16 is the e4m3 value: subnormal
+ * codes become float16 subnormals, which the hardware conversion widens exactly, and no float32
+ * denormal is ever formed (flush-to-zero modes and slow denormal paths cannot touch it). On an
+ * int8-sign-extended code, the shift sets bit 14 for negative codes; the mask clears it. */
+#define E4M3_RAW (1.0f / 256)   /* ld_e4m3_raw gives values times this: callers fold 256 into their scales */
+static inline v8f ld_e4m3_raw(const uint8_t *p) {
+#if defined(__AVX2__) && defined(__F16C__)
+    __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    return (v8f)_mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16((short)0xBF80)));
 #else
     v8f v;
-    for (int i = 0; i < 8; i++) v[i] = e4m3_to_f32(p[i]);
+    for (int i = 0; i < 8; i++) v[i] = e4m3_to_f32(p[i]) * E4M3_RAW;
     return v;
 #endif
 }
+
 /* 8 4-bit codes (the low or the high nibbles of 8 bytes) -> floats, less the offset of 8. */
 static inline v8f ld_nib(const uint8_t *p, int hi) {
 #ifdef __AVX2__
@@ -131,11 +127,40 @@ static float NAME(const float *x, const T *w, int n) {                          
 DOT(dot_f32, float, ld, AS_FLOAT)
 DOT(dot_bf16, uint16_t, ld_bf16, bf16_to_f32)
 DOT(dot_i8, int8_t, ld_i8, AS_FLOAT)
-DOT(dot_e4m3, uint8_t, ld_e4m3, e4m3_to_f32)
+
+/* Row r of an FP8 matrix against x: each column block's products summed in vector registers,
+ * then scaled (x 256, see E4M3_RAW) into the running total; one horizontal sum at the end. */
+static float dot_fp8_row(const float *x, const uint8_t *w, const float *sc, int n, int bk) {
+    v8f tot = {0};
+    float tail = 0;
+    for (int k0 = 0, kb = 0; k0 < n; k0 += bk, kb++) {
+        const int k1 = k0 + bk < n ? k0 + bk : n;
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        int k = k0;
+#if defined(__AVX2__) && defined(__F16C__)
+        const __m256i mask = _mm256_set1_epi16((short)0xBF80);
+        for (; k + 32 <= k1; k += 32) {   /* 16 codes widened per load */
+            __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k))), 7), mask);
+            __m256i h1 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k + 16))), 7), mask);
+            a0 += ld(x + k) * (v8f)_mm256_cvtph_ps(_mm256_castsi256_si128(h0));
+            a1 += ld(x + k + 8) * (v8f)_mm256_cvtph_ps(_mm256_extracti128_si256(h0, 1));
+            a2 += ld(x + k + 16) * (v8f)_mm256_cvtph_ps(_mm256_castsi256_si128(h1));
+            a3 += ld(x + k + 24) * (v8f)_mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1));
+        }
+#endif
+        for (; k + 8 <= k1; k += 8) a0 += ld(x + k) * ld_e4m3_raw(w + k);
+        const float s = sc[kb] * 256.0f;
+        tot += ((a0 + a1) + (a2 + a3)) * s;
+        for (; k < k1; k++) tail += x[k] * e4m3_to_f32(w[k]) * sc[kb];
+    }
+    return hsum(tot) + tail;
+}
 
 /* FP8: the scales of row r's column blocks. */
 static inline const float *fp8_scales(const Mat *W, int64_t r) {
-    int64_t blk = W->split && r >= W->split ? (W->split + W->bn - 1) / W->bn + (r - W->split) / W->bn : r / W->bn;
+    int64_t blk;
+    if (W->split && r >= W->split) blk = (W->split + W->bn - 1) / W->bn + (r - W->split) / W->bn;
+    else blk = (W->bn & (W->bn - 1)) == 0 ? r >> __builtin_ctz(W->bn) : r / W->bn;   /* 128: a shift, not a division */
     return W->scale + blk * W->nbk;
 }
 
@@ -150,7 +175,8 @@ static void kv_row(const Mat *W, int64_t r, float *out) {
         v8f sv = {s, s, s, s, s, s, s, s};
         int k = 0;
         if (W->type == KV_FP8) {
-            for (; k + 8 <= n; k += 8) st(out + k, ld_e4m3(p + k) * sv);
+            v8f sr = sv * 256.0f;
+            for (; k + 8 <= n; k += 8) st(out + k, ld_e4m3_raw(p + k) * sr);
             for (; k < n; k++) out[k] = e4m3_to_f32(p[k]) * s;
         } else {
             for (; k + 8 <= n; k += 8) st(out + k, ld_i8((const int8_t *)p + k) * sv);
@@ -188,7 +214,8 @@ static void kv_cols(const Mat *W, int64_t r, int c0, int n, float *out) {
     if (W->type == KV_FP8) {
         float s = W->scale[0];
         v8f sv = {s, s, s, s, s, s, s, s};
-        for (; c + 8 <= n; c += 8) st(out + c, ld_e4m3(p + c0 + c) * sv);
+        v8f sr = sv * 256.0f;
+        for (; c + 8 <= n; c += 8) st(out + c, ld_e4m3_raw(p + c0 + c) * sr);
         for (; c < n; c++) out[c] = e4m3_to_f32(p[c0 + c]) * s;
     } else if (W->type == KV_I8) {
         float s; memcpy(&s, p + (W->cols + 3) / 4 * 4, 4);
@@ -258,7 +285,8 @@ static const float *row_f32(const Mat *W, int64_t r, float *buf) {
         for (int k0 = 0, kb = 0; k0 < n; k0 += W->bk, kb++) {
             int k1 = k0 + W->bk < n ? k0 + W->bk : n, k = k0;
             v8f sv = {sc[kb], sc[kb], sc[kb], sc[kb], sc[kb], sc[kb], sc[kb], sc[kb]};
-            for (; k + 8 <= k1; k += 8) st(buf + k, ld_e4m3(p + k) * sv);
+            v8f sr = sv * 256.0f;
+            for (; k + 8 <= k1; k += 8) st(buf + k, ld_e4m3_raw(p + k) * sr);
             for (; k < k1; k++) buf[k] = e4m3_to_f32(p[k]) * sc[kb];
         }
     } else if (W->type >= KV_FP8) {
@@ -278,13 +306,7 @@ static inline float dot_row(const Mat *W, int64_t r, const float *x) {
     if (W->type == F32) return dot_f32(x, (const float *)W->w + r * W->stride, W->cols);
     if (W->type == BF16) return dot_bf16(x, (const uint16_t *)W->w + r * W->stride, W->cols);
     if (W->type == I8) return W->scale[r] * dot_i8(x, (const int8_t *)W->w + r * W->stride, W->cols);
-    /* FP8: one dot per column block, times its scale */
-    const uint8_t *p = (const uint8_t *)W->w + r * W->stride;
-    const float *sc = fp8_scales(W, r);
-    float s = 0;
-    for (int k0 = 0, kb = 0; k0 < W->cols; k0 += W->bk, kb++)
-        s += sc[kb] * dot_e4m3(x + k0, p + k0, W->cols - k0 < W->bk ? W->cols - k0 : W->bk);
-    return s;
+    return dot_fp8_row(x, (const uint8_t *)W->w + r * W->stride, fp8_scales(W, r), W->cols, W->bk);
 }
 
 /* 3 inputs x 4 weight rows at once: 12 accumulators, 7 loads per 12 multiply-adds. */
@@ -529,12 +551,14 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         for (int s = 0; s < len; s++) p[s] /= sum;
     }
     sync_team(t);
-    /* o_lat = sum_s p_s c^KV_s, by blocks of 16 columns x 4 heads held in registers. */
-    const int ncb = (C + 15) / 16;
+    /* o_lat = sum_s p_s c^KV_s. A float32 cache: blocks of 16 columns x 4 heads held in registers.
+     * Narrower ones: blocks of 64 columns, each cached row's block widened once into scratch and
+     * added to every head's sums (64 columns keep a row's scales and codes on few cache lines). */
+    const int OC = m->cache_type == F32 ? 16 : 64, ncb = (C + OC - 1) / OC;
     SPLIT(it, B * ncb, t) {
-        int b = it / ncb, c0 = (it % ncb) * 16, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
-        if (c0 + 16 > C || m->cache_type != F32) {   /* ragged edge or a narrower cache: plain loops */
-            int c1 = c0 + 16 < C ? c0 + 16 : C;
+        int b = it / ncb, c0 = (it % ncb) * OC, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
+        if (c0 + OC > C || m->cache_type != F32) {   /* ragged edge or a narrower cache: plain loops */
+            int c1 = c0 + OC < C ? c0 + OC : C;
             float *buf = t->buf;
             Mat rows = cache_rows(m, L, cache, b * slot_stride, len);
             for (int hd = 0; hd < H; hd++) memset(w->olat + ((int64_t)b * H + hd) * C + c0, 0, (c1 - c0) * sizeof(float));
