@@ -97,7 +97,8 @@ def test_chunked_prefill_equals_one_pass():
     for chunk in (2048, 5, 1):
         eng = Engine(model, max_batch_slots=1, max_len=64, compile=False, prefill_chunk=chunk)
         logits, _ = eng._prefill(0, prompt, 0)
-        latents = [t[0, :len(prompt)].clone() for t in eng.cache.layers(slice(0, 1))[0]]
+        joint = eng.cache.joint[0][0, :len(prompt)]
+        latents = [joint[:, :cfg.kv_lora_rank].clone(), joint[:, cfg.kv_lora_rank:].clone()]
         eng.cached_ids[0] = []
         eng.add(Request(prompt, params))
         tokens = []

@@ -90,3 +90,20 @@ def test_resume_after_a_corrupt_metrics_line(data_dir, tmp_path, tiny_overrides,
     records = [json.loads(ln) for ln in metrics.read_text().splitlines()]   # every line parses again
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert not list(tmp_path.glob(".metrics.jsonl.*"))                      # the rewrite left no temp file
+
+
+def test_export_reads_a_one_process_checkpoint(data_dir, tmp_path, tiny_overrides, capsys):
+    """`dsv2 export` takes a single-process run's checkpoints/ folder (step_*/state.pt): the export
+    holds exactly the trained weights, as the run's own export does."""
+    import torch
+
+    from dsv2 import load_pretrained
+    from dsv2.cli import main
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", "tiny", *tiny_overrides(data_dir, out, 3, save_every=3)]) == 0
+    assert main(["export", str(out / "checkpoints"), str(tmp_path / "hf")]) == 0
+    assert "from" in capsys.readouterr().out
+    ours, theirs = load_pretrained(tmp_path / "hf"), load_pretrained(out / "hf")
+    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2

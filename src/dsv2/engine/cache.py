@@ -182,19 +182,11 @@ class LayerView:
         else:
             self.buf[rows, positions_BT] = self.fmt.encode(torch.cat([c_kv, k_pe], -1), self.scale)
 
-    def window(self, kv_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c^KV [B, S, C], k^R [B, S, R]) of positions [0, kv_len): views of the buffer, or (packed
-        formats) column views of one widened [B, S, C + R] copy made for this call."""
+    def window(self, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Positions [0, kv_len) as [B, S, C + R] (c^KV then k^R): a view of the buffer, or (packed
+        formats) one widened copy made for this call."""
         rows = self.buf[:, :kv_len]
-        if self.fmt is not None:
-            rows = self.fmt.decode(rows, self.scale).to(dtype)
-        return rows[..., : self.C], rows[..., self.C:]
-
-    # (c_kv, k_pe) unpacking, for code that reads an unpacked cache's views directly
-    def __iter__(self):
-        if self.fmt is not None:
-            raise TypeError(f"a {self.fmt.name} cache layer has no views to unpack; use window(kv_len, dtype).")
-        return iter(self.window(self.buf.shape[1], self.buf.dtype))
+        return rows if self.fmt is None else self.fmt.decode(rows, self.scale).to(dtype)
 
 
 class LatentCache:

@@ -117,14 +117,16 @@ class MLA(nn.Module):
         # One rotation for the H query parts and the shared key part: half the small ops per step.
         pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos[:, :, None], sin[:, :, None])
         q_pe, k_pe = pe[:, :, :-1], pe[:, :, -1]
-        mask = None
+        mask = None if step is None else step.mask
+        latent = None
         if kv is not None:
             kv.store(step.positions, c_kv, k_pe)
-            c_kv, k_pe = kv.window(step.kv_len, c_kv.dtype)
-        if step is not None:
-            mask = step.mask
+            latent = kv.window(step.kv_len, c_kv.dtype)            # [B, S, C + R]: c^KV ; k^R per position
+            c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         if absorb:
-            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            if latent is None:
+                latent = torch.cat([c_kv, k_pe], dim=-1)
+            out = self._attend_absorbed(q_nope, q_pe, latent, mask)
         else:
             out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.flatten(2))
@@ -156,49 +158,31 @@ class MLA(nn.Module):
             dropout_p=dropout, scale=self.scale)
         return o.transpose(1, 2)[..., :V].to(dt)
 
-    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
         """Scores against the latent: (q^C W^UK) . c^KV + q^R . k^R; output W^UV (sum p c^KV). -> [B, T, H, V]
 
-        Written as explicit bmm with the heads folded into the query rows ([B, T*H, C] against
-        [B, S, C]): PERF_NOTES measured this far faster on CPU than einsum or SDPA with
-        enable_gqa. When the cache keeps c^KV and k^R side by side in one [.., C + R] row
-        (the engine's LatentCache does), one bmm takes both score terms at once.
+        latent [B, S, C + R] holds c^KV and k^R side by side, so one bmm takes both score terms
+        against the 576-wide rows, with the heads folded into the query rows ([B, T*H, C + R]):
+        PERF_NOTES measured explicit bmm far faster on CPU than einsum or SDPA with enable_gqa.
         """
         B, T, H, N = q_nope.shape
-        S, C = c_kv.shape[1], self.kv_lora_rank
+        S, C = latent.shape[1], self.kv_lora_rank
         dt = q_nope.dtype
         w_uk, w_uv = self._w_uk_uv()
-        c_kv, k_pe = c_kv.to(dt), k_pe.to(dt)
+        latent = latent.to(dt)
         # W^UK folded into the query: per head [B*T, N] @ [N, C].
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, N), w_uk.to(dt))
         q_lat = q_lat.view(H, B, T, C).permute(1, 2, 0, 3)                         # [B, T, H, C]
-        joint = _joint_latent(c_kv, k_pe)
-        if joint is not None:
-            q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, C + self.rope_dim)
-            scores = torch.bmm(q, joint.transpose(1, 2))
-        else:
-            scores = torch.baddbmm(torch.bmm(q_pe.reshape(B, T * H, -1), k_pe.transpose(1, 2)),
-                                   q_lat.reshape(B, T * H, C), c_kv.transpose(1, 2))
-        scores = scores.view(B, T, H, S).float() * self.scale
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, C + self.rope_dim)
+        scores = torch.bmm(q, latent.transpose(1, 2)).view(B, T, H, S).float() * self.scale
         if mask is not None:
             scores.masked_fill_(~mask[:, :, None], float("-inf"))
         elif T > 1:
             causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
             scores.masked_fill_(~causal[:, None], float("-inf"))
         p = scores.softmax(dim=-1).to(dt).view(B, T * H, S)
-        o_lat = torch.bmm(p, c_kv)                                                    # [B, T*H, C]
+        o_lat = torch.bmm(p, latent[..., :C])                                         # [B, T*H, C]
         # W^UV after the weighted sum: per head [B*T, C] @ [C, V].
         o = torch.bmm(o_lat.view(B, T, H, C).permute(2, 0, 1, 3).reshape(H, B * T, C),
                       w_uv.to(dt).transpose(1, 2))
         return o.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)
-
-
-def _joint_latent(c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor | None:
-    """c_kv [B, S, C] and k_pe [B, S, R] as one [B, S, C + R] view when they are adjacent
-    columns of one buffer (same strides, k_pe starting right after c_kv's last column)."""
-    if (c_kv.stride() != k_pe.stride() or c_kv.stride(-1) != 1 or c_kv.dtype != k_pe.dtype
-            or k_pe.data_ptr() != c_kv.data_ptr() + c_kv.shape[-1] * c_kv.element_size()
-            or c_kv.stride(1) < c_kv.shape[-1] + k_pe.shape[-1]):
-        return None
-    B, S, C = c_kv.shape
-    return c_kv.as_strided((B, S, C + k_pe.shape[-1]), c_kv.stride())
