@@ -72,15 +72,15 @@ def held_out(data_dir: Path, tok) -> list[str]:
 @torch.inference_mode()
 def logits_of(model, docs, window: int, kv: str | None, n: int = 4) -> torch.Tensor:
     """Logits over the first window of n held-out documents (through a cache of the format)."""
-    from dsv2.eval.perplexity import _through_cache
+    from dsv2.eval.perplexity import through_cache
     x = torch.tensor([d.ids[:window] for d in docs if len(d.ids) >= window][:n])
-    return model(x, **_through_cache(model, x, kv))
+    return model(x, **through_cache(model, x, kv))
 
 
 @torch.inference_mode()
 def recall(model, docs, context: int, n: int, kv: str | None, span: int = 64) -> float:
     """Greedy accuracy on the second copy of a span repeated at the far end of the context."""
-    from dsv2.eval.perplexity import _through_cache
+    from dsv2.eval.perplexity import through_cache
     ids = [t for d in docs for t in d.ids]
     hits = total = 0
     for k in range(n):
@@ -88,7 +88,7 @@ def recall(model, docs, context: int, n: int, kv: str | None, span: int = 64) ->
         first = ids[a: a + span]
         filler = ids[(a + context) % (len(ids) - context):][: context - 2 * span]
         x = torch.tensor([first + filler + first])
-        logits = model(x, **_through_cache(model, x, kv))[0]
+        logits = model(x, **through_cache(model, x, kv))[0]
         start = span + len(filler)
         pred = logits[start: start + span - 1].argmax(-1)
         hits += int((pred == x[0, start + 1: start + span]).sum())
@@ -98,9 +98,8 @@ def recall(model, docs, context: int, n: int, kv: str | None, span: int = 64) ->
 
 def load(path, weights: str):
     from dsv2 import load_pretrained
-    from dsv2.quant import quantize
     w = None if weights == "auto" else weights
-    return quantize(load_pretrained(path, quantize="fp8" if w == "fp8" else None), w)
+    return load_pretrained(path, quantize=w)
 
 
 def main(argv=None) -> int:

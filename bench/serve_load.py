@@ -163,19 +163,24 @@ def show(s: dict) -> None:
           f"ITL ms p50/p90/p99 {f(s['itl_ms'])} | chunk gap p99 {s['chunk_gap_ms']['p99']:.1f} ms")
 
 
+def make_prompts(words: list[str], n: int, length: int) -> list[str]:
+    """n prompts of `length` words, each starting 7 words after the last (wrapping)."""
+    return [" ".join(words[(7 * i) % (len(words) - length):][:length]) for i in range(n)]
+
+
 def capacity(args, words: list[str]) -> int:
     """One cache budget, one server per format: concurrent sequences and aggregate tokens/s."""
     import torch
 
     from dsv2 import ModelConfig
-    from dsv2.engine.cache import bytes_per_token
+    from dsv2.engine.cache import bytes_per_token, slots_for
     formats = [f.strip() for f in args.capacity.split(",") if f.strip()]
     max_len = 4 * args.prompt_words + args.max_tokens + 16
     cfg = ModelConfig.from_preset(args.preset)
     per_token = {f: bytes_per_token(cfg, f, getattr(torch, args.dtype)) for f in formats}
-    slots = {f: int(args.kv_cache_mb * 2**20 // (max_len * per_token[f])) for f in formats}
+    slots = {f: slots_for(args.kv_cache_mb * 2**20, max_len, per_token[f]) for f in formats}
     clients = max(slots.values())
-    prompts = [" ".join(words[(7 * i) % (len(words) - args.prompt_words):][:args.prompt_words]) for i in range(clients)]
+    prompts = make_prompts(words, clients, args.prompt_words)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"{args.preset}-random"
@@ -212,8 +217,7 @@ def main(argv=None) -> int:
     words = (ROOT / "README.md").read_text().split()
     if args.capacity:
         return capacity(args, words)
-    prompts = [" ".join(words[(7 * i) % (len(words) - args.prompt_words):][:args.prompt_words])
-               for i in range(args.clients)]
+    prompts = make_prompts(words, args.clients, args.prompt_words)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"{args.preset}-random"

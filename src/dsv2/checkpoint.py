@@ -148,19 +148,18 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     quantize="fp8": the matrices quant/fp8.py lists stay float8 e4m3 with 128 x 128 block scales
     (an FP8 checkpoint's bytes as stored, a float one's quantized tensor by tensor). Without it an
     FP8 checkpoint is widened to `dtype` tensor by tensor (exactly its dequantized values).
+    quantize="int8": int8 rows (quant/int8.py), applied once the weights are loaded.
     heads: further tensors to fill by their HF key, e.g. {"score.weight": w} for a
     DeepseekV2ForSequenceClassification checkpoint (a reward model), which has no lm_head.
     """
-    from .quant import fp8
+    from .quant import check_quantize, fp8, quantize as quantize_model
     heads = heads or {}
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
     if dtype == "fp8":
         dtype, quantize = None, "fp8"
-    if quantize not in (None, "fp8"):
-        raise ValueError(f"load_pretrained quantizes to fp8 only (got {quantize!r}); int8 applies after "
-                         "loading (dsv2.quant.quantize).")
+    check_quantize(quantize)
     cfg = ModelConfig.from_json(path)
     block = fp8_block_size(path)
     dtype = parse_dtype(dtype) or _checkpoint_dtype(path)
@@ -237,7 +236,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         raise CheckpointError(f"tensor '{hf}' is missing from the checkpoint in {path} "
                               f"({len(missing)} missing in all).")
     model.rotary.inv_freq.copy_(type(model.rotary)(cfg).inv_freq.to(device))
-    return model.eval()
+    return quantize_model(model, "int8" if quantize == "int8" else None).eval()
 
 
 class _ScaleReader:

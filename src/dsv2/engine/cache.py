@@ -32,8 +32,6 @@ the same model would hold 2 x n_h x d_h per layer.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..config import ModelConfig
@@ -158,13 +156,18 @@ def cache_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(name or "auto", model_dtype)
 
 
+def _row(cfg: ModelConfig, fmt: KVFormat | None, kv_cache_dtype: str | None, model_dtype: torch.dtype):
+    """(elements of a layer's row for one position, their dtype): bytes when packed."""
+    if fmt is not None:
+        return fmt.row_bytes(), torch.uint8
+    return cfg.kv_lora_rank + cfg.qk_rope_head_dim, cache_dtype(kv_cache_dtype, model_dtype)
+
+
 def bytes_per_token(cfg: ModelConfig, kv_cache_dtype: str | None = None,
                     model_dtype: torch.dtype = torch.bfloat16) -> int:
     """Cache bytes one token takes across all layers (scales included)."""
-    fmt = kv_format(kv_cache_dtype, cfg)
-    row = fmt.row_bytes() if fmt else (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * \
-        cache_dtype(kv_cache_dtype, model_dtype).itemsize
-    return row * cfg.num_hidden_layers
+    n, dtype = _row(cfg, kv_format(kv_cache_dtype, cfg), kv_cache_dtype, model_dtype)
+    return n * dtype.itemsize * cfg.num_hidden_layers
 
 
 class LayerView:
@@ -196,12 +199,11 @@ class LatentCache:
             raise ValueError(f"a cache needs at least one slot and one position, got slots={slots}, "
                              f"max_len={max_len}.")
         self.fmt = kv_format(kv_cache_dtype, cfg)
-        self.kv_cache_dtype = self.fmt.name if self.fmt else str(cache_dtype(kv_cache_dtype, dtype)).split(".")[-1]
         self.slots, self.max_len = slots, max_len
-        self.dtype = torch.uint8 if self.fmt else cache_dtype(kv_cache_dtype, dtype)
+        row, self.dtype = _row(cfg, self.fmt, kv_cache_dtype, dtype)
+        self.kv_cache_dtype = self.fmt.name if self.fmt else str(self.dtype).split(".")[-1]
         C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.C, self.R = C, R
-        row = self.fmt.row_bytes() if self.fmt else C + R
         # One [slots, max_len, row] buffer per layer (unpacked: c^KV and k^R side by side, so
         # absorbed attention scores both terms with one bmm against the 576-wide rows).
         self.joint = [torch.zeros(slots, max_len, row, dtype=self.dtype, device=device)
@@ -223,8 +225,7 @@ class LatentCache:
 
     def widened(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s whole buffer as float32 [slots, max_len, C + R] (a copy; for tests and tools)."""
-        j = self.joint[layer]
-        return j.float() if self.fmt is None else self.fmt.decode(j, None if self.scales is None else self.scales[layer])
+        return self.layers()[layer].window(self.max_len, torch.float32).float()
 
     def bytes_per_token(self) -> int:
         """Row bytes x layers, scales included."""
@@ -256,6 +257,6 @@ def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
     return n
 
 
-def slots_for(budget_bytes: int, seq_len: int, per_token: int) -> int:
+def slots_for(budget_bytes: float, seq_len: int, per_token: int) -> int:
     """Sequences of seq_len positions a cache budget holds at per_token bytes each."""
-    return math.floor(budget_bytes / (seq_len * per_token))
+    return int(budget_bytes // (seq_len * per_token))

@@ -44,20 +44,19 @@ class LLM:
         from ..dtypes import parse_dtype
         dtype = parse_dtype(dtype)
         if isinstance(path_or_model, DeepseekV2):
-            model = path_or_model if dtype is None else path_or_model.to(dtype)
+            from ..quant import quantize as quantize_model
+            model = quantize_model(path_or_model if dtype is None else path_or_model.to(dtype), quantize)
             tok_dir = None
         elif isinstance(path_or_model, (str, Path)):
             from ..checkpoint import load_pretrained
             if not Path(path_or_model).is_dir():
                 raise FileNotFoundError(f"no checkpoint directory at {path_or_model}: give a folder with "
                                         "config.json and safetensors weights.")
-            model = load_pretrained(path_or_model, dtype=dtype, quantize="fp8" if quantize == "fp8" else None)
+            model = load_pretrained(path_or_model, dtype=dtype, quantize=quantize)
             tok_dir = path_or_model if (Path(path_or_model) / "tokenizer.json").exists() else None
         else:
             raise ValueError(f"LLM takes a checkpoint directory or a DeepseekV2 model, got "
                              f"{type(path_or_model).__name__}.")
-        from ..quant import quantize as quantize_model
-        model = quantize_model(model, quantize)
         self.model = model.eval()
         if tokenizer is None and tok_dir is not None:
             tokenizer = tok_dir

@@ -69,12 +69,12 @@ def score_windows(model, ids: list[int], max_len: int, stride: int, batch: int =
             same = [(x, y) for x, y in part if len(x) == length]
             x = torch.tensor([x for x, _ in same], device=device)
             y = torch.tensor([y for _, y in same], device=device)
-            nll += float(model(x, targets=y, **_through_cache(model, x, kv_cache_dtype)))
+            nll += float(model(x, targets=y, **through_cache(model, x, kv_cache_dtype)))
             n += int((y != IGNORE).sum())
     return nll, n
 
 
-def _through_cache(model, x: torch.Tensor, kv_cache_dtype: str | None) -> dict:
+def through_cache(model, x: torch.Tensor, kv_cache_dtype: str | None) -> dict:
     """forward() arguments that prefill x [B, T] into a fresh cache of that format (none: {})."""
     if kv_cache_dtype in (None, "auto"):
         return {}

@@ -33,15 +33,13 @@ def load_model(path, dtype=None, quantize: str | None = None):
     """A checkpoint directory -> (model in eval mode, its tokenizer); both are required.
     quantize: "int8" or "fp8" weights (dsv2.quant)."""
     from ..checkpoint import load_pretrained
-    from ..quant import quantize as quantize_model
     from ..tokenizer import load_tokenizer
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}: give a folder with config.json and weights.")
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: evaluation needs the model's tokenizer next to it.")
-    model = quantize_model(load_pretrained(path, dtype=dtype, quantize="fp8" if quantize == "fp8" else None),
-                           quantize).eval()
+    model = load_pretrained(path, dtype=dtype, quantize=quantize)
     return model, load_tokenizer(path, model.config.vocab_size)
 
 

@@ -13,15 +13,19 @@ from torch import nn
 from ..dtypes import QUANTIZE
 
 
+def check_quantize(kind: str | None) -> str | None:
+    if kind is not None and kind not in QUANTIZE:
+        raise ValueError(f"unknown quantize {kind!r}: use {' or '.join(QUANTIZE)}, or leave it out.")
+    return kind
+
+
 def quantize(model: nn.Module, kind: str | None) -> nn.Module:
-    """The one entry point of LLM, the server and the CLIs: None, "int8" (per-row, CPU) or "fp8"
-    (128 x 128 block-scaled e4m3). Returns the model (quantized in place)."""
-    if kind is None:
+    """Quantize a loaded model in place: None, "int8" (per-row, CPU) or "fp8" (128 x 128
+    block-scaled e4m3). Returns the model. (Loading from a checkpoint: load_pretrained(quantize=).)"""
+    if check_quantize(kind) is None:
         return model
     if kind == "int8":
         from .int8 import quantize_int8
         return quantize_int8(model)
-    if kind == "fp8":
-        from .fp8 import quantize_fp8
-        return quantize_fp8(model)
-    raise ValueError(f"unknown quantize {kind!r}: use {' or '.join(QUANTIZE)}, or leave it out.")
+    from .fp8 import quantize_fp8
+    return quantize_fp8(model)

@@ -102,9 +102,9 @@ class _KeepsFp8(nn.Module):
 class Fp8Linear(_KeepsFp8):
     """A bias-free linear layer holding `weight` (e4m3) and `weight_scale_inv` (its block scales)."""
 
-    def __init__(self, in_features: int, out_features: int, block=BLOCK, dtype=torch.bfloat16, device=None):
+    def __init__(self, in_features: int, out_features: int, block=BLOCK, device=None):
         super().__init__()
-        self.in_features, self.out_features, self.block, self.dtype = in_features, out_features, tuple(block), dtype
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8, device=device))
         self.register_buffer("weight_scale_inv", torch.empty(scale_shape((out_features, in_features), block),
                                                              dtype=torch.float32, device=device))
@@ -113,7 +113,7 @@ class Fp8Linear(_KeepsFp8):
     def from_linear(cls, linear: nn.Linear, block=BLOCK) -> "Fp8Linear":
         if linear.bias is not None:
             raise ValueError("Fp8Linear takes bias-free layers (DeepSeek-V2 has no biases).")
-        m = cls(linear.in_features, linear.out_features, block, linear.weight.dtype, linear.weight.device)
+        m = cls(linear.in_features, linear.out_features, block, linear.weight.device)
         if linear.weight.device.type != "meta":
             q, s = quantize_blocks(linear.weight, block)
             m.weight.copy_(q)
@@ -140,9 +140,9 @@ class Fp8GroupedExperts(_KeepsFp8, ExpertLoop):
     `down_proj` [E, D, I], each with `*_scale_inv` block scales. Run expert by expert, each
     expert's weights widened for its matmul."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int, block=BLOCK, dtype=torch.bfloat16, device=None):
+    def __init__(self, n_experts: int, dim: int, hidden: int, block=BLOCK, device=None):
         nn.Module.__init__(self)
-        self.hidden, self.block, self.dtype = hidden, tuple(block), dtype
+        self.hidden, self.block = hidden, tuple(block)
         self.register_buffer("gate_up_proj", torch.empty(n_experts, 2 * hidden, dim, dtype=FP8, device=device))
         self.register_buffer("gate_up_proj_scale_inv", torch.empty(
             n_experts, 2 * _blocks(hidden, block[0]), _blocks(dim, block[1]), device=device))
@@ -153,7 +153,7 @@ class Fp8GroupedExperts(_KeepsFp8, ExpertLoop):
     @classmethod
     def from_experts(cls, ex: GroupedExperts, block=BLOCK) -> "Fp8GroupedExperts":
         E, two_i, D = ex.gate_up_proj.shape
-        m = cls(E, D, two_i // 2, block, ex.gate_up_proj.dtype, ex.gate_up_proj.device)
+        m = cls(E, D, two_i // 2, block, ex.gate_up_proj.device)
         if ex.gate_up_proj.device.type != "meta":
             for name, (q, s) in (("gate_up_proj", quantize_stacked(ex.gate_up_proj, two_i // 2, block)),
                                  ("down_proj", quantize_blocks(ex.down_proj, block))):

@@ -94,7 +94,7 @@ class NativeDecoder:
                     K=cfg.num_experts_per_tok or 0, n_group=cfg.n_group or 1, topk_group=cfg.topk_group or 1,
                     group_limited=int(cfg.topk_method == "group_limited_greedy"),
                     norm_topk=int(bool(cfg.norm_topk_prob)), vocab=cfg.vocab_size,
-                    fp8_bn=fp8_block(model)[0], fp8_bk=fp8_block(model)[1])
+                    **dict(zip(("fp8_bn", "fp8_bk"), fp8_block(model))))
         floats = dict(eps=cfg.rms_norm_eps, scale=model.layers[0].self_attn.scale,
                       routed_scaling=float(cfg.routed_scaling_factor), rope_amp=model.rotary.amplitude)
         self.ints, self.floats = [ints[n] for n in int_names], [float(floats[n]) for n in float_names]

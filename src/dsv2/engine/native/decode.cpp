@@ -164,43 +164,7 @@ static inline const float *fp8_scales(const Mat *W, int64_t r) {
     return W->scale + blk * W->nbk;
 }
 
-/* Cached row r of a KV_ type widened to float32 in out (cols values: c^KV then k^R). */
-static void kv_row(const Mat *W, int64_t r, float *out) {
-    const uint8_t *p = (const uint8_t *)W->w + r * W->stride;
-    const int n = W->cols;
-    if (W->type == KV_FP8 || W->type == KV_I8) {
-        float s;
-        if (W->type == KV_FP8) s = W->scale[0];
-        else memcpy(&s, p + (n + 3) / 4 * 4, 4);
-        v8f sv = {s, s, s, s, s, s, s, s};
-        int k = 0;
-        if (W->type == KV_FP8) {
-            v8f sr = sv * 256.0f;
-            for (; k + 8 <= n; k += 8) st(out + k, ld_e4m3_raw(p + k) * sr);
-            for (; k < n; k++) out[k] = e4m3_to_f32(p[k]) * s;
-        } else {
-            for (; k + 8 <= n; k += 8) st(out + k, ld_i8((const int8_t *)p + k) * sv);
-            for (; k < n; k++) out[k] = (float)(int8_t)p[k] * s;
-        }
-    } else {   /* KV_MIX */
-        const int C = W->split;
-        const uint8_t *sc = p + C / 2, *pe = sc + C / 16;
-        for (int g = 0; g < C / 32; g++) {   /* group g: bytes 16g..16g+15, values 0-15 low nibbles, 16-31 high */
-            float s = bf16_to_f32((uint16_t)(sc[2 * g] | sc[2 * g + 1] << 8));
-            v8f sv = {s, s, s, s, s, s, s, s};
-            const uint8_t *b = p + g * 16;
-            float *o = out + g * 32;
-            st(o, ld_nib(b, 0) * sv); st(o + 8, ld_nib(b + 8, 0) * sv);
-            st(o + 16, ld_nib(b, 1) * sv); st(o + 24, ld_nib(b + 8, 1) * sv);
-        }
-        const uint16_t *pe16 = (const uint16_t *)pe;   /* at an even byte offset */
-        int k = 0;
-        for (; k + 8 <= n - C; k += 8) st(out + C + k, ld_bf16(pe16 + k));
-        for (; k < n - C; k++) out[C + k] = bf16_to_f32(pe16[k]);
-    }
-}
-
-/* Columns [c0, c0 + n) of cached row r (within c^KV; c0 and n multiples of 8 for KV_MIX). */
+/* Columns [c0, c0 + n) of cached row r (KV_MIX: within c^KV, c0 and n multiples of 8). */
 static void kv_cols(const Mat *W, int64_t r, int c0, int n, float *out) {
     if (W->type == F32) { memcpy(out, (const float *)W->w + r * W->stride + c0, n * sizeof(float)); return; }
     int c = 0;
@@ -231,6 +195,18 @@ static void kv_cols(const Mat *W, int64_t r, int c0, int n, float *out) {
             st(out + c, ld_nib(p + g * 16 + k % 16, (k % 32) >= 16) * sv);
         }
     }
+}
+
+
+/* Cached row r of a KV_ type widened to float32 in out (cols values: c^KV then k^R). */
+static void kv_row(const Mat *W, int64_t r, float *out) {
+    if (W->type != KV_MIX) { kv_cols(W, r, 0, W->cols, out); return; }
+    const int C = W->split;
+    kv_cols(W, r, 0, C, out);
+    const uint16_t *pe = (const uint16_t *)((const uint8_t *)W->w + r * W->stride + C / 2 + C / 16);   /* k^R, bf16 */
+    int k = 0;
+    for (; k + 8 <= W->cols - C; k += 8) st(out + C + k, ld_bf16(pe + k));
+    for (; k < W->cols - C; k++) out[C + k] = bf16_to_f32(pe[k]);
 }
 
 /* The new position's row (float32 x: c^KV then k^R) written in the cache's format; engine/cache.py

@@ -267,11 +267,6 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     return logits;
 }
 
-// The cache formats the step reads, by name (engine/cache.py's names) and code.
-std::tuple<std::vector<std::string>, std::vector<int64_t>> cache_formats() {
-    return {{"float32", "bfloat16", "fp8", "int8", "mixed"}, {F32, BF16, KV_FP8, KV_I8, KV_MIX}};
-}
-
 std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
 layout() {
     return {GLOBAL_NAMES, SLOT_NAMES, INT_NAMES, FLOAT_NAMES};
@@ -284,7 +279,6 @@ TORCH_LIBRARY(dsv2, m) {
           "Tensor(a!)[] cache, int cache_format, Tensor? cache_scale, Tensor(b!) work) -> Tensor");
     m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch, int kv_len) -> int");
     m.def("layout() -> (str[], str[], str[], str[])", &layout);
-    m.def("cache_formats() -> (str[], int[])", &cache_formats);
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CPU, m) {
