@@ -18,11 +18,11 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
@@ -138,22 +138,11 @@ def fp8_block_size(path: Path) -> tuple[int, int] | None:
     return tuple(block)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu", heads: dict[str, torch.Tensor] | None = None,
-                    quantize: str | None = None) -> DeepseekV2:
-    """Load a Hugging Face DeepSeek-V2 directory; returns the model in eval mode.
-
-    dtype: the parameters' dtype (default: the checkpoint's own `torch_dtype`); "fp8" is short
-    for quantize="fp8" with the checkpoint's dtype for the rest.
-    quantize="fp8": the matrices quant/fp8.py lists stay float8 e4m3 with 128 x 128 block scales
-    (an FP8 checkpoint's bytes as stored, a float one's quantized tensor by tensor). Without it an
-    FP8 checkpoint is widened to `dtype` tensor by tensor (exactly its dequantized values).
-    quantize="int8": int8 rows (quant/int8.py), applied once the weights are loaded.
-    heads: further tensors to fill by their HF key, e.g. {"score.weight": w} for a
-    DeepseekV2ForSequenceClassification checkpoint (a reward model), which has no lm_head.
-    """
-    from .quant import check_quantize, fp8, quantize as quantize_model
-    heads = heads or {}
+def empty_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                quantize: str | None = None) -> tuple[DeepseekV2, torch.dtype]:
+    """The model a checkpoint loads into, on the meta device (no memory), already quantized as
+    asked; and its float dtype. What load_pretrained fills, and what the memory pre-flight counts."""
+    from .quant import check_quantize, fp8, int8
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
@@ -167,10 +156,50 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         model = DeepseekV2(cfg).to(dtype)
         if quantize == "fp8":
             fp8.to_fp8(model, block or fp8.BLOCK)
+        elif quantize == "int8":
+            int8.quantize_int8(model)
+    return model, dtype
+
+
+def checkpoint_tensors(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """HF key -> (safetensors dtype, shape, bytes) of every tensor, from the shard headers alone."""
+    out = {}
+    for file in _shard_files(Path(path)):
+        with _Shard(file) as f:
+            for key, h in f.header.items():
+                out[key] = (h["dtype"], tuple(h["shape"]), h["data_offsets"][1] - h["data_offsets"][0])
+    return out
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu", heads: dict[str, torch.Tensor] | None = None,
+                    quantize: str | None = None) -> DeepseekV2:
+    """Load a Hugging Face DeepSeek-V2 directory; returns the model in eval mode.
+
+    dtype: the parameters' dtype (default: the checkpoint's own `torch_dtype`); "fp8" is short
+    for quantize="fp8" with the checkpoint's dtype for the rest.
+    quantize="fp8": the matrices quant/fp8.py lists stay float8 e4m3 with 128 x 128 block scales
+    (an FP8 checkpoint's bytes as stored, a float one's quantized tensor by tensor). Without it an
+    FP8 checkpoint is widened to `dtype` tensor by tensor (exactly its dequantized values).
+    quantize="int8": int8 rows with a scale each (quant/int8.py), rounded as each tensor is read.
+    Either way the float model is never held whole: peak memory is the quantized model plus one
+    checkpoint tensor (what lets DeepSeek-V2-Lite's 31 GB of bf16 load in 24 GB).
+    heads: further tensors to fill by their HF key, e.g. {"score.weight": w} for a
+    DeepseekV2ForSequenceClassification checkpoint (a reward model), which has no lm_head.
+    """
+    from .quant import fp8, int8
+    heads = heads or {}
+    path = Path(path)
+    model, dtype = empty_model(path, dtype, quantize)
+    cfg, block = model.config, fp8_block_size(path)
     model = model.to_empty(device=device)
     block = block or fp8.BLOCK
     params = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if b.dtype == fp8.FP8}
     buffers = dict(model.named_buffers())
+    row_scales = {}   # int8 matrices, under the name of the float weight they stand for -> their row scales
+    for prefix, m in model.named_modules():
+        for weight, q, s in int8.quantized_weights(m):
+            params[f"{prefix}.{weight}"], row_scales[f"{prefix}.{weight}"] = q, s
     # Track what has been filled; stacked experts are filled one expert-part at a time.
     expected: set[tuple[str, str | None, int | None]] = set()
     for name, p in params.items():
@@ -185,12 +214,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     scales = _ScaleReader(files)
     with torch.no_grad():
         for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with _Shard(file) as f:
                 for key in f.keys():
                     if _IGNORED.search(key) or key.endswith("weight_scale_inv"):
                         continue   # scales are read with their weights
                     if key in heads:
-                        shape = tuple(f.get_slice(key).get_shape())
+                        shape = f.shape(key)
                         if shape != tuple(heads[key].shape):
                             raise CheckpointError(f"tensor '{key}' in {file.name} has shape {list(shape)}, but this "
                                                   f"model needs {list(heads[key].shape)}: the file belongs to another model.")
@@ -201,7 +230,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                     if name not in params:
                         raise CheckpointError(f"unexpected tensor '{key}' in {file.name}: this config has no '{name}'.")
                     target = _target_view(params[name], part, e)
-                    shape = tuple(f.get_slice(key).get_shape())
+                    shape = f.shape(key)
                     if shape != tuple(target.shape):
                         raise CheckpointError(f"tensor '{key}' in {file.name} has shape {list(shape)}, but the config "
                                               f"expects {list(target.shape)}: config.json and the weights disagree.")
@@ -213,6 +242,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                     if target.dtype == fp8.FP8:
                         _fill_fp8(target, _target_view(buffers[f"{name}_scale_inv"], part, e), t, scale, block,
                                   split=target.shape[-2] // 2 if part is None and name.endswith("gate_up_proj") else None)
+                    elif target.dtype == torch.int8:
+                        w = t.to(dtype) if scale is None else fp8.dequantize_blocks(t, scale, block, dtype)
+                        q, s = int8.quantize_rows(w)
+                        target.copy_(q)
+                        _target_view(row_scales[name], part, e).copy_(s)
                     elif scale is not None:
                         target.copy_(fp8.dequantize_blocks(t, scale, block, target.dtype))
                     else:
@@ -236,7 +270,63 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         raise CheckpointError(f"tensor '{hf}' is missing from the checkpoint in {path} "
                               f"({len(missing)} missing in all).")
     model.rotary.inv_freq.copy_(type(model.rotary)(cfg).inv_freq.to(device))
-    return quantize_model(model, "int8" if quantize == "int8" else None).eval()
+    return model.eval()
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8,
+                       "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                       "BOOL": torch.bool}
+
+
+class _Shard:
+    """One safetensors file, each tensor read into its own memory with a plain read.
+
+    safetensors' safe_open maps the file instead, and every page a read touches stays in this
+    process's resident set until the file is closed: loading a 5 GB shard would add 5 GB to the
+    peak, which decides whether a 31 GB checkpoint can be stream-quantized in 24 GB. The format
+    is an 8-byte header length, a JSON header of dtype / shape / data_offsets, then the bytes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "rb")
+        try:
+            n = struct.unpack("<Q", self.f.read(8))[0]
+            self.header = json.loads(self.f.read(n))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            self.f.close()
+            raise CheckpointError(f"{path} is not a safetensors file (its header does not parse: {e}).") from None
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        h = self.header[key]
+        if h["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor '{key}' in {self.path.name} has dtype {h['dtype']}, which dsv2 does not read.")
+        t = torch.empty(h["shape"], dtype=_SAFETENSORS_DTYPES[h["dtype"]])
+        begin, end = h["data_offsets"]
+        nbytes = t.numel() * t.element_size()
+        if end - begin != nbytes:
+            raise CheckpointError(f"tensor '{key}' in {self.path.name} spans {end - begin} bytes but its shape "
+                                  f"{h['shape']} in {h['dtype']} needs {nbytes}: the file is corrupt.")
+        if nbytes:
+            self.f.seek(self.base + begin)
+            if self.f.readinto(t.view(-1).view(torch.uint8).numpy()) != nbytes:
+                raise CheckpointError(f"{self.path} ends inside tensor '{key}': the file is truncated "
+                                      "(an interrupted download?).")
+        return t
 
 
 class _ScaleReader:
@@ -245,7 +335,7 @@ class _ScaleReader:
     def __init__(self, files: list[Path]):
         self.scales: dict[str, torch.Tensor] = {}   # all of them: 1/16384 of the weights' elements
         for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with _Shard(file) as f:
                 self.scales.update({k: f.get_tensor(k) for k in f.keys() if k.endswith("weight_scale_inv")})
 
     def get(self, key: str, weight: torch.Tensor, block) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     dsv2 info --preset deepseek-v2            parameters, FLOPs and KV-cache bytes of a config
     dsv2 info --preset deepseek-v2 --kv-cache-dtype fp8 --compare-mha   ... in a cache format, beside GQA / MHA
+    dsv2 info --model DIR --quantize int8 --max-len 4096 --slots 8       ... and the memory pre-flight
     dsv2 convert SRC DST --dtype bfloat16     rewrite a checkpoint as a Hugging Face directory (--dtype fp8:
                                               DeepSeek's block-scaled FP8 format)
     dsv2 demo                                 the main job on its embedded default (see README)
@@ -17,7 +18,7 @@ import importlib
 import os
 import sys
 
-from .dtypes import KV_CACHE_DTYPES
+from .dtypes import KV_CACHE_DTYPES, QUANTIZE
 from .options import add_dtype
 
 # verb -> module defining add_parser(subparsers). Order is the order of `dsv2 --help`.
@@ -54,6 +55,11 @@ def _add_info(sub) -> None:
     p.add_argument("--compare-mha", action="store_true",
                    help="also print the KV bytes per token beside DeepSeek 67B's GQA cache and an MHA cache "
                         "of this model's own heads, in every cache format (the paper's comparison)")
+    plan = p.add_argument_group("memory pre-flight (with --model): what loading and serving it takes, against "
+                                "the memory available now")
+    plan.add_argument("--quantize", choices=QUANTIZE, default=None, help="int8 or fp8 weights (as generate/serve)")
+    plan.add_argument("--max-len", type=int, default=4096, help="positions per sequence in the cache (default 4096)")
+    plan.add_argument("--slots", type=int, default=1, help="sequences held at once (default 1)")
     p.set_defaults(func=_info)
 
 
@@ -75,6 +81,9 @@ def _info(args) -> int:
     print(model.summary(dtype, kv_cache=(bytes_per_token(cfg, kv, dtype), kv)))
     if args.compare_mha:
         print(_kv_table(cfg))
+    if args.model:
+        from .engine.memory import plan_memory
+        print(plan_memory(args.model, dtype, args.quantize, args.max_len, args.slots, args.kv_cache_dtype).table())
     return 0
 
 
@@ -167,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .engine.memory import return_freed_memory
+    return_freed_memory()   # large temporaries go back to the system (engine/memory.py)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -20,7 +20,7 @@ def add_dtype(p, default: str | None = None, meaning: str = "the checkpoint's") 
 
 def add_native(p) -> None:
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode through the fused CPU step (engine/native); --no-native: PyTorch ops "
+                   help="decode through the fused CPU step (native); --no-native: PyTorch ops "
                         "(default: fused where it can be built)")
 
 

@@ -1,4 +1,4 @@
-"""The fused decode step (engine/native, the torch.ops.dsv2.decode_step operator) against the PyTorch
+"""The fused decode step (native, the torch.ops.dsv2.decode_step operator) against the PyTorch
 absorbed decode step: same inputs, same cache, logits within 1e-4 (float32), across the model
 variants and every dtype it reads; its checks, fallbacks and torch.compile composition."""
 
@@ -16,7 +16,7 @@ import dsv2
 from dsv2.engine import Engine, Request, SamplingParams
 from dsv2.engine.cache import LatentCache
 from dsv2.engine.decode import DecodeStep
-from dsv2.engine.native import NativeDecoder, build
+from dsv2.native import NativeDecoder, build
 from dsv2.quant.int8 import quantize_int8
 
 import _tiny

@@ -130,7 +130,7 @@ def weight_bytes_per_step(model, B: int) -> float:
     E (1 - (1 - K/E)^B) of E."""
     cfg = model.config
     total = 0
-    for name, p in model.named_parameters():
+    for name, p in model.state_dict().items():   # parameters and quantized matrices with their scales
         if name.startswith("embed_tokens"):
             total += B * p.shape[1] * p.element_size()
         elif ".experts." in name and "shared" not in name:

@@ -25,7 +25,7 @@ PASSIVE keeps other jobs on the same cores from stalling them. Measured per engi
   is expected to touch under uniform routing, E(1 - (1 - K/E)^B)) over the measured copy
   bandwidth, times B.
 
-Decode runs through the fused CPU step (engine/native) unless --no-native; the row says which.
+Decode runs through the fused CPU step (native) unless --no-native; the row says which.
 Measured figures, with their date and CPU, and what bounds each of them, are in the README
 ("Generation").
 """

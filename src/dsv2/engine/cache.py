@@ -22,7 +22,7 @@ scale is one float per layer (1.0 unless set: c^KV is RMS-normed, so its values 
 inside e4m3's +-448); values beyond the range are clamped.
 
 Rows are written here (prefill, through `LayerView.store`) and by the fused decode step
-(engine/native/decode.cpp's kv_store) with the same rounding. The fused step reads the stored
+(native/decode.cpp's kv_store) with the same rounding. The fused step reads the stored
 rows directly; the PyTorch path (GPU, or the fused step switched off) widens the attended
 window of one layer at a time for the step that reads it, and keeps nothing.
 

@@ -31,14 +31,20 @@ def _sampling(args) -> dict:
                 top_p=args.top_p, seed=args.seed, stop=args.stop)
 
 
-def _load(args):
+def _load(args, slots: int):
     import torch
 
     from .llm import LLM
     if args.threads:
         torch.set_num_threads(args.threads)
     return LLM(args.model, dtype=args.dtype, compile=args.compile, quantize=args.quantize, native=args.native,
-               kv_cache_dtype=args.kv_cache_dtype)
+               kv_cache_dtype=args.kv_cache_dtype, max_len=args.max_len, max_batch_slots=slots)
+
+
+def _max_len_arg(p) -> None:
+    p.add_argument("--max-len", type=int, default=None,
+                   help="longest sequence (prompt + new tokens) to hold; the memory pre-flight sizes the cache "
+                        "by it (default: the model's context, planned at 4,096)")
 
 
 def add_parser(sub) -> None:
@@ -50,6 +56,7 @@ def add_parser(sub) -> None:
     g.add_argument("--file", help="read prompts from this file, one per line")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt at a time)")
     _sampling_args(g)
+    _max_len_arg(g)
     add_dtype(g)
     add_runtime(g)
     g.set_defaults(func=_generate)
@@ -60,6 +67,7 @@ def add_parser(sub) -> None:
     c.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     c.add_argument("--system", default=None, help="a system message")
     _sampling_args(c)
+    _max_len_arg(c)
     add_dtype(c)
     add_runtime(c)
     c.set_defaults(func=_chat)
@@ -74,7 +82,7 @@ def _generate(args) -> int:
         prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompts: give them as arguments or with --file.")
-    llm = _load(args)
+    llm = _load(args, slots=min(len(prompts), 16))
     t = time.perf_counter()
     if args.stream:
         n = 0
@@ -100,8 +108,8 @@ def _generate(args) -> int:
 
 def _chat(args) -> int:
     from .chat import ChatSession, repl
-    llm = _load(args)
-    session = ChatSession(llm, system=args.system)
+    llm = _load(args, slots=1)
+    session = ChatSession(llm, system=args.system, max_len=args.max_len)
     if sys.stdin.isatty():
         print("dsv2 chat: /clear forgets the conversation, /exit leaves.", file=sys.stderr)
     return repl(session, _sampling(args))

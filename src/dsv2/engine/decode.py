@@ -3,7 +3,7 @@
 Kept apart from the engine's bookkeeping: its inputs are a [B, 1] token tensor, the slots'
 positions and the attended length, and it returns [B, V] logits.
 
-On CPU the step runs by default as one call into the fused C decode step (engine/native),
+On CPU the step runs by default as one call into the fused C decode step (native),
 the same math with float32 activations, 2-5x faster than the eager step on the project's
 machine; `native=False` (or DSV2_NATIVE=0) keeps PyTorch ops, and where it cannot be built
 (no C compiler) or does not apply (GPU, biases) PyTorch ops are used with a one-line notice
@@ -23,7 +23,7 @@ import sys
 import torch
 
 from ..model.attention import KVStep
-from . import native as nat
+from .. import native as nat
 
 
 class DecodeStep:

@@ -13,7 +13,7 @@ API (stable; the OpenAI-compatible server builds continuous batching on it)
         compile: torch.compile the decode step (opt-in, see engine/decode.py; a one-line
         notice on stderr when it falls back to eager). prefill_chunk (default 2048): prompts
         longer than this are prefilled in chunks of this many tokens, bounding prefill memory.
-        native: decode with the fused C step (engine/native) - None: wherever it applies (CPU,
+        native: decode with the fused C step (native) - None: wherever it applies (CPU,
         a C compiler present); True: require it (ValueError saying why not); False: PyTorch ops.
         kv_cache_dtype: the cache's format - None/"auto" (the model's dtype), "bfloat16",
         "float32", "fp8", "int8" or "mixed" (~5.8 bits per element; engine/cache.py).
@@ -64,7 +64,8 @@ import torch
 
 from ..model.attention import KVStep
 from ..model.precision import cpu_has_fast_bf16, float32_matmuls
-from .cache import LatentCache, common_prefix
+from .cache import LatentCache, bytes_per_token, common_prefix
+from .memory import check_cache_fits
 from .sampling import SamplingParams, is_token_id, sample, token_logprobs
 from .text import TextStream
 
@@ -127,6 +128,9 @@ class Engine:
                              f"(max_position_embeddings = {cfg.max_position_embeddings}).")
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            check_cache_fits(max_batch_slots * self.max_len * bytes_per_token(cfg, kv_cache_dtype, dtype),
+                             max_batch_slots, self.max_len)
         self.cache = LatentCache(cfg, max_batch_slots, self.max_len, dtype, self.device, kv_cache_dtype)
         self.slots = max_batch_slots
         self.seqs: dict[int, _Seq] = {}

@@ -52,6 +52,8 @@ class LLM:
             if not Path(path_or_model).is_dir():
                 raise FileNotFoundError(f"no checkpoint directory at {path_or_model}: give a folder with "
                                         "config.json and safetensors weights.")
+            from .memory import preflight
+            preflight(path_or_model, dtype, quantize, max_len or 4096, max_batch_slots, kv_cache_dtype)
             model = load_pretrained(path_or_model, dtype=dtype, quantize=quantize)
             tok_dir = path_or_model if (Path(path_or_model) / "tokenizer.json").exists() else None
         else:

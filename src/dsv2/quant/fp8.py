@@ -13,7 +13,7 @@ not: embeddings, norms, the router and the LM head, as in DeepSeek's checkpoints
 as W^UK and W^UV); a checkpoint keeps it in float8.
 
 How it computes (no widened copy of the whole model is ever made):
-- CPU decode: the fused decode step (engine/native) reads the e4m3 bytes and block scales in
+- CPU decode: the fused decode step (native) reads the e4m3 bytes and block scales in
   its inner loop (one multiply per 128 products), with float32 activations.
 - CPU prefill, or decode through PyTorch ops: one layer's weight is widened to the
   activations' dtype for the matmul that uses it, then dropped.

@@ -41,16 +41,20 @@ def build_server(model_path, tokenizer_path=None, *, dtype=None, slots: int = 16
     if not (tok_path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json in {tok_path}: the server needs the model's tokenizer; "
                                 "pass --tokenizer DIR.")
-    model = load_pretrained(model_path, dtype=parse_dtype(dtype), quantize=quantize)
-    tokenizer = load_tokenizer(tok_path, model.config.vocab_size)
+    from ..checkpoint import empty_model
+    from ..engine.memory import preflight
+    meta, float_dtype = empty_model(model_path, parse_dtype(dtype), quantize)
+    length = max_len or min(meta.config.max_position_embeddings, 2048)   # the Engine's default
     if kv_cache_gb is not None:   # as many slots of max_len positions as the budget holds in this format
         from ..engine.cache import bytes_per_token, slots_for
-        length = max_len or min(model.config.max_position_embeddings, 2048)
-        per_token = bytes_per_token(model.config, kv_cache_dtype, next(model.parameters()).dtype)
+        per_token = bytes_per_token(meta.config, kv_cache_dtype, float_dtype)
         slots = slots_for(kv_cache_gb * 2**30, length, per_token)
         if slots < 1:
             raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds no sequence of {length} positions at "
                              f"{per_token:,} bytes/token: raise it or lower --max-len.")
+    preflight(model_path, parse_dtype(dtype), quantize, length, slots, kv_cache_dtype)
+    model = load_pretrained(model_path, dtype=parse_dtype(dtype), quantize=quantize)
+    tokenizer = load_tokenizer(tok_path, model.config.vocab_size)
     engine = Engine(model, tokenizer, max_batch_slots=slots, max_len=max_len, compile=compile, native=native,
                     kv_cache_dtype=kv_cache_dtype)
     scheduler = Scheduler(engine, max_queue=max_queue, prefill_budget=prefill_budget)

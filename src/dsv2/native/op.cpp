@@ -5,6 +5,7 @@
 //   decode_step(weights, ints, floats, tokens, positions, kv_len, cache, work) -> logits [B, vocab]
 //   work_floats(weights, ints, floats, batch, kv_len) -> floats of `work` that step needs
 //   layout() -> the names of the weight slots (model-wide, then per layer) and of the numbers
+//   quantize_rows_int8(w) -> (int8 rows, bf16 scales), as quant/int8.py's quantize_rows
 //
 // `weights` is one flat list: the model-wide slots, then each layer's; a matrix slot is followed
 // by its int8 row scales (None for float weights). Python builds the list from layout(), so the
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -267,6 +269,46 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     return logits;
 }
 
+// int8 rows as quant/int8.py's quantize_rows rounds them, fused: per row s = bf16(max|w| / 127) and
+// q = clamp(round_half_even(w / s), -127, 127), the division in float32. One read for the max and
+// one for the codes, where the PyTorch ops make seven passes: loading V2-Lite rounds 15.7B weights.
+template <typename T>
+void quantize_rows_impl(const T *w, int8_t *q, c10::BFloat16 *scale, int64_t rows, int64_t cols) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r++) {
+            const T *x = w + r * cols;
+            float amax = 0.f;
+            for (int64_t k = 0; k < cols; k++) amax = std::max(amax, std::abs((float)x[k]));
+            const c10::BFloat16 s = c10::BFloat16(std::max(amax / 127.f, 1e-12f));
+            const float sf = (float)s;
+            int8_t *out = q + r * cols;
+            for (int64_t k = 0; k < cols; k++)
+                out[k] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint((float)x[k] / sf)));
+            scale[r] = s;
+        }
+    });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor &w) {
+    TORCH_CHECK_VALUE(w.dim() >= 1 && w.device().is_cpu(), "quantize_rows_int8: a CPU tensor of rows, got ",
+                      w.sizes(), " on ", w.device(), ".");
+    const at::Tensor x = w.contiguous();
+    const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
+    at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+    std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+    at::Tensor scale = at::empty(lead, x.options().dtype(at::kBFloat16));
+    auto *qp = q.mutable_data_ptr<int8_t>();
+    auto *sp = scale.mutable_data_ptr<c10::BFloat16>();
+    switch (x.scalar_type()) {
+        case at::kFloat: quantize_rows_impl(x.const_data_ptr<float>(), qp, sp, rows, cols); break;
+        case at::kBFloat16: quantize_rows_impl(x.const_data_ptr<c10::BFloat16>(), qp, sp, rows, cols); break;
+        case at::kHalf: quantize_rows_impl(x.const_data_ptr<c10::Half>(), qp, sp, rows, cols); break;
+        default: TORCH_CHECK_VALUE(false, "quantize_rows_int8: float32, bfloat16 or float16 weights, got ",
+                                   x.scalar_type(), ".");
+    }
+    return {q, scale};
+}
+
 std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
 layout() {
     return {GLOBAL_NAMES, SLOT_NAMES, INT_NAMES, FLOAT_NAMES};
@@ -279,10 +321,12 @@ TORCH_LIBRARY(dsv2, m) {
           "Tensor(a!)[] cache, int cache_format, Tensor? cache_scale, Tensor(b!) work) -> Tensor");
     m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch, int kv_len) -> int");
     m.def("layout() -> (str[], str[], str[], str[])", &layout);
+    m.def("quantize_rows_int8(Tensor w) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CPU, m) {
     m.impl("decode_step", &decode_step);
+    m.impl("quantize_rows_int8", &quantize_rows_int8);
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CompositeExplicitAutograd, m) {

@@ -166,7 +166,7 @@ class NativeDecoder:
         return d
 
     def _experts(self, mlp: nn.Module) -> dict:
-        from ...model.moe import LocalDispatcher
+        from ..model.moe import LocalDispatcher
         if not isinstance(mlp.dispatcher, LocalDispatcher):
             raise Unsupported("expert-parallel MoE layers decode with PyTorch ops")
         ex = mlp.experts
