@@ -139,7 +139,7 @@ def fp8_block_size(path: Path) -> tuple[int, int] | None:
 
 
 def empty_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                quantize: str | None = None) -> tuple[DeepseekV2, torch.dtype]:
+                quantize: str | None = None, config: ModelConfig | None = None) -> tuple[DeepseekV2, torch.dtype]:
     """The model a checkpoint loads into, on the meta device (no memory), already quantized as
     asked; and its float dtype. What load_pretrained fills, and what the memory pre-flight counts."""
     from .quant import check_quantize, fp8, int8
@@ -149,7 +149,7 @@ def empty_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if dtype == "fp8":
         dtype, quantize = None, "fp8"
     check_quantize(quantize)
-    cfg = ModelConfig.from_json(path)
+    cfg = config if config is not None else ModelConfig.from_json(path)
     block = fp8_block_size(path)
     dtype = parse_dtype(dtype) or _checkpoint_dtype(path)
     with torch.device("meta"):
@@ -173,7 +173,7 @@ def checkpoint_tensors(path: str | os.PathLike) -> dict[str, tuple[str, tuple[in
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu", heads: dict[str, torch.Tensor] | None = None,
-                    quantize: str | None = None) -> DeepseekV2:
+                    quantize: str | None = None, config: ModelConfig | None = None) -> DeepseekV2:
     """Load a Hugging Face DeepSeek-V2 directory; returns the model in eval mode.
 
     dtype: the parameters' dtype (default: the checkpoint's own `torch_dtype`); "fp8" is short
@@ -186,11 +186,13 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     checkpoint tensor (what lets DeepSeek-V2-Lite's 31 GB of bf16 load in 24 GB).
     heads: further tensors to fill by their HF key, e.g. {"score.weight": w} for a
     DeepseekV2ForSequenceClassification checkpoint (a reward model), which has no lm_head.
+    config: the model's config instead of config.json's, for one that changes no weight's shape
+    (a context extension's rope_scaling; every tensor's shape is still checked).
     """
     from .quant import fp8, int8
     heads = heads or {}
     path = Path(path)
-    model, dtype = empty_model(path, dtype, quantize)
+    model, dtype = empty_model(path, dtype, quantize, config)
     cfg, block = model.config, fp8_block_size(path)
     model = model.to_empty(device=device)
     block = block or fp8.BLOCK

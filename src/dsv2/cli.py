@@ -176,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from .engine.memory import return_freed_memory
-    return_freed_memory()   # large temporaries go back to the system (engine/memory.py)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, KeyError) as e:

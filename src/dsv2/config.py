@@ -143,10 +143,12 @@ class ModelConfig:
             unknown = set(rs) - _YARN_KEYS
             need(not unknown, "rope_scaling", f"unknown key(s) {sorted(unknown)}")
             kind = rs.get("type", rs.get("rope_type"))
-            need(kind in ("yarn", "default", None), "rope_scaling", f"type {kind!r} is not supported (use 'yarn')")
-            if kind == "yarn":
+            need(kind in ("yarn", "linear", "default", None), "rope_scaling",
+                 f"type {kind!r} is not supported (use 'yarn', or 'linear' for position interpolation)")
+            if kind in ("yarn", "linear"):
                 need(isinstance(rs.get("factor"), (int, float)) and rs["factor"] >= 1, "rope_scaling",
-                     "yarn needs 'factor' >= 1")
+                     f"{kind} needs 'factor' >= 1")
+            if kind == "yarn":
                 need(isinstance(rs.get("original_max_position_embeddings"), int), "rope_scaling",
                      "yarn needs an integer 'original_max_position_embeddings'")
 

@@ -84,6 +84,21 @@ def test_fresh_dsv2_model_round_trips_through_transformers(tmp_path):
     assert torch.equal(again(x), ours(x))
 
 
+def test_position_interpolation_matches_transformers_linear_rope(tmp_path):
+    """rope_scaling type linear (PI, arXiv 2306.15595): every frequency / factor, as transformers' "linear"."""
+    from transformers import AutoModelForCausalLM
+    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, rope_scaling=dict(type="linear", factor=4.0))
+    torch.manual_seed(0)
+    ours = dsv2.DeepseekV2(cfg).eval()
+    plain = dsv2.ModelConfig.from_preset("tiny", vocab_size=256)
+    assert torch.allclose(ours.rotary.inv_freq, dsv2.DeepseekV2(plain).rotary.inv_freq / 4)
+    dsv2.save_pretrained(ours, tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids(vocab=256, seq=64)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max().item() < 1e-4
+
+
 def test_norm_topk_prob_changes_routing_weights(hf_checkpoint):
     """The flag is honoured, not ignored: the two settings give different logits."""
     a = dsv2.load_pretrained(hf_checkpoint("v2"))

@@ -16,15 +16,11 @@ Estimated before any weight is read, from config.json and the shard headers:
 
     peak = runtime + weights + max(loading, cache + activations)
 
-The estimate holds where freed blocks go back to the system: on glibc, `return_freed_memory()`
-(the `dsv2` command calls it) stops the allocator keeping the prefill's large temporaries,
-which otherwise stay resident (a 6,000-token prefill of V2-Lite's widths held 1.2 GB more).
-`bench/full_size.py` measures the estimate against peak RSS.
+`bench/full_size.py` measures the estimate against the peak RSS of a whole run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,22 +30,11 @@ import torch
 GiB = 2**30
 RUNTIME_EXTRA = 160 * 2**20   # measured: RSS after loading minus weights minus RSS before (V2-Lite's widths)
 INT8_ROWS = 4096              # quant/int8.quantize_rows' chunk
+HEADROOM = 1.1                # a plan fits when 1.1 x what it still needs is available
 
 
 class DoesNotFit(ValueError):
     """The configuration asked for does not fit in the memory this machine has available."""
-
-
-def return_freed_memory() -> None:
-    """Make glibc hand large freed blocks (>= 4 MiB) back to the system instead of keeping them
-    for reuse. Without it the allocator's dynamic threshold serves blocks up to 32 MiB from its
-    heap, and a long prefill's temporaries stay resident for the rest of the process. No-op off
-    glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 * 2**20)   # M_MMAP_THRESHOLD; fixing it also stops the dynamic adjustment
-    except (OSError, AttributeError):
-        pass
 
 
 def rss_bytes() -> int:
@@ -106,7 +91,9 @@ class MemoryPlan:
         return self.peak - rss_bytes()
 
     def fits(self) -> bool:
-        return self.available is None or self.needed <= self.available
+        """With 10% headroom: the allocator keeps some freed blocks, and measured peaks came out
+        up to 7% above the estimate (docs/full-size.md)."""
+        return self.available is None or self.needed * HEADROOM <= self.available
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("loading (transient)", self.loading), ("latent cache", self.cache),

@@ -3,6 +3,7 @@
     dsv2 eval perplexity MODEL --text held_out.txt [--max-len 1024] [--stride 512] [--json]
     dsv2 eval perplexity MODEL --text long.txt --lengths 256,512,1024 --plot ppl.png
     dsv2 eval tasks MODEL --tasks python_mc arithmetic [--shots 3] [--limit 100] [--out runs/eval]
+    dsv2 eval niah MODEL --lengths 1k,2k,4k --depths 0,10,...,100 [--trials 2] [--passkey] [--out runs/niah]
     dsv2 eval harness MODEL --tasks my_task --include-path tasks/ [--limit 50]    # needs dsv2[eval]
 
 Every verb runs offline; docs/evaluation.md has the details and how to run MMLU, GSM8K or
@@ -52,6 +53,20 @@ def add_parser(sub) -> None:
     add_dtype(t)
     _add_formats(t)
     t.set_defaults(func=_tasks)
+
+    n = verbs.add_parser("niah", help="needle-in-a-haystack (or --passkey) accuracy over lengths x depths, "
+                                      "with a heat map")
+    n.add_argument("model", help="checkpoint directory")
+    n.add_argument("--lengths", required=True, help="prompt lengths in tokens: 512,1k,2k,... (k = 1024)")
+    n.add_argument("--depths", default="0,10,...,100", help="needle depths in percent (default 0,10,...,100)")
+    n.add_argument("--trials", type=int, default=1, help="prompts (keys) per cell (default 1)")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--passkey", action="store_true", help="the YaRN paper's passkey test instead of NIAH")
+    n.add_argument("--batch", type=int, default=8, help="prompts decoded together (default 8)")
+    n.add_argument("--out", default=None, help="write niah.json and niah.png here (default MODEL/niah)")
+    add_dtype(n)
+    _add_formats(n)
+    n.set_defaults(func=_niah)
 
     h = verbs.add_parser("harness", help="lm-evaluation-harness's simple_evaluate with the dsv2 model (dsv2[eval])")
     h.add_argument("model", help="checkpoint directory")
@@ -132,6 +147,26 @@ def _tasks(args) -> int:
                              {"model": str(args.model), "tasks": args.tasks, "shots": args.shots, "limit": args.limit,
                               "dtype": str(next(model.parameters()).dtype)})
         print(f"wrote {path} and samples_<task>.jsonl")
+    return 0
+
+
+def _niah(args) -> int:
+    from ..engine import LLM
+    from .niah import parse_depths, parse_lengths, run_niah, write_outputs
+    lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)   # checked before the model loads
+    if args.batch < 1:
+        raise ValueError(f"--batch must be 1 or more, got {args.batch}.")
+    model, tok = _load(args)
+    llm = LLM(model, tokenizer=tok, max_batch_slots=args.batch, kv_cache_dtype=args.kv_cache_dtype)
+    report = run_niah(llm, lengths, depths, args.trials, args.seed, args.passkey, args.batch)
+    report["model"] = str(args.model)
+    js, png = write_outputs(report, Path(args.out) if args.out else Path(args.model) / "niah",
+                            Path(args.model).name)
+    print(f"{report['mode']}: {report['accuracy']:.1%} of {len(report['results'])} prompts correct")
+    for n in lengths:
+        row = [report["cells"][f"{n}x{d}"] for d in depths]
+        print(f"  length {n:>7,}: " + " ".join(f"{v:4.0%}" for v in row))
+    print(f"wrote {js} and {png}")
     return 0
 
 

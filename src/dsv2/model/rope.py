@@ -3,6 +3,7 @@
 DeepSeek checkpoints rotate adjacent pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i];
 not the two-halves layout of Llama. A test pins this against transformers.
 
+Position interpolation (`type: linear`, arXiv 2306.15595) divides every frequency by `factor`;
 YaRN (arXiv 2309.00071) extends the context by `factor` s: NTK-by-parts frequencies
 (dimensions whose wavelength is short against the original context keep their
 frequency, long ones are divided by s, a linear ramp between) and an attention
@@ -30,6 +31,9 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [d_h^R / 2] and the cos/sin amplitude for this config."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = cfg.rope_scaling or {}
+    if rs.get("type", rs.get("rope_type")) == "linear":   # position interpolation: every frequency / s
+        return inv_freq / float(rs["factor"]), 1.0
     yarn = cfg.yarn
     if yarn is None:
         return inv_freq, 1.0

@@ -89,9 +89,17 @@ class TrainConfig:
     keep_last: int = 3                  # checkpoints kept on disk
     export: bool = True                 # write an HF directory (+ tokenizer) at the end
     peak_tflops: float | None = None    # for MFU; null = known GPUs only
+    init_from: str = ""                 # continue from these weights (an HF folder or a step_* checkpoint of one
+                                        # process), fresh optimizer and schedule; `model` keys then override its
+                                        # config, as long as every weight keeps its shape (rope_scaling, context)
 
     def model_config(self) -> ModelConfig:
         d = dict(self.model)
+        if self.init_from:
+            return extended_config(self.init_from, d)
+        if "preset" not in d and "hidden_size" not in d:
+            raise ConfigError("the model section names neither a preset nor an architecture: add model.preset=NAME, "
+                              "or init_from=PATH to continue a trained model (as --config extend-yarn does).")
         preset = d.pop("preset", None)
         return ModelConfig.from_preset(preset, **d) if preset else ModelConfig.from_dict(d)
 
@@ -117,6 +125,45 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def init_from_config(path: str | Path) -> ModelConfig:
+    """The architecture of init_from: an HF folder's config.json, or a one-process training
+    checkpoint's (step_*/state.pt beside the meta.json that holds its training config)."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return ModelConfig.from_json(p)
+    if (p / "state.pt").exists() and (p / "meta.json").exists():
+        import json
+        meta = json.loads((p / "meta.json").read_text())
+        if "config" in meta:
+            return from_dict(meta["config"]).model_config()
+    raise ConfigError(f"init_from {path} is neither a Hugging Face folder (config.json) nor a one-process training "
+                      "checkpoint (step_*/state.pt + meta.json); export a multi-process one with `dsv2 export` first.")
+
+
+def extended_config(init_from: str | Path, overrides: dict) -> ModelConfig:
+    """init_from's config with `model` overrides merged in (nested dicts such as rope_scaling key by
+    key). An override that would change a weight's shape is refused: the weights would not fit."""
+    if "preset" in overrides:
+        raise ConfigError("init_from takes the architecture from the checkpoint: drop model.preset (model.* keys "
+                          "override its config, e.g. model.rope_scaling.factor=4; see --config extend-yarn).")
+    base = init_from_config(init_from)
+    d = base.to_dict()
+    for k, v in overrides.items():
+        d[k] = (dict(d[k]) | v) if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+    cfg = ModelConfig.from_dict(d)
+    import torch
+
+    from ..model import DeepseekV2
+    with torch.device("meta"):
+        old, new = DeepseekV2(base).state_dict(), DeepseekV2(cfg).state_dict()
+    for name, t in old.items():
+        if name not in new or new[name].shape != t.shape:
+            raise ConfigError(f"model overrides {sorted(overrides)} change the weight '{name}' "
+                              f"({list(t.shape)} in init_from): with init_from only shape-preserving fields "
+                              "(rope_scaling, rope_theta, max_position_embeddings, ...) may change.")
+    return cfg
 
 
 def _fill(cls, d: dict, where: str):

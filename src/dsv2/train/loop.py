@@ -65,6 +65,28 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> DeepseekV2
     return model.train()
 
 
+def load_init_from(path: str | Path, cfg: ModelConfig, device: torch.device) -> DeepseekV2:
+    """fp32 weights of init_from (an HF folder, or a step_* checkpoint of one process) in a model of
+    `cfg` (init_from's config with shape-preserving overrides: its rotary frequencies are cfg's)."""
+    from ..checkpoint import load_pretrained
+    if device.type == "meta":
+        raise ValueError("--meta-init draws fresh weights, but init_from gives them: leave --meta-init out.")
+    path = Path(path)
+    if (path / "config.json").exists():
+        return load_pretrained(path, dtype=torch.float32, device=device, config=cfg).train()
+    model = build_model(cfg, device, 0)
+    state = torch.load(path / "state.pt", map_location=device, weights_only=True)["model"]
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise ValueError(f"init_from {path}'s state.pt lacks '{missing[0]}' ({len(missing)} weights in all): it is "
+                         "not a checkpoint of this architecture.")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+    return model.train()
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -124,6 +146,8 @@ class Trainer:
         return self.cfg.model_config()
 
     def build_model(self, mcfg: ModelConfig, device: torch.device) -> DeepseekV2:
+        if self.cfg.init_from:
+            return load_init_from(self.cfg.init_from, mcfg, device)
         return build_model(mcfg, device, self.cfg.seed)
 
     def build_data(self, dp_rank: int, dp_size: int) -> None:

@@ -1,0 +1,175 @@
+"""Context extension, measured: no scaling, position interpolation, YaRN, and YaRN with a short
+extension run, each on the same pretrained model, at 1, 2, 4 and 8 times its training length.
+
+    .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp                    # 2 seeds, ~25 min on 2 cores
+    .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp --seeds 0 --steps 300   # a quick look
+
+For each seed:
+1. Data (once): a byte-level BPE (4,096) and token shards from this Python's standard library,
+   with passkey documents of at most L0 tokens mixed in. They use the same format as
+   `dsv2 eval niah --passkey`: an instruction, filler sentences, "The pass key is NNNNNNN.
+   Remember it. ..." at a random depth, the question, then the key. Twenty long stdlib modules
+   are held out of training for perplexity.
+2. Pretraining: `dsv2 pretrain --config demo` (the tiny preset) at seq_len L0 = 256.
+3. Four arms, as config.json variants of that checkpoint, the weights shared:
+   - (a) none: RoPE unchanged, the context raised to 8 L0 (+64 for the answer);
+   - (b) PI: rope_scaling linear, factor 8, no training;
+   - (c) YaRN: factor 8, beta 32/1, mscale 0.707, no training;
+   - (d) YaRN + extension: (c)'s config, trained for --extend-steps (about 6% of pretraining)
+     at 4 L0 with `dsv2 pretrain --config extend-yarn init_from=...`.
+4. Each arm is scored at L0, 2 L0, 4 L0 and 8 L0:
+   - passkey accuracy over depths 0, 25, 50, 75, 100 with --trials keys each;
+   - perplexity of the held-out modules' same final 128 tokens with that much context.
+
+Writes OUT/results.json, OUT/results.md (the tables, mean over seeds with the per-seed figures)
+and a passkey heat map per arm and seed. The write-up is docs/long-context.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+L0 = 256
+FACTOR = 8
+CONTEXT = FACTOR * L0 + 64     # max_position_embeddings of every arm: 8 L0 and the answer's tokens
+LENGTHS = [L0, 2 * L0, 4 * L0, 8 * L0]
+DEPTHS = [0, 25, 50, 75, 100]
+YARN = {"type": "yarn", "factor": FACTOR, "original_max_position_embeddings": L0, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+ARMS = {"a_none": None, "b_pi": {"type": "linear", "factor": FACTOR}, "c_yarn": YARN, "d_yarn_trained": YARN}
+
+
+def dsv2(*args) -> None:
+    cmd = [sys.executable, "-m", "dsv2", *map(str, args)]
+    print("$ dsv2 " + " ".join(map(str, args)), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def make_data(out: Path, passkey_docs: int) -> tuple[Path, list[Path]]:
+    """Tokenizer, shards (stdlib + passkey documents), and the held-out modules."""
+    from dsv2.data.bpe import train_tokenizer
+    from dsv2.data.corpus import default_corpus
+    from dsv2.data.shards import prepare_shards
+    from dsv2.eval.niah import build_prompt, make_key
+    from dsv2.tokenizer import Tokenizer
+    data, held = out / "data", out / "held_out"
+    if (data / "card.json").exists():
+        return data, sorted(held.glob("*.py"))
+    files = [p for p in default_corpus() if p.stat().st_size > 0]
+    rng = random.Random(0)
+    long = sorted((p for p in files if p.stat().st_size > 40_000), key=lambda p: p.name)
+    held_files = rng.sample(long, 20)
+    held.mkdir(parents=True, exist_ok=True)
+    for p in held_files:
+        shutil.copyfile(p, held / f"{p.parent.name}_{p.name}")
+    train_files = [p for p in files if p not in held_files]
+    tok_dir = out / "tok"
+    train_tokenizer(train_files, tok_dir, vocab_size=4096, max_mb=8, verbose=False)
+    tok = Tokenizer(tok_dir)
+    pk = out / "passkey_docs"
+    pk.mkdir(exist_ok=True)
+    for i in range(passkey_docs):   # ids seeded apart from every evaluation key (seed 10_000 + i)
+        n = rng.randrange(L0 // 2, L0 - 12)
+        key = make_key(10_000 + i, "passkey", n, 0, 0)
+        p = build_prompt(tok, "passkey", n, rng.randrange(0, 101), key)
+        (pk / f"{i:05d}.txt").write_text(tok.decode(p.ids) + " " + key + ".\n")
+    prepare_shards([pk, *train_files], tok_dir, data, val_fraction=0.02, max_mb=8, verbose=False)
+    return data, sorted(held.glob("*.py"))
+
+
+def arm_dir(base: Path, dst: Path, rope_scaling) -> Path:
+    """A checkpoint directory sharing base's weights and tokenizer, with a changed config.json."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.name != "config.json" and not (dst / f.name).exists():
+            (dst / f.name).symlink_to(f.resolve())
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["rope_scaling"], cfg["max_position_embeddings"] = rope_scaling, CONTEXT
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
+
+
+def evaluate(ckpt: Path, held: list[Path], trials: int, out: Path, title: str) -> dict:
+    from dsv2.engine import LLM
+    from dsv2.eval.niah import run_niah, write_outputs
+    from dsv2.eval.perplexity import context_curve, read_documents
+    from dsv2.eval.runner import load_model
+    model, tok = load_model(ckpt, dtype="float32")
+    report = run_niah(LLM(model, tokenizer=tok, max_batch_slots=8), LENGTHS, DEPTHS, trials, seed=0, passkey=True,
+                      progress=False)
+    write_outputs(report, out, title)
+    passkey = {n: sum(r["correct"] for r in report["results"] if r["length"] == n) / (len(DEPTHS) * trials)
+               for n in LENGTHS}
+    rows = context_curve(model, read_documents(held, tok), LENGTHS, tail=128)
+    return {"passkey": passkey, "ppl": {r["max_len"]: r["ppl"] for r in rows}}
+
+
+def run_seed(seed: int, args, data: Path, held: list[Path]) -> dict:
+    root = args.out / f"seed{seed}"
+    base = root / "pretrain"
+    if not (base / "hf" / "config.json").exists():
+        dsv2("pretrain", "--config", "demo", f"data.dir={data}", f"out_dir={base}", f"steps={args.steps}",
+             f"seed={seed}", "eval_every=100000", "save_every=100000", "log_every=50", "moe.load_every=100000")
+    ext = root / "extend"
+    if not (ext / "hf" / "config.json").exists():
+        dsv2("pretrain", "--config", "extend-yarn", f"init_from={base / 'hf'}", f"data.dir={data}", f"out_dir={ext}",
+             f"steps={args.extend_steps}", f"seed={seed}", f"model.max_position_embeddings={CONTEXT}", "precision=fp32",
+             f"model.rope_scaling.factor={FACTOR}", f"model.rope_scaling.original_max_position_embeddings={L0}",
+             f"data.seq_len={4 * L0}", "eval_every=100000", "save_every=100000", "log_every=10")
+    results = {}
+    for arm, rope in ARMS.items():
+        src = ext / "hf" if arm == "d_yarn_trained" else base / "hf"
+        ckpt = src if arm == "d_yarn_trained" else arm_dir(src, root / "arms" / arm, rope)
+        t = time.time()
+        results[arm] = evaluate(ckpt, held, args.trials, root / "niah" / arm, f"{arm}, seed {seed}")
+        print(f"seed {seed} {arm}: passkey {results[arm]['passkey']}, ppl "
+              f"{ {k: round(v, 3) for k, v in results[arm]['ppl'].items()} } ({time.time() - t:.0f}s)", flush=True)
+    return results
+
+
+def tables(all_results: dict) -> str:
+    seeds = sorted(all_results)
+    lines = []
+    for metric, fmt in (("passkey", "{:.0%}"), ("ppl", "{:.3f}")):
+        lines += [f"\n{metric} (mean over seeds {', '.join(map(str, seeds))}; per seed in brackets)\n",
+                  "| arm | " + " | ".join(f"{n} ({n // L0} L0)" for n in LENGTHS) + " |",
+                  "|---|" + "---|" * len(LENGTHS)]
+        for arm in ARMS:
+            cells = []
+            for n in LENGTHS:
+                vals = [all_results[s][arm][metric][n] for s in seeds]
+                cells.append(fmt.format(sum(vals) / len(vals)) + " [" + ", ".join(fmt.format(v) for v in vals) + "]")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/yarn-exp"))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=560, help="pretraining steps (the demo's 560)")
+    p.add_argument("--extend-steps", type=int, default=34, help="YaRN extension steps (default 34, ~6%%)")
+    p.add_argument("--trials", type=int, default=4, help="passkey keys per (length, depth)")
+    p.add_argument("--passkey-docs", type=int, default=6000)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data, held = make_data(args.out, args.passkey_docs)
+    all_results = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        all_results[seed] = run_seed(seed, args, data, held)
+        (args.out / "results.json").write_text(json.dumps({str(k): v for k, v in all_results.items()}, indent=1))
+    md = tables(all_results)
+    (args.out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
