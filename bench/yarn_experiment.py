@@ -6,11 +6,12 @@ extension run, each on the same pretrained model, at 1, 2, 4 and 8 times its tra
 
 For each seed:
 1. Data (once): a byte-level BPE (4,096) and token shards from this Python's standard library,
-   with passkey documents of at most L0 tokens mixed in. They use the same format as
+   with passkey documents of 100 to 5 L0/8 tokens mixed in (about a quarter of the tokens; short
+   enough that most sit whole inside one L0 training window). They use the same format as
    `dsv2 eval niah --passkey`: an instruction, filler sentences, "The pass key is NNNNNNN.
    Remember it. ..." at a random depth, the question, then the key. Twenty long stdlib modules
    are held out of training for perplexity.
-2. Pretraining: `dsv2 pretrain --config demo` (the tiny preset) at seq_len L0 = 256.
+2. Pretraining: `dsv2 pretrain --config demo` (the tiny preset) at seq_len L0 = 256, 800 steps.
 3. Four arms, as config.json variants of that checkpoint, the weights shared:
    - (a) none: RoPE unchanged, the context raised to 8 L0 (+64 for the answer);
    - (b) PI: rope_scaling linear, factor 8, no training;
@@ -18,7 +19,7 @@ For each seed:
    - (d) YaRN + extension: (c)'s config, trained for --extend-steps (about 6% of pretraining)
      at 4 L0 with `dsv2 pretrain --config extend-yarn init_from=...`.
 4. Each arm is scored at L0, 2 L0, 4 L0 and 8 L0:
-   - passkey accuracy over depths 0, 25, 50, 75, 100 with --trials keys each;
+   - passkey accuracy over depths 0, 25, 50, 75, 100 with --trials 5-digit keys each;
    - perplexity of the held-out modules' same final 128 tokens with that much context.
 
 Writes OUT/results.json, OUT/results.md (the tables, mean over seeds with the per-seed figures)
@@ -41,6 +42,7 @@ FACTOR = 8
 CONTEXT = FACTOR * L0 + 64     # max_position_embeddings of every arm: 8 L0 and the answer's tokens
 LENGTHS = [L0, 2 * L0, 4 * L0, 8 * L0]
 DEPTHS = [0, 25, 50, 75, 100]
+KEY_DIGITS = 5    # the YaRN paper's passkey length; 7-digit keys (6 tokens here) the tiny model copied only in part
 YARN = {"type": "yarn", "factor": FACTOR, "original_max_position_embeddings": L0, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
 ARMS = {"a_none": None, "b_pi": {"type": "linear", "factor": FACTOR}, "c_yarn": YARN, "d_yarn_trained": YARN}
@@ -76,8 +78,9 @@ def make_data(out: Path, passkey_docs: int) -> tuple[Path, list[Path]]:
     pk = out / "passkey_docs"
     pk.mkdir(exist_ok=True)
     for i in range(passkey_docs):   # ids seeded apart from every evaluation key (seed 10_000 + i)
-        n = rng.randrange(L0 // 2, L0 - 12)
-        key = make_key(10_000 + i, "passkey", n, 0, 0)
+        n = rng.randrange(100, 5 * L0 // 8)   # short (the instruction, needle and question take ~85), so most
+                                              # land whole inside one training window
+        key = make_key(10_000 + i, "passkey", n, 0, 0, KEY_DIGITS)
         p = build_prompt(tok, "passkey", n, rng.randrange(0, 101), key)
         (pk / f"{i:05d}.txt").write_text(tok.decode(p.ids) + " " + key + ".\n")
     prepare_shards([pk, *train_files], tok_dir, data, val_fraction=0.02, max_mb=8, verbose=False)
@@ -103,7 +106,7 @@ def evaluate(ckpt: Path, held: list[Path], trials: int, out: Path, title: str) -
     from dsv2.eval.runner import load_model
     model, tok = load_model(ckpt, dtype="float32")
     report = run_niah(LLM(model, tokenizer=tok, max_batch_slots=8), LENGTHS, DEPTHS, trials, seed=0, passkey=True,
-                      progress=False)
+                      progress=False, key_digits=KEY_DIGITS)
     write_outputs(report, out, title)
     passkey = {n: sum(r["correct"] for r in report["results"] if r["length"] == n) / (len(DEPTHS) * trials)
                for n in LENGTHS}
@@ -154,10 +157,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/yarn-exp"))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=560, help="pretraining steps (the demo's 560)")
-    p.add_argument("--extend-steps", type=int, default=34, help="YaRN extension steps (default 34, ~6%%)")
+    p.add_argument("--steps", type=int, default=800, help="pretraining steps (default 800; the demo runs 560)")
+    p.add_argument("--extend-steps", type=int, default=48, help="YaRN extension steps (default 48, 6%%)")
     p.add_argument("--trials", type=int, default=4, help="passkey keys per (length, depth)")
-    p.add_argument("--passkey-docs", type=int, default=6000)
+    p.add_argument("--passkey-docs", type=int, default=24000,
+                   help="passkey documents written (the corpus sampler keeps about a fifth of all files)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data, held = make_data(args.out, args.passkey_docs)

@@ -68,10 +68,11 @@ def start(args, cfg, trainer_cls) -> int:
 
 
 def distributed_wanted(args, cfg=None) -> bool:
-    """True when the run goes through dsv2.distributed: several processes, expert
-    parallelism, or resuming a DCP checkpoint (e.g. one written by N processes, continued by one)."""
+    """True when the run goes through dsv2.distributed: several processes, expert parallelism,
+    activation checkpointing (parallelize() wraps the blocks, in one process too), or resuming a
+    DCP checkpoint (e.g. one written by N processes, continued by one)."""
     return bool(getattr(args, "nproc", None) and args.nproc > 1) or int(os.environ.get("WORLD_SIZE", 1)) > 1 \
-        or getattr(args, "ep", 1) > 1 or _dcp_resume(getattr(args, "resume", None), cfg)
+        or getattr(args, "ep", 1) > 1 or getattr(args, "ac", False) or _dcp_resume(getattr(args, "resume", None), cfg)
 
 
 def _dcp_resume(where, cfg) -> bool:

@@ -56,6 +56,7 @@ def test_keys_are_seeded_per_cell():
     assert a == make_key(0, "niah", 1024, 50, 0) and len(a) == 7
     assert len({make_key(0, "niah", 1024, d, t) for d in range(0, 101, 10) for t in range(3)}) > 25
     assert a != make_key(1, "niah", 1024, 50, 0)
+    assert len(make_key(0, "passkey", 512, 0, 1, digits=5)) == 5
 
 
 def test_scorer_reads_multi_token_keys(tok):

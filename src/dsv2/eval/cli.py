@@ -62,6 +62,7 @@ def add_parser(sub) -> None:
     n.add_argument("--trials", type=int, default=1, help="prompts (keys) per cell (default 1)")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--passkey", action="store_true", help="the YaRN paper's passkey test instead of NIAH")
+    n.add_argument("--key-digits", type=int, default=7, help="digits of each key (default 7)")
     n.add_argument("--batch", type=int, default=8, help="prompts decoded together (default 8)")
     n.add_argument("--out", default=None, help="write niah.json and niah.png here (default MODEL/niah)")
     add_dtype(n)
@@ -158,7 +159,8 @@ def _niah(args) -> int:
         raise ValueError(f"--batch must be 1 or more, got {args.batch}.")
     model, tok = _load(args)
     llm = LLM(model, tokenizer=tok, max_batch_slots=args.batch, kv_cache_dtype=args.kv_cache_dtype)
-    report = run_niah(llm, lengths, depths, args.trials, args.seed, args.passkey, args.batch)
+    report = run_niah(llm, lengths, depths, args.trials, args.seed, args.passkey, args.batch,
+                      key_digits=args.key_digits)
     report["model"] = str(args.model)
     js, png = write_outputs(report, Path(args.out) if args.out else Path(args.model) / "niah",
                             Path(args.model).name)

@@ -7,7 +7,7 @@ NIAH (Kamradt's test, the paper's Fig. 4): the haystack is the sentences of eval
 which ships with dsv2, cycled to the length asked. The needle "The secret code is NNNNNNN." goes
 in at the sentence boundary closest to `depth` percent of the haystack's tokens (0: before the
 first sentence, 100: after the last). The prompt ends with the question, and the model's greedy
-answer is correct when its first number is the key.
+answer is correct when its first number is the key (7 digits unless --key-digits says otherwise).
 
 --passkey is the cheaper test of the YaRN paper (after Mohtashami and Jaggi): an instruction,
 "The grass is green. The sky is blue. ..." repeated, "The pass key is NNNNNNN. Remember it.
@@ -102,8 +102,8 @@ def _sentences(mode: str) -> tuple[str, ...]:
     return tuple(s.strip() + "." for s in re.split(r"(?<=\.)\s+", text) if s.strip().strip("."))
 
 
-def make_key(seed: int, mode: str, length: int, depth: int, trial: int) -> str:
-    return str(random.Random(f"{seed}:{mode}:{length}:{depth}:{trial}").randrange(10**6, 10**7))
+def make_key(seed: int, mode: str, length: int, depth: int, trial: int, digits: int = 7) -> str:
+    return str(random.Random(f"{seed}:{mode}:{length}:{depth}:{trial}").randrange(10**(digits - 1), 10**digits))
 
 
 def build_prompt(tok, mode: str, length: int, depth: int, key: str, trial: int = 0) -> Prompt:
@@ -142,7 +142,7 @@ def is_correct(answer: str, key: str) -> bool:
 
 
 def run_niah(llm, lengths: list[int], depths: list[int], trials: int = 1, seed: int = 0,
-             passkey: bool = False, batch: int = 8, progress: bool = True) -> dict:
+             passkey: bool = False, batch: int = 8, progress: bool = True, key_digits: int = 7) -> dict:
     """Build, answer and score every (length, depth, trial) prompt -> the niah.json object."""
     mode = "passkey" if passkey else "niah"
     cfg, tok = llm.model.config, llm.tokenizer
@@ -150,13 +150,15 @@ def run_niah(llm, lengths: list[int], depths: list[int], trials: int = 1, seed: 
         raise ValueError("the needle test needs the model's tokenizer (tokenizer.json beside the weights).")
     if trials < 1:
         raise ValueError(f"--trials must be 1 or more, got {trials}.")
+    if not 1 <= key_digits <= 18:
+        raise ValueError(f"--key-digits must be 1 to 18, got {key_digits}.")
     too_long = [n for n in lengths if n + ANSWER_TOKENS > cfg.max_position_embeddings]
     if too_long:
         raise ValueError(f"length {too_long[0]:,} (+{ANSWER_TOKENS} answer tokens) exceeds the model's context "
                          f"(max_position_embeddings = {cfg.max_position_embeddings:,}); extend it with YaRN or "
                          "ask for shorter lengths.")
     from tqdm import tqdm
-    prompts = [build_prompt(tok, mode, n, d, make_key(seed, mode, n, d, t), t)
+    prompts = [build_prompt(tok, mode, n, d, make_key(seed, mode, n, d, t, key_digits), t)
                for n in lengths for d in depths for t in range(trials)]
     results = []
     bar = tqdm(total=len(prompts), desc=f"{mode}", unit="prompt", disable=not progress)
@@ -170,7 +172,7 @@ def run_niah(llm, lengths: list[int], depths: list[int], trials: int = 1, seed: 
     bar.close()
     acc = {f"{n}x{d}": sum(r["correct"] for r in results if r["length"] == n and r["depth"] == d) / trials
            for n in lengths for d in depths}
-    return {"mode": mode, "seed": seed, "lengths": lengths, "depths": depths, "trials": trials,
+    return {"mode": mode, "seed": seed, "key_digits": key_digits, "lengths": lengths, "depths": depths, "trials": trials,
             "accuracy": sum(r["correct"] for r in results) / len(results), "cells": acc, "results": results}
 
 

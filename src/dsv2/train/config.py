@@ -31,6 +31,9 @@ class DataConfig:
     dir: str = "runs/data"              # output of `dsv2 data prepare`
     seq_len: int = 256                  # tokens per training window
     val_batches: int = 8                # validation: this many micro-batches of fixed val windows
+    document_mask: bool = False         # true: documents sharing a window attend only within themselves,
+                                        # positions restarting at each BOS (block-diagonal, as SFT packing);
+                                        # false: the window is one sequence across document boundaries
 
 
 @dataclass

@@ -171,11 +171,20 @@ class Trainer:
     def next_micro_batch(self, n: int) -> tuple[Batch, torch.Tensor]:
         """n rows of training data and a unique sample id per row (token dropping protects by id)."""
         tokens, ids = self.train_data.next_batch(n)
-        return Batch(tokens[:, :-1], tokens[:, 1:]), ids
+        return self.window_batch(tokens), ids
 
     def val_batches(self) -> Iterator[Batch]:
         for tokens in self.val_data.fixed_batches(self.cfg.data.val_batches, self.cfg.batch.micro_batch):
-            yield Batch(tokens[:, :-1], tokens[:, 1:])
+            yield self.window_batch(tokens)
+
+    def window_batch(self, tokens: torch.Tensor) -> Batch:
+        """Windows [n, seq_len + 1] of the token stream -> inputs and next-token targets. With
+        data.document_mask each document (from its BOS) attends only within itself and its positions
+        restart at 0, as SFT's packed rows do (model/mask.py); otherwise the window is one sequence."""
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        if not self.cfg.data.document_mask:
+            return Batch(x, y)
+        return Batch(x, y, torch.cumsum(x == self.card["bos_id"], dim=1))
 
     # ------------------------------------------------------------------ state
     def stateful(self) -> dict:

@@ -1,0 +1,158 @@
+"""Long-context inference with YaRN: prefill time, decode tokens/s and cache bytes at 4K, 16K and 32K
+tokens of context, dsv2 beside transformers on the same weights.
+
+    .venv/bin/python bench/long_context.py                         # small preset, 4K/16K/32K, ~15 min
+    .venv/bin/python bench/long_context.py --lengths 4096,8192 --new-tokens 8 --no-peer
+
+The `small` preset with random weights and DeepSeek-V2's YaRN settings scaled to it (factor 8 over
+its 4,096-token context: max_position_embeddings 32,768 + room for the new tokens) is written in
+Hugging Face format once. Each (engine, length) runs in its own process (peak RSS is its own):
+- dsv2: an Engine of one slot; the prompt is prefilled in chunks of 2,048 tokens (each chunk
+  attends to the latent cache written so far), then --new-tokens are decoded greedily through the
+  fused step, which reads c^KV and k^R straight from the cache (absorbed attention).
+- transformers: DeepseekV2ForCausalLM (sdpa), one forward over the prompt with use_cache, then
+  the same number of greedy steps with its cache.
+Reported per length:
+- prefill seconds;
+- decode tokens/s (the best window of 4 steps, and the whole run);
+- cache bytes: dsv2's latent rows for the context, transformers' key/value tensors after prefill;
+- the peak RSS of the process.
+dsv2's decode reads the weights once per step plus the context's latent rows, so its time per
+token grows with context only by those reads (printed as MB read per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 2**30
+
+
+def make_checkpoint(path: Path, max_len: int) -> None:
+    import torch
+
+    from dsv2.bench.common import _bpe_tokenizer
+    from dsv2.checkpoint import save_pretrained
+    from dsv2.config import ModelConfig
+    from dsv2.model import DeepseekV2
+    yarn = {"type": "yarn", "factor": 8, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 0.707, "mscale_all_dim": 0.707}
+    cfg = ModelConfig.from_preset("small", max_position_embeddings=max_len, rope_scaling=yarn)
+    model = DeepseekV2(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    path.mkdir(parents=True, exist_ok=True)
+    _bpe_tokenizer(path, min(cfg.vocab_size, 4096))
+    save_pretrained(model.eval(), path, tokenizer_dir=path)
+
+
+def _child(spec: dict) -> dict:
+    import torch
+
+    from dsv2.bench.common import random_prompts
+    torch.set_num_threads(spec["threads"])
+    L, n = spec["length"], spec["new_tokens"]
+    prompt = random_prompts(1, L, 4096, 0)
+    times = []
+    if spec["engine"] == "dsv2":
+        from dsv2.checkpoint import load_pretrained
+        from dsv2.engine import Engine, Request
+        from dsv2.engine.sampling import SamplingParams
+        model = load_pretrained(spec["model"], dtype=torch.float32)
+        eng = Engine(model, max_batch_slots=1, max_len=L + n + 1)
+        t = time.perf_counter()
+        eng.add(Request(prompt[0].tolist(), SamplingParams(max_new_tokens=n + 1, ignore_eos=True)))
+        eng.step()
+        prefill = time.perf_counter() - t
+        for _ in range(n):
+            t = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t)
+        cache = eng.cache.bytes_per_token() * L
+        fused = eng._decode.native is not None
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32,
+                                                     attn_implementation="sdpa").eval()
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = model(prompt, use_cache=True)
+            prefill = time.perf_counter() - t
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache = sum(x.numel() * x.element_size() for layer in _layers(past) for x in layer)
+            for _ in range(n):
+                t = time.perf_counter()
+                out = model(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                times.append(time.perf_counter() - t)
+        fused = False
+    w = 4
+    best = min(sum(times[i:i + w]) for i in range(0, len(times) - w + 1)) / w if len(times) >= w else min(times)
+    return {"engine": spec["engine"], "length": L, "prefill_s": prefill, "decode_tok_s": 1 / best,
+            "decode_avg_tok_s": len(times) / sum(times), "cache_bytes": cache, "fused": fused,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB}
+
+
+def _layers(past):
+    """A transformers cache (DynamicCache, or the legacy tuple) -> per-layer (key, value) tensors."""
+    if hasattr(past, "layers"):
+        return [(lay.keys, lay.values) for lay in past.layers]
+    if hasattr(past, "key_cache"):
+        return list(zip(past.key_cache, past.value_cache))
+    return [tuple(x) for x in past]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="4096,16384,32768")
+    p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-peer", action="store_true", help="dsv2 only")
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
+        return 0
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "small-yarn"
+        make_checkpoint(ckpt, max(lengths) + args.new_tokens + 64)
+        for L in lengths:
+            for engine in ["dsv2"] + ([] if args.no_peer else ["transformers"]):
+                spec = dict(engine=engine, length=L, new_tokens=args.new_tokens, threads=args.threads, model=str(ckpt))
+                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
+                                      text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if not lines:
+                    print(f"{engine} at {L}: failed (exit {proc.returncode})", flush=True)
+                    continue
+                r = json.loads(lines[-1][7:])
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    print(f"\n{'length':>8} {'engine':<13}{'prefill s':>10}{'decode tok/s':>14}{'(avg)':>8}{'cache MB':>10}"
+          f"{'peak GiB':>10}")
+    for r in rows:
+        print(f"{r['length']:>8} {r['engine']:<13}{r['prefill_s']:>10.1f}{r['decode_tok_s']:>14.2f}"
+              f"{r['decode_avg_tok_s']:>8.2f}{r['cache_bytes'] / 1e6:>10.1f}{r['peak_rss_gib']:>10.2f}")
+    by = {(r["engine"], r["length"]): r for r in rows}
+    for L in lengths:
+        a, b = by.get(("dsv2", L)), by.get(("transformers", L))
+        if a and b:
+            print(f"{L:>8}: prefill {b['prefill_s'] / a['prefill_s']:.1f}x faster, decode "
+                  f"{a['decode_tok_s'] / b['decode_tok_s']:.1f}x, cache {b['cache_bytes'] / a['cache_bytes']:.1f}x smaller")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
