@@ -12,14 +12,16 @@ For each seed:
    Remember it. ..." at a random depth, the question, then the key. Twenty long stdlib modules
    are held out of training for perplexity.
 2. Pretraining: `dsv2 pretrain --config demo` (the tiny preset) at seq_len L0 = 256, 800 steps.
-3. Four arms, as config.json variants of that checkpoint, the weights shared:
+3. Five arms, as config.json variants of that checkpoint, the weights shared:
    - (a) none: RoPE unchanged, the context raised to 8 L0 (+64 for the answer);
    - (b) PI: rope_scaling linear, factor 8, no training;
    - (c) YaRN: factor 8, beta 32/1, mscale 0.707, no training;
    - (d) YaRN + extension: (c)'s config, trained for --extend-steps (about 6% of pretraining)
-     at 4 L0 with `dsv2 pretrain --config extend-yarn init_from=...`.
+     at 4 L0 with `dsv2 pretrain --config extend-yarn init_from=...` (its lr, 1e-3);
+   - (e) the same extension at a third of that lr (3e-4), added after (d) came out below (c).
 4. Each arm is scored at L0, 2 L0, 4 L0 and 8 L0:
-   - passkey accuracy over depths 0, 25, 50, 75, 100 with --trials 5-digit keys each;
+   - passkey accuracy over depths 0, 25, 50, 75, 100 with --trials 5-digit keys each, and the
+     share of the key's digits in place (a softer score: the tiny model often copies most of a key);
    - perplexity of the held-out modules' same final 128 tokens with that much context.
 
 Writes OUT/results.json, OUT/results.md (the tables, mean over seeds with the per-seed figures)
@@ -45,7 +47,9 @@ DEPTHS = [0, 25, 50, 75, 100]
 KEY_DIGITS = 5    # the YaRN paper's passkey length; 7-digit keys (6 tokens here) the tiny model copied only in part
 YARN = {"type": "yarn", "factor": FACTOR, "original_max_position_embeddings": L0, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
-ARMS = {"a_none": None, "b_pi": {"type": "linear", "factor": FACTOR}, "c_yarn": YARN, "d_yarn_trained": YARN}
+ARMS = {"a_none": None, "b_pi": {"type": "linear", "factor": FACTOR}, "c_yarn": YARN, "d_yarn_trained": YARN,
+        "e_yarn_trained_lr3e-4": YARN}
+EXTEND_LR = {"d_yarn_trained": 1e-3, "e_yarn_trained_lr3e-4": 3e-4}   # extend-yarn's lr, and a third of it
 
 
 def dsv2(*args) -> None:
@@ -110,8 +114,18 @@ def evaluate(ckpt: Path, held: list[Path], trials: int, out: Path, title: str) -
     write_outputs(report, out, title)
     passkey = {n: sum(r["correct"] for r in report["results"] if r["length"] == n) / (len(DEPTHS) * trials)
                for n in LENGTHS}
+    digits = {n: sum(_digits_right(r) for r in report["results"] if r["length"] == n) / (len(DEPTHS) * trials)
+              for n in LENGTHS}
     rows = context_curve(model, read_documents(held, tok), LENGTHS, tail=128)
-    return {"passkey": passkey, "ppl": {r["max_len"]: r["ppl"] for r in rows}}
+    return {"passkey": passkey, "digits": digits, "ppl": {r["max_len"]: r["ppl"] for r in rows}}
+
+
+def _digits_right(record: dict) -> float:
+    """The share of the key's digits the answer's first number has in place (exact match scores 1)."""
+    import re
+    m = re.search(r"\d+", record["answer"])
+    got = m.group(0) if m else ""
+    return sum(a == b for a, b in zip(got, record["key"])) / len(record["key"])
 
 
 def run_seed(seed: int, args, data: Path, held: list[Path]) -> dict:
@@ -120,16 +134,21 @@ def run_seed(seed: int, args, data: Path, held: list[Path]) -> dict:
     if not (base / "hf" / "config.json").exists():
         dsv2("pretrain", "--config", "demo", f"data.dir={data}", f"out_dir={base}", f"steps={args.steps}",
              f"seed={seed}", "eval_every=100000", "save_every=100000", "log_every=50", "moe.load_every=100000")
-    ext = root / "extend"
-    if not (ext / "hf" / "config.json").exists():
-        dsv2("pretrain", "--config", "extend-yarn", f"init_from={base / 'hf'}", f"data.dir={data}", f"out_dir={ext}",
-             f"steps={args.extend_steps}", f"seed={seed}", f"model.max_position_embeddings={CONTEXT}", "precision=fp32",
-             f"model.rope_scaling.factor={FACTOR}", f"model.rope_scaling.original_max_position_embeddings={L0}",
-             f"data.seq_len={4 * L0}", "eval_every=100000", "save_every=100000", "log_every=10")
+    for arm, lr in EXTEND_LR.items():
+        ext = root / ("extend" if arm == "d_yarn_trained" else f"extend_lr{lr:g}")
+        if not (ext / "hf" / "config.json").exists():
+            dsv2("pretrain", "--config", "extend-yarn", f"init_from={base / 'hf'}", f"data.dir={data}", f"out_dir={ext}",
+                 f"steps={args.extend_steps}", f"seed={seed}", f"model.max_position_embeddings={CONTEXT}",
+                 "precision=fp32", f"optim.lr={lr}", f"model.rope_scaling.factor={FACTOR}",
+                 f"model.rope_scaling.original_max_position_embeddings={L0}", f"data.seq_len={4 * L0}",
+                 "eval_every=100000", "save_every=100000", "log_every=10")
     results = {}
     for arm, rope in ARMS.items():
-        src = ext / "hf" if arm == "d_yarn_trained" else base / "hf"
-        ckpt = src if arm == "d_yarn_trained" else arm_dir(src, root / "arms" / arm, rope)
+        if arm in EXTEND_LR:
+            lr = EXTEND_LR[arm]
+            ckpt = root / ("extend" if arm == "d_yarn_trained" else f"extend_lr{lr:g}") / "hf"
+        else:
+            ckpt = arm_dir(base / "hf", root / "arms" / arm, rope)
         t = time.time()
         results[arm] = evaluate(ckpt, held, args.trials, root / "niah" / arm, f"{arm}, seed {seed}")
         print(f"seed {seed} {arm}: passkey {results[arm]['passkey']}, ppl "
@@ -140,7 +159,7 @@ def run_seed(seed: int, args, data: Path, held: list[Path]) -> dict:
 def tables(all_results: dict) -> str:
     seeds = sorted(all_results)
     lines = []
-    for metric, fmt in (("passkey", "{:.0%}"), ("ppl", "{:.3f}")):
+    for metric, fmt in (("passkey", "{:.0%}"), ("digits", "{:.0%}"), ("ppl", "{:.3f}")):
         lines += [f"\n{metric} (mean over seeds {', '.join(map(str, seeds))}; per seed in brackets)\n",
                   "| arm | " + " | ".join(f"{n} ({n // L0} L0)" for n in LENGTHS) + " |",
                   "|---|" + "---|" * len(LENGTHS)]
