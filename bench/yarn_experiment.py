@@ -12,13 +12,15 @@ For each seed:
    Remember it. ..." at a random depth, the question, then the key. Twenty long stdlib modules
    are held out of training for perplexity.
 2. Pretraining: `dsv2 pretrain --config demo` (the tiny preset) at seq_len L0 = 256, 800 steps.
-3. Five arms, as config.json variants of that checkpoint, the weights shared:
+3. Six arms, as config.json variants of that checkpoint, the weights shared:
    - (a) none: RoPE unchanged, the context raised to 8 L0 (+64 for the answer);
    - (b) PI: rope_scaling linear, factor 8, no training;
    - (c) YaRN: factor 8, beta 32/1, mscale 0.707, no training;
    - (d) YaRN + extension: (c)'s config, trained for --extend-steps (about 6% of pretraining)
      at 4 L0 with `dsv2 pretrain --config extend-yarn init_from=...` (its lr, 1e-3);
-   - (e) the same extension at a third of that lr (3e-4), added after (d) came out below (c).
+   - (e) the same extension at a third of that lr (3e-4), added after (d) came out below (c);
+   - (f) the same-compute control for (e): as many steps and tokens at L0 with RoPE unchanged
+     (lr 3e-4), then (c)'s YaRN config untrained.
 4. Each arm is scored at L0, 2 L0, 4 L0 and 8 L0:
    - passkey accuracy over depths 0, 25, 50, 75, 100 with --trials 5-digit keys each, and the
      share of the key's digits in place (a softer score: the tiny model often copies most of a key);
@@ -48,7 +50,7 @@ KEY_DIGITS = 5    # the YaRN paper's passkey length; 7-digit keys (6 tokens here
 YARN = {"type": "yarn", "factor": FACTOR, "original_max_position_embeddings": L0, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
 ARMS = {"a_none": None, "b_pi": {"type": "linear", "factor": FACTOR}, "c_yarn": YARN, "d_yarn_trained": YARN,
-        "e_yarn_trained_lr3e-4": YARN}
+        "e_yarn_trained_lr3e-4": YARN, "f_control_then_yarn": YARN}
 EXTEND_LR = {"d_yarn_trained": 1e-3, "e_yarn_trained_lr3e-4": 3e-4}   # extend-yarn's lr, and a third of it
 
 
@@ -142,9 +144,17 @@ def run_seed(seed: int, args, data: Path, held: list[Path]) -> dict:
                  "precision=fp32", f"optim.lr={lr}", f"model.rope_scaling.factor={FACTOR}",
                  f"model.rope_scaling.original_max_position_embeddings={L0}", f"data.seq_len={4 * L0}",
                  "eval_every=100000", "save_every=100000", "log_every=10")
+    control = root / "control_l0"     # the same steps and tokens as (e), at L0 with RoPE unchanged
+    if not (control / "hf" / "config.json").exists():
+        dsv2("pretrain", "--config", "extend-yarn", f"init_from={base / 'hf'}", "model={}", f"data.dir={data}",
+             f"out_dir={control}", f"steps={args.extend_steps}", f"seed={seed}", "precision=fp32", "optim.lr=3e-4",
+             f"data.seq_len={L0}", "batch.micro_batch=16", "batch.start=16", "batch.final=16",
+             "eval_every=100000", "save_every=100000", "log_every=10")
     results = {}
     for arm, rope in ARMS.items():
-        if arm in EXTEND_LR:
+        if arm == "f_control_then_yarn":
+            ckpt = arm_dir(control / "hf", root / "arms" / arm, rope)
+        elif arm in EXTEND_LR:
             lr = EXTEND_LR[arm]
             ckpt = root / ("extend" if arm == "d_yarn_trained" else f"extend_lr{lr:g}") / "hf"
         else:
