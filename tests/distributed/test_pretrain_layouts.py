@@ -46,6 +46,8 @@ def runs(token_data, tmp_path_factory):
              "--meta-init", "--resume", str(step2)], timeout=240)
     run_cmd([*dsv2, *common, f"out_dir={root / 'one_resumed'}", "batch.micro_batch=2", "--resume", str(step2)],
             timeout=120)
+    # --ac in one process (no torchrun): parallelize() wraps the blocks in activation checkpointing
+    run_cmd([*dsv2, *common, f"out_dir={root / 'one_ac'}", "batch.micro_batch=2", "--ac"], timeout=120)
     return root
 
 
@@ -89,6 +91,15 @@ def test_four_processes_match_one(runs):
               f"(rel {abs(four[s]['lm_loss_nats'] / one[s]['lm_loss_nats'] - 1):.1e}); drop rate "
               f"{one[s]['drop_rate']:.4f} | {four[s]['drop_rate']:.4f}")
     print(f"parameters after 4 steps: worst tensor relative difference {worst:.2e}")
+
+
+def test_activation_checkpointing_in_one_process_trains_the_same(runs):
+    plain, ac = metrics(runs / "one"), metrics(runs / "one_ac")
+    assert sorted(ac) == [1, 2, 3, 4]
+    for s in plain:
+        assert_close_rel(ac[s]["lm_loss_nats"], plain[s]["lm_loss_nats"], f"step {s} loss with --ac")
+    assert_params_match(params(runs / "one_ac"), params(runs / "one"))
+    assert (runs / "one_ac" / "hf" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("run", ["two", "one_resumed"])
