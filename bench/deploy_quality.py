@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from dsv2.bench.common import cpu_name
 
 DEFAULT_ROWS = "auto:auto,int8:auto,fp8:auto,auto:bfloat16,auto:fp8,auto:int8,auto:mixed,fp8:fp8,fp8:mixed"
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     passkey = load_task(f"passkey:dataset.args.length={context - 64}", tok)
     print(f"{args.model}: {ref_model.num_params() / 1e6:.1f}M parameters, {sum(len(d.ids) for d in docs):,} held-out "
           f"tokens in {len(docs)} documents; {args.prompts} greedy prompts x {args.new_tokens} tokens; passkey at "
-          f"{context - 64} filler tokens ({args.passkey_docs} documents); lscpu: {_cpu()}", flush=True)
+          f"{context - 64} filler tokens ({args.passkey_docs} documents); {cpu_name()}", flush=True)
     results, ref, ref_logits = [], None, None
     for weights, cache in rows:
         t0 = time.perf_counter()
@@ -165,16 +166,6 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "rows": results}, indent=1))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} CPUs"
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

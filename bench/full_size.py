@@ -27,9 +27,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from dsv2.bench.common import cpu_name, run_child
 
 GiB = 2**30
 
@@ -45,10 +46,9 @@ def _child(spec: dict) -> dict:
     bw = copy_bandwidth()   # first, so its two 256 MiB buffers are gone before the model arrives
     path, q, max_len, slots = spec["model"], spec["quantize"], spec["max_len"], spec["slots"]
     plan = plan_memory(path, None, q, max_len, slots, spec["kv_cache_dtype"])
-    print(plan.table(), file=sys.stderr, flush=True)
     t = time.perf_counter()
     model = load_pretrained(path, quantize=q)
-    res = {"config": f"{q}:{max_len}:{slots}", "load_s": time.perf_counter() - t,
+    res = {"config": f"{q}:{max_len}:{slots}", "load_s": time.perf_counter() - t, "plan": plan.table(),
            "estimate_gib": plan.peak / GiB, "weights_gib": plan.weights / GiB}
     res["load_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
     cfg = model.config
@@ -70,23 +70,16 @@ def _child(spec: dict) -> dict:
                 eng.add(Request(r, params))
             eng.step()
         best, avg, _ = decode_rates(eng.step, spec["new_tokens"] - 2, B)
-        roof = B * bw / weight_bytes_per_step(model, B)   # bw: bytes a large copy moves per second, as bench/generate.py
+        read = weight_bytes_per_step(model, B)
+        roof = B * bw / read   # bw: bytes a large copy moves per second, as bench/generate.py
         res[f"decode_b{B}_tok_s"], res[f"decode_b{B}_avg_tok_s"] = best, avg
         res[f"decode_b{B}_roofline_tok_s"] = roof
         res[f"decode_b{B}_roofline_frac"] = best / roof
-        res[f"weights_read_b{B}_gb"] = weight_bytes_per_step(model, B) / 1e9
+        res[f"weights_read_b{B}_gb"] = read / 1e9
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
     res["estimate_error"] = res["estimate_gib"] / res["peak_rss_gib"] - 1
     res["threads"] = torch.get_num_threads()
     return res
-
-
-def _run(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"configuration {spec['quantize']}:{spec['max_len']}:{spec['slots']} failed (exit {proc.returncode}).")
-    return json.loads(lines[-1][7:])
 
 
 def main() -> int:
@@ -112,11 +105,11 @@ def main() -> int:
         spec = dict(model=args.model, quantize=None if q in ("none", "") else q, max_len=int(max_len),
                     slots=int(slots), kv_cache_dtype=args.kv_cache_dtype, prompt_tokens=args.prompt_tokens,
                     new_tokens=args.new_tokens, batches=[int(b) for b in args.batches.split(",")])
-        r = _run(spec)
+        r = run_child(__file__, spec)
         results.append(r)
+        print(r.pop("plan"), flush=True)
         print(json.dumps(r), flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if ln.startswith("Model name")), "?")
+    cpu = cpu_name()
     print(f"\n{args.model} on {cpu}, {results[0]['threads']} threads")
     print(f"{'config':<16}{'load s':>8}{'TTFT s':>8}{'b1 tok/s':>10}{'b1 roof':>9}{'b8 tok/s':>10}{'b8 roof':>9}"
           f"{'peak GiB':>10}{'estimate':>10}{'error':>8}")

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsv2.bench.common import cpu_name
+
 WRAPPER = """import runpy, sys
 tree = sys.argv.pop(1)
 sys.path[:0] = [tree, tree + '/gguf-py']
@@ -167,14 +169,6 @@ def llama_bench(bench: Path, gguf: Path, args, test: list[str], load: list[str])
             "raw": res}
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
-    isa = "avx512" if "avx512f" in field.get("Flags", "") else "avx2" if "avx2" in field.get("Flags", "") else "no avx2"
-    return (f"{field.get('Model name', 'unknown')} (family {field.get('CPU family', '?')}, model "
-            f"{field.get('Model', '?')}, {isa}), {os.cpu_count()} CPUs")
-
-
 def main(argv=None) -> int:
     args = _args(argv)
     ckpt = Path(args.checkpoint).resolve()
@@ -204,7 +198,7 @@ def main(argv=None) -> int:
     raw = rows[0]["raw"]
     result = {"llama_cpp_python_sdist": version, "llama_cpp_commit": commit_of(tree),
               "llama_cpp_build": f"{raw.get('build_commit')} ({raw.get('build_number')})",
-              "cpu": cpu_model(), "checkpoint": str(ckpt), "gguf": str(gguf),
+              "cpu": cpu_name(), "checkpoint": str(ckpt), "gguf": str(gguf),
               "gguf_gib": gguf.stat().st_size / 2**30, "model_params": raw.get("model_n_params"),
               "build_seconds": build_s, "convert_seconds": convert_s, "threads": args.threads, "reps": args.reps,
               "load_avg_before": load_avg, "load_avg_after": os.getloadavg()[0],

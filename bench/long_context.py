@@ -27,12 +27,14 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from dsv2.bench.common import best_window, cpu_name, run_child
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GiB = 2**30
 
 
@@ -93,9 +95,7 @@ def _child(spec: dict) -> dict:
                 past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 times.append(time.perf_counter() - t)
         fused = False
-    w = 4
-    best = min(sum(times[i:i + w]) for i in range(0, len(times) - w + 1)) / w if len(times) >= w else min(times)
-    return {"engine": spec["engine"], "length": L, "prefill_s": prefill, "decode_tok_s": 1 / best,
+    return {"engine": spec["engine"], "length": L, "prefill_s": prefill, "decode_tok_s": best_window(times, 1, 4),
             "decode_avg_tok_s": len(times) / sum(times), "cache_bytes": cache, "fused": fused,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB}
 
@@ -129,16 +129,15 @@ def main() -> int:
         for L in lengths:
             for engine in ["dsv2"] + ([] if args.no_peer else ["transformers"]):
                 spec = dict(engine=engine, length=L, new_tokens=args.new_tokens, threads=args.threads, model=str(ckpt))
-                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
-                                      text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if not lines:
-                    print(f"{engine} at {L}: failed (exit {proc.returncode})", flush=True)
+                try:
+                    r = run_child(__file__, spec)
+                except RuntimeError as e:   # transformers at 32K asks for more memory than this machine has
+                    print(f"{engine} at {L}: failed: {str(e).strip().splitlines()[-1]}", flush=True)
                     continue
-                r = json.loads(lines[-1][7:])
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\n{'length':>8} {'engine':<13}{'prefill s':>10}{'decode tok/s':>14}{'(avg)':>8}{'cache MB':>10}"
+    print(f"\n{cpu_name()}, {args.threads} threads")
+    print(f"{'length':>8} {'engine':<13}{'prefill s':>10}{'decode tok/s':>14}{'(avg)':>8}{'cache MB':>10}"
           f"{'peak GiB':>10}")
     for r in rows:
         print(f"{r['length']:>8} {r['engine']:<13}{r['prefill_s']:>10.1f}{r['decode_tok_s']:>14.2f}"

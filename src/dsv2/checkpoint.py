@@ -275,10 +275,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     return model.eval()
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8,
-                       "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-                       "BOOL": torch.bool}
+# safetensors' dtype names -> torch dtypes (what _Shard reads; bench/make_checkpoint writes the inverse)
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8,
+                      "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                      "BOOL": torch.bool}
 
 
 class _Shard:
@@ -315,9 +316,9 @@ class _Shard:
 
     def get_tensor(self, key: str) -> torch.Tensor:
         h = self.header[key]
-        if h["dtype"] not in _SAFETENSORS_DTYPES:
+        if h["dtype"] not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor '{key}' in {self.path.name} has dtype {h['dtype']}, which dsv2 does not read.")
-        t = torch.empty(h["shape"], dtype=_SAFETENSORS_DTYPES[h["dtype"]])
+        t = torch.empty(h["shape"], dtype=SAFETENSORS_DTYPES[h["dtype"]])
         begin, end = h["data_offsets"]
         nbytes = t.numel() * t.element_size()
         if end - begin != nbytes:

@@ -8,6 +8,7 @@ this process beside wall seconds.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,10 +37,14 @@ def random_checkpoint(path: str | Path, preset: str, tokenizer: bool = False, se
     return model
 
 
+def source_texts() -> list[str]:
+    """dsv2's own Python sources: the corpus of every benchmark tokenizer (a few MB, offline)."""
+    return [f.read_text(errors="ignore") for f in sorted(SRC.rglob("*.py"))]
+
+
 def _bpe_tokenizer(path: Path, vocab_size: int) -> None:
     from ..data.bpe import BOS, EOS, byte_level_bpe
-    texts = [f.read_text(errors="ignore") for f in sorted(SRC.rglob("*.py"))]
-    byte_level_bpe(texts, vocab_size).save(str(path / "tokenizer.json"))
+    byte_level_bpe(source_texts(), vocab_size).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}))
 
 
@@ -141,15 +146,35 @@ def weight_bytes_per_step(model, B: int) -> float:
     return total
 
 
+# ------------------------------------------------------------------ the machine
+def cpu_name() -> str:
+    """The CPU a figure came from: its model name, the units that decide bf16 speed here
+    (AVX-512, AVX512-BF16, AMX), and the CPU count."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    units = [u for u, flag in (("avx512", "avx512f"), ("avx512_bf16", "avx512_bf16")) if flag in flags] \
+        or (["avx2"] if "avx2" in flags else ["no avx2"])
+    units.append("AMX" if "amx_tile" in flags else "no AMX")
+    return f"{name} ({', '.join(units)}), {os.cpu_count()} CPUs"
+
+
 # ------------------------------------------------------------------ child processes
-def run_child(module: str, spec: dict) -> dict:
-    """`python -m module --child SPEC` in a fresh process (its own peak memory and allocator);
-    it prints one `RESULT {json}` line."""
-    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(spec)], capture_output=True, text=True)
+def run_child(target: str, spec: dict) -> dict:
+    """`python -m target --child SPEC` (or `python target.py --child SPEC` for a script) in a fresh
+    process, so its peak memory and allocator are its own; it prints one `RESULT {json}` line."""
+    cmd = [sys.executable, target] if target.endswith(".py") else [sys.executable, "-m", target]
+    proc = subprocess.run([*cmd, "--child", json.dumps(spec)], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{module} child {spec.get('engine', '')} {spec.get('dtype', '')} failed:\n"
+    raise RuntimeError(f"{Path(target).name} child {json.dumps(spec)} failed (exit {proc.returncode}):\n"
                        f"{proc.stderr[-3000:]}")
 
 

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from .common import SRC
+from ..checkpoint import SAFETENSORS_DTYPES
+from .common import source_texts
 
-_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_DTYPE_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}   # torch dtype -> safetensors name
 
 
 def tensor_layout(cfg) -> list[tuple[str, tuple[int, ...]]]:
@@ -78,7 +79,7 @@ def _write_shard(path: Path, tensors, dtype: torch.dtype, std: float, seed: int,
     header, offset = {}, 0
     for key, shape in tensors:
         n = torch.Size(shape).numel() * dtype.itemsize
-        header[key] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[key] = {"dtype": _DTYPE_NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     header["__metadata__"] = {"format": "pt"}
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -101,14 +102,12 @@ def write_tokenizer(out: Path, cfg, trained_vocab: int = 8192) -> int:
     DeepSeek-V2's own layout: 100,000 BPE entries, then BOS at 100000 and EOS at 100001, in a
     102,400-row embedding. Only `trained_vocab` entries are learned here (dsv2's sources are a few
     MB); the rest are `<reserved_i>` placeholders that no text encodes to."""
-    from ..data.bpe import BOS, EOS, byte_level_bpe
-    from ..tokenizer import DEEPSEEK_CHAT_TEMPLATE
+    from ..data.bpe import BOS, EOS, byte_level_bpe, write_tokenizer_config
     bos, eos = cfg.bos_token_id, cfg.eos_token_id
     size = max(bos, eos) + 1 if max(bos, eos) >= 256 + 2 else min(cfg.vocab_size, trained_vocab)
     if size > cfg.vocab_size:
         raise ValueError(f"bos/eos ids {bos}/{eos} lie outside the vocabulary of {cfg.vocab_size}.")
-    texts = [f.read_text(errors="ignore") for f in sorted(SRC.rglob("*.py"))]
-    spec = json.loads(byte_level_bpe(texts, min(size - 2, trained_vocab), special_tokens=()).to_str())
+    spec = json.loads(byte_level_bpe(source_texts(), min(size - 2, trained_vocab), special_tokens=()).to_str())
     learned = sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
     free = [i for i in range(size) if i not in (bos, eos)]
     vocab = {tok: free[i] for i, tok in enumerate(learned)}
@@ -123,10 +122,7 @@ def write_tokenizer(out: Path, cfg, trained_vocab: int = 8192) -> int:
     spec["added_tokens"] = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
                              "normalized": False, "special": True} for tok, i in ((BOS, bos), (EOS, eos))]
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.max_position_embeddings,
-        "clean_up_tokenization_spaces": False, "chat_template": DEEPSEEK_CHAT_TEMPLATE}, indent=2, ensure_ascii=False))
+    write_tokenizer_config(out, cfg.max_position_embeddings)
     return size
 
 

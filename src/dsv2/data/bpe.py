@@ -35,6 +35,18 @@ def byte_level_bpe(texts: list[str], vocab_size: int, special_tokens=(BOS, EOS))
     return tk
 
 
+def write_tokenizer_config(out: Path, model_max_length: int = 16384) -> None:
+    """tokenizer_config.json as DeepSeek-V2 ships it: BOS/EOS names, BOS first, the chat template."""
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+        "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+        "chat_template": DEEPSEEK_CHAT_TEMPLATE,
+    }
+    (Path(out) / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def train_tokenizer(paths, out_dir: str | Path, vocab_size: int = 4096, max_mb: float | None = None,
                     verbose: bool = True) -> Path:
     """Train on the documents under `paths` (default corpus when empty); returns `out_dir`."""
@@ -54,14 +66,7 @@ def train_tokenizer(paths, out_dir: str | Path, vocab_size: int = 4096, max_mb: 
             print(skipped.report())
     tk = byte_level_bpe(docs, vocab_size)
     tk.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
-        "add_bos_token": True, "add_eos_token": False,
-        "model_max_length": 16384, "clean_up_tokenization_spaces": False,
-        "chat_template": DEEPSEEK_CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_tokenizer_config(out)
     if verbose:
         print(f"tokenizer: {tk.get_vocab_size():,} tokens in {time.time() - t0:.1f}s -> {out}/tokenizer.json")
     return out

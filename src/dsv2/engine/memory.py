@@ -161,15 +161,16 @@ def _activations(cfg, T: int, S: int, dtype: torch.dtype, quantized: list[torch.
     return hidden + attention + ffn + widened + logits
 
 
-def check_memory(plan: MemoryPlan, alternatives=None) -> None:
+def check_memory(plan: MemoryPlan, alternatives=()) -> None:
     """Raise one sentence if `plan` does not fit: the figures, and the first of `alternatives`
-    ((option text, plan) pairs, in order of preference) that would."""
+    ((option text, plan) pairs, in order of preference; an iterator plans each only when asked)
+    that would."""
     if plan.fits():
         return
     msg = (f"{plan.what} needs about {plan.needed / GiB:.1f} GiB more memory (weights {plan.weights / GiB:.1f}, "
            f"latent cache {plan.cache / GiB:.1f}, the rest {(plan.peak - plan.weights - plan.cache) / GiB:.1f} GiB) "
            f"but {plan.available / GiB:.1f} GiB is available")
-    for option, alt in alternatives or ():
+    for option, alt in alternatives:
         if alt.fits():
             raise DoesNotFit(f"{msg}; {option} would need about {alt.needed / GiB:.1f} GiB.")
     raise DoesNotFit(f"{msg}, and no smaller option fits: free memory or use a larger machine.")
@@ -180,21 +181,23 @@ def preflight(path, dtype=None, quantize: str | None = None, max_len: int = 4096
     """Plan, and refuse with the figure and an option that fits (a quantization, a cache format,
     a shorter context or fewer slots) before any weight is read. Returns the plan."""
     plan = plan_memory(path, dtype, quantize, max_len, slots, kv_cache_dtype)
-    if plan.fits():
-        return plan
-    alternatives = []
     kw = dict(dtype=dtype, quantize=quantize, max_len=max_len, slots=slots, kv_cache_dtype=kv_cache_dtype)
-    if quantize is None:
-        alternatives += [(f"--quantize {q}", plan_memory(path, **(kw | {"quantize": q}))) for q in ("int8", "fp8")]
-    base = dict(kw, quantize=quantize or "int8")
-    flag = "" if quantize else " with --quantize int8"
-    if kv_cache_dtype not in ("mixed", "fp8", "int8"):
-        alternatives.append((f"--kv-cache-dtype mixed{flag}", plan_memory(path, **(base | {"kv_cache_dtype": "mixed"}))))
-    length = max_len // 2
-    while length >= 512:
-        alternatives.append((f"--max-len {length}{flag}", plan_memory(path, **(base | {"max_len": length}))))
-        length //= 2
-    if slots > 1:
-        alternatives.append((f"--slots 1{flag}", plan_memory(path, **(base | {"slots": 1}))))
-    check_memory(plan, alternatives)
+    check_memory(plan, ((option, plan_memory(path, **(kw | change))) for option, change in _options(kw)))
     return plan
+
+
+def _options(kw: dict):
+    """(flag text, the settings it changes) to try, in order: a quantization, the mixed cache,
+    halved contexts down to 512, one slot (the last three with int8 when nothing was quantized)."""
+    if kw["quantize"] is None:
+        yield from ((f"--quantize {q}", {"quantize": q}) for q in ("int8", "fp8"))
+    base = {"quantize": kw["quantize"] or "int8"}
+    flag = "" if kw["quantize"] else " with --quantize int8"
+    if kw["kv_cache_dtype"] not in ("mixed", "fp8", "int8"):
+        yield f"--kv-cache-dtype mixed{flag}", base | {"kv_cache_dtype": "mixed"}
+    length = kw["max_len"] // 2
+    while length >= 512:
+        yield f"--max-len {length}{flag}", base | {"max_len": length}
+        length //= 2
+    if kw["slots"] > 1:
+        yield f"--slots 1{flag}", base | {"slots": 1}

@@ -38,9 +38,10 @@ def quantize_rows(w: torch.Tensor, chunk: int = 4096, native: bool | None = None
     way in one pass, ~10x faster; elsewhere, or with native=False, rows are rounded `chunk` at a
     time with PyTorch ops, so the float32 working copies stay small beside the weights (a
     102,400-row head would otherwise take three float32 copies of itself)."""
-    if native is not False and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and _native_ops():
-        return torch.ops.dsv2.quantize_rows_int8(w.detach())
+    if native is not False and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        from .. import native as nat
+        if nat.available(notice=False):
+            return torch.ops.dsv2.quantize_rows_int8(w.detach())
     rows = w.detach().reshape(-1, w.shape[-1])
     q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(rows.shape[0], dtype=torch.bfloat16, device=w.device)
@@ -50,15 +51,6 @@ def quantize_rows(w: torch.Tensor, chunk: int = 4096, native: bool | None = None
         q[i:i + chunk] = torch.div(r, s.float()[:, None]).round_().clamp_(-127, 127)   # divides in float32
         scale[i:i + chunk] = s
     return q.view(w.shape), scale.view(w.shape[:-1])
-
-
-def _native_ops() -> bool:
-    from ..native import build
-    try:
-        build.load()
-        return True
-    except build.Unsupported:
-        return False
 
 
 def _mm(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
