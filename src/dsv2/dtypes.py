@@ -22,3 +22,20 @@ def parse_dtype(value, what: str = "dtype"):
     if value in DTYPE_NAMES:
         return getattr(torch, value)
     raise ValueError(f"unknown {what} {value!r}: use {' or '.join(DTYPE_NAMES)}.")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16. Without them (e.g. AVX2-only CPUs) bfloat16 matmuls are emulated: ~5x
+    slower than float32 for torch's GEMM, ~100x for a training step's mix of kernels."""
+    global _fast_bf16
+    if _fast_bf16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            flags = ""
+        _fast_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    return _fast_bf16
+
+
+_fast_bf16: bool | None = None

@@ -52,7 +52,7 @@ class ScriptedModel(torch.nn.Module):
         self.config, self.script, self.start = config, script, start
         self.w = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, kv=None, step=None, absorb=False, last_only=False):
+    def forward(self, x, kv=None, step=None, absorb=False, last_only=False, dtype=None):
         last = step.positions[:, -1] - self.start + 1
         logits = torch.full((x.shape[0], 1, self.config.vocab_size), -1e9)
         for b, i in enumerate(last.tolist()):

@@ -1,4 +1,4 @@
-"""GRPO, the objective (DeepSeekMath §4.1; SPEC.md §6): group-relative advantages, no value network.
+"""GRPO, the objective (DeepSeekMath §4.1, DeepSeek-V2 §4.2): group-relative advantages, no value network.
 
 For a question q, G outputs o_1..o_G are sampled from the old policy and rewarded r_1..r_G.
 Outcome supervision gives every token of o_i the advantage

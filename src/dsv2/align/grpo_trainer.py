@@ -202,7 +202,7 @@ class GRPOTrainer(FinetuneTrainer):
                 self.rules.begin(torch.arange(s.start, min(s.stop, B)))
                 with self.autocast():
                     logp, ent = completion_logprobs(self.step_model, x[s], y[s], with_entropy=True,
-                                                    temperature=g.temperature)
+                                                    temperature=g.temperature, moe_hooks=self.rules)
                 aux = self.rules.collect(*x[s].shape, valid_BT=valid[s])
                 loss, st = grpo_loss(logp, logp.detach() if old is None else old[s], None if ref is None else ref[s],
                                      adv[s], mask[s], g.eps_low, g.eps_high, g.beta, g.agg, g.max_new_tokens,

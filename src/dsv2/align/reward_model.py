@@ -62,9 +62,10 @@ class RewardModel(nn.Module):
     def flops_per_token(self, seq_len: int, training: bool = False) -> float:
         return self.backbone.flops_per_token(seq_len, training)
 
-    def forward(self, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] (right-padded), last [B] the index of each row's last token -> rewards [B] float32."""
-        h = self.backbone.hidden_states(input_ids)
+    def forward(self, input_ids: torch.Tensor, last: torch.Tensor, moe_hooks=None) -> torch.Tensor:
+        """input_ids [B, T] (right-padded), last [B] the index of each row's last token -> rewards [B] float32.
+        moe_hooks: the trainer's MoE rules (model/moe.py), in training forwards."""
+        h = self.backbone.hidden_states(input_ids, moe_hooks=moe_hooks)
         return self.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
 
 
@@ -164,11 +165,11 @@ class RMTrainer(FinetuneTrainer):
         self.train_data = EpochOrder(len(self.pairs), cfg.seed, dp_rank, dp_size)
         self.pad_id = tok.eos_id or 0
 
-    def _scores(self, model, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _scores(self, model, pairs, moe_hooks=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, last, valid = batch_of([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)
         x, last = x.to(self.device), last.to(self.device)
         with self.autocast():
-            r = model(x, last)
+            r = model(x, last, moe_hooks=moe_hooks)
         return r[: len(pairs)], r[len(pairs):], valid.to(self.device)
 
     def train_step(self, step: int) -> dict:
@@ -178,7 +179,7 @@ class RMTrainer(FinetuneTrainer):
         total, correct, margin, aux_sum, tokens = 0.0, 0, 0.0, {}, 0
         for _ in range(n // mb):
             pairs = [self.pairs[self.train_data.next()[0]] for _ in range(mb)]
-            rc, rr, valid = self._scores(self.step_model, pairs)
+            rc, rr, valid = self._scores(self.step_model, pairs, self.rules)
             aux = self.rules.collect(*valid.shape, valid_BT=valid)
             loss = -F.logsigmoid(rc - rr).sum()
             (loss / n + sum(aux.values()) * (mb / n)).backward()
@@ -202,8 +203,6 @@ class RMTrainer(FinetuneTrainer):
         for s in range(0, len(self.val_pairs), mb):
             rc, rr, _ = self._scores(self.step_model, self.val_pairs[s:s + mb])
             correct += int((rc > rr).sum())
-        for m in self.rules.layers:
-            m.last_routing = m.last_keep = None
         self.step_model.train()
         return correct / len(self.val_pairs)
 

@@ -82,13 +82,14 @@ def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]],
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
-                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        temperature: float = 1.0, moe_hooks=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(target_t | prefix) [B, T] in float32 (with grad if enabled), and the policy's
     entropy at each position [B, T] (no grad) if asked. Right padding never affects real
     positions (causal attention). With a sampling temperature T the policy is softmax(logits / T),
     the distribution the rollouts were drawn from (as TRL does). The head runs by chunks
-    (model/loss.py): the [B, T, vocab] logits are never held at once."""
-    h = model.hidden_states(input_ids)                               # [B, T, D]
+    (model/loss.py): the [B, T, vocab] logits are never held at once. moe_hooks: the trainer's
+    MoE rules, in training forwards (model/moe.py)."""
+    h = model.hidden_states(input_ids, moe_hooks=moe_hooks)                               # [B, T, D]
     B, T, D = h.shape
     logp, ent = lm_head_token_logprobs(h.reshape(B * T, D), model.lm_head.weight, targets.reshape(-1),
                                        temperature, with_entropy)

@@ -1,9 +1,10 @@
 """Expert parallelism: experts sharded over the EP ranks, tokens moved with all_to_all_single.
 
 Applied from outside the model: `apply_expert_parallel` swaps each MoE layer's dispatcher
-for an `EPDispatcher`, turns the stacked expert weights into DTensors sharded on the expert
-axis over the "ep" mesh dimension, and wraps the layer's token-dropping policy so that its
-capacity is the capacity of the ranks that receive the tokens.
+for an `EPDispatcher` and turns the stacked expert weights into DTensors sharded on the expert
+axis over the "ep" mesh dimension (the experts' forward computes on their local shards,
+`to_local()`). The dispatcher also runs the trainer's token-dropping policy over the EP
+group's tokens, so that its capacity is the capacity of the ranks that receive them.
 
 One MoE layer, seen from one rank (R = EP ranks, E experts, El = E / R on each rank):
 
@@ -56,6 +57,14 @@ class EPDispatcher:
         self.group = group
         self.ranks = dist.get_world_size(group)
         self.local = LocalDispatcher()
+        self._domain: EPDropDomain | None = None
+
+    def drop(self, policy, route: Routing, shape: torch.Size) -> torch.Tensor:
+        """A token-dropping policy's keep mask [N, K], over the EP group's tokens (EPDropDomain):
+        capacity belongs to the receiving rank, which receives from the whole group."""
+        if self._domain is None or self._domain.policy is not policy:
+            self._domain = EPDropDomain(policy, self.group)
+        return self._domain(route, shape)
 
     def dispatch(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, n_experts: int,
                  keep_NK: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], EPState]:
@@ -82,34 +91,9 @@ class EPDispatcher:
         return self.local.combine(y_SD, state.local, weight_NK, n_tokens)
 
 
-class _LocalShardForward:
-    """Mixed into a GroupedExperts whose weights are DTensors: its own forward runs on the local shard.
-
-    The experts' forward indexes its weights by expert; on a DTensor that would be a global
-    index. For the duration of the call the local shards (El experts) stand in for the
-    parameters, and `to_local` is differentiable, so gradients land in the DTensor grads.
-    FSDP2 swaps parameters on the same module in the same way around this call.
-    """
-
-    def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        params = self._parameters
-        saved = {n: p for n, p in params.items() if isinstance(p, DTensor)}
-        local = {n: p.to_local() for n, p in saved.items()}
-        params.update(local)
-        try:
-            out = super().forward(x_MD, counts)
-        finally:
-            params.update(saved)
-        if x_MD.shape[0] == 0:
-            # No rows reached this rank's experts. Keep the output attached to the input and the
-            # weights anyway (a zero term), so this rank's backward runs the same nodes, and FSDP's
-            # gradient reduce-scatter for the experts fires at the same point, as on every other rank.
-            out = out + 0.0 * (x_MD.sum() + sum(w.sum() for w in local.values()))
-        return out
-
-
 def shard_experts(experts: GroupedExperts, ep_mesh: DeviceMesh) -> None:
-    """Make every stacked expert weight a DTensor, Shard(0) (the expert axis) over `ep_mesh`."""
+    """Make every stacked expert weight a DTensor, Shard(0) (the expert axis) over `ep_mesh`: rank r
+    holds group r's experts in `model.moe.expert_groups`' map."""
     n_experts = experts.gate_up_proj.shape[0]
     if n_experts % ep_mesh.size():
         raise ValueError(f"EP size {ep_mesh.size()} must divide the number of routed experts ({n_experts}).")
@@ -120,9 +104,6 @@ def shard_experts(experts: GroupedExperts, ep_mesh: DeviceMesh) -> None:
         local = p.data.chunk(size, dim=0)[rank].clone()
         dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
         experts.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
-    cls = type(experts)
-    if not issubclass(cls, _LocalShardForward):
-        experts.__class__ = type(f"EP{cls.__name__}", (_LocalShardForward, cls), {})
 
 
 class EPDropDomain:
@@ -199,15 +180,3 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     for moe in moe_layers(model):
         shard_experts(moe.experts, ep_mesh)
         moe.dispatcher = EPDispatcher(group)
-        if moe.drop_policy is not None and not isinstance(moe.drop_policy, EPDropDomain):
-            moe.drop_policy = EPDropDomain(moe.drop_policy, group)
-
-
-def set_drop_policy(model: nn.Module, policy, domain_seqs: int | None = None) -> None:
-    """Install a token-dropping policy on every MoE layer, applied per drop domain of `domain_seqs`
-    sequences (None: the EP group's batch, or the whole batch in one process)."""
-    for moe in moe_layers(model):
-        if isinstance(moe.dispatcher, EPDispatcher) and policy is not None:
-            moe.drop_policy = EPDropDomain(policy, moe.dispatcher.group, domain_seqs)
-        else:
-            moe.drop_policy = in_domains(policy, domain_seqs)

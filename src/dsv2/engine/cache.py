@@ -179,11 +179,11 @@ class LayerView:
 
     def store(self, positions_BT: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         rows = torch.arange(positions_BT.shape[0], device=positions_BT.device)[:, None]
-        if self.fmt is None:
-            self.buf[rows, positions_BT, : self.C] = c_kv.to(self.buf.dtype)
-            self.buf[rows, positions_BT, self.C:] = k_pe.to(self.buf.dtype)
-        else:
-            self.buf[rows, positions_BT] = self.fmt.encode(torch.cat([c_kv, k_pe], -1), self.scale)
+        joint = torch.cat([c_kv, k_pe], -1)
+        joint = joint.to(self.buf.dtype) if self.fmt is None else self.fmt.encode(joint, self.scale)
+        # One in-place write of whole rows: torch.compile then updates the cache in place, where
+        # writes to column slices made it copy the layer's whole buffer every step.
+        self.buf.index_put_((rows.expand_as(positions_BT), positions_BT), joint)
 
     def window(self, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
         """Positions [0, kv_len) as [B, S, C + R] (c^KV then k^R): a view of the buffer, or (packed

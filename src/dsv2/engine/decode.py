@@ -9,10 +9,12 @@ machine; `native=False` (or DSV2_NATIVE=0) keeps PyTorch ops, and where it canno
 (no C compiler) or does not apply (GPU, biases) PyTorch ops are used with a one-line notice
 only for a missing compiler.
 
-torch.compile is opt-in (compile=True). Measured on the project's 2-vCPU AVX2 machine, the
-compiled decode step was no faster than eager (41 vs 49 tokens/s at batch 1, 233 vs 229 at
-batch 16, `dsv2 bench --compile`) after ~80 s of compilation: the MoE's host-side expert
-choice splits the graph per layer. Eager is the default.
+With compile=True the PyTorch step is compiled as one graph: `torch.compile(fullgraph=True)`,
+and on CUDA with mode="reduce-overhead" (CUDA graphs). It has no graph breaks because the
+engine prepares the model first (engine/optimize.py: the MoE routes and permutes on the device,
+the routed experts are one custom operator); tests/engine/test_compile.py checks that with
+`torch._dynamo.explain`. Shapes are dynamic (batch and attended length), so a new batch size
+or context length does not recompile. docs/performance.md compares it with the fused C step.
 Where compilation fails, decoding falls back to eager with a one-line notice on stderr.
 """
 
@@ -43,7 +45,8 @@ class DecodeStep:
                         raise ValueError(f"the fused decode step cannot run this model: {e}.") from e
         if compile:
             try:
-                self.fn = torch.compile(self._eager, dynamic=True)
+                mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+                self.fn = torch.compile(self._eager, fullgraph=True, dynamic=True, mode=mode)
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - any failure means: decode eagerly
                 self._fallback(e)

@@ -63,9 +63,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.attention import KVStep
-from ..model.precision import cpu_has_fast_bf16, float32_matmuls
 from .cache import LatentCache, bytes_per_token, common_prefix
 from .memory import check_cache_fits
+from .optimize import prefill_dtype, prepare_for_decode
 from .sampling import SamplingParams, is_token_id, sample, token_logprobs
 from .text import TextStream
 
@@ -126,7 +126,7 @@ class Engine:
         if self.max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len {self.max_len} exceeds the model's context "
                              f"(max_position_embeddings = {cfg.max_position_embeddings}).")
-        dtype = next(model.parameters()).dtype
+        dtype = self._weight_dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             check_cache_fits(max_batch_slots * self.max_len * bytes_per_token(cfg, kv_cache_dtype, dtype),
@@ -144,9 +144,9 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         from .decode import DecodeStep
+        prepare_for_decode(model)
         self._decode = DecodeStep(model, compile, native)
-        # bfloat16 prefill on a CPU without bf16 arithmetic multiplies in float32 (model/precision.py).
-        self._f32_prefill = dtype == torch.bfloat16 and self.device.type == "cpu" and not cpu_has_fast_bf16()
+        self._prefill_dtype = prefill_dtype(model)   # float32 for bf16 weights on a CPU slow at bf16
 
     # ----------------------------------------------------------------- admin
     @property
@@ -266,10 +266,10 @@ class Engine:
         for (slot, _), p in zip(items, prompts):
             self.cached_ids[slot] = []
             self.cache.lengths[slot] = len(p)
-        with float32_matmuls(self._f32_prefill):
-            h = self.model.hidden_states(x, kv=self.cache.layers(slice(lo, lo + B)),
-                                         step=KVStep(pos[None].expand(B, -1), T, mask))
-        logits = self.model.head(h[torch.arange(B, device=self.device), lens - 1][:, None])[:, 0].float()
+        h = self.model.hidden_states(x, kv=self.cache.layers(slice(lo, lo + B)),
+                                     step=KVStep(pos[None].expand(B, -1), T, mask), dtype=self._prefill_dtype)
+        last = h[torch.arange(B, device=self.device), lens - 1][:, None].to(self._weight_dtype)
+        logits = self.model.head(last)[:, 0].float()
         for i, ((slot, r), p) in enumerate(zip(items, prompts)):
             self._start(slot, self._new_seq(r), logits[i: i + 1], p)
 
@@ -304,9 +304,8 @@ class Engine:
             mask = None if at == 0 else (self._slot_range[: at + T][None, None] <= pos[:, :, None])
             step = KVStep(pos, at + T, mask)
             self.cache.lengths[slot] = at + T
-            with float32_matmuls(self._f32_prefill):
-                logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step,
-                                    last_only=scores is None)
+            logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step,
+                                last_only=scores is None, dtype=self._prefill_dtype)
             if scores is not None:  # position t scores the prompt's token t + 1
                 nxt = torch.tensor(ids[c + 1: c + 1 + T], device=self.device)
                 scores += token_logprobs(logits[0, : len(nxt)], nxt, n_top)

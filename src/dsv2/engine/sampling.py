@@ -1,8 +1,8 @@
 """Sampling parameters and the batched sampler.
 
-Greedy rows take an argmax. Sampled rows follow PERF_NOTES' fast order: temperature, then
-top-k (a partial sort of k survivors, never a full sort of the vocabulary), then top-p on
-the survivors, then one uniform draw per row from that request's own seeded generator
+Greedy rows take an argmax. Sampled rows follow the order measured fastest on CPU:
+temperature, then top-k (a partial sort of k survivors, never a full sort of the vocabulary),
+then top-p on the survivors, then one uniform draw per row from that request's own seeded generator
 pushed through the cumulative distribution (searchsorted). A request's draws therefore
 depend only on its seed, not on which other requests share the batch.
 """

@@ -25,8 +25,8 @@ import torch
 
 from ..model.attention import KVStep
 from ..model.mask import causal_mask
-from ..model.precision import cpu_has_fast_bf16, float32_matmuls
 from .cache import LatentCache
+from .optimize import prefill_dtype, prepare_for_decode
 from .sampling import is_token_id
 
 Pair = tuple[list[int], list[int]]   # (context ids, continuation ids)
@@ -47,7 +47,8 @@ class Scorer:
         self.kv_cache_dtype = kv_cache_dtype   # the cache's format (engine/cache.py); None: the model's dtype
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        self._f32 = p.dtype == torch.bfloat16 and p.device.type == "cpu" and not cpu_has_fast_bf16()
+        prepare_for_decode(model)
+        self._prefill_dtype = prefill_dtype(model)   # float32 for bf16 weights on a CPU slow at bf16
 
     def fit(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
         """Left-truncate so context + continuation is at most max_len + 1 tokens."""
@@ -107,26 +108,25 @@ class Scorer:
         span = max(C) + len(rows[-1][2])
         cache = LatentCache(self.cfg, G + R, span, self.dtype, self.device, self.kv_cache_dtype)
         dev = self.device
-        with float32_matmuls(self._f32):
-            # 1. contexts without their last token into rows [0, G), longest first, padded within
-            # runs of similar lengths
-            for lo, hi in _runs([len(ctx) - 1 for ctx, _ in batch]):
-                pre = len(batch[lo][0]) - 1
-                if pre > 0:
-                    x = torch.tensor([ctx[:-1] + [0] * (pre - len(ctx) + 1) for ctx, _ in batch[lo:hi]], device=dev)
-                    pos = torch.arange(pre, device=dev)[None].expand(hi - lo, -1)
-                    self.model.hidden_states(x, kv=cache.layers(slice(lo, hi)),
-                                             step=KVStep(pos, pre, causal_mask(pos, pre)))
-            # 2. each row gets its question's latents
-            for r, (g, _, _) in enumerate(rows):
-                n = C[g] - 1
-                if n:
-                    for joint in cache.joint:
-                        joint[G + r, :n] = joint[g, :n]
-            # 3. [last context token] + continuation[:-1] at positions C - 1 ..., in runs of rows of
-            # similar lengths (sorted shortest first)
-            for lo, hi in _runs([len(cont) for _, _, cont in rows]):
-                self._score_rows(batch, rows[lo:hi], cache.layers(slice(G + lo, G + hi)), C, span, out)
+        # 1. contexts without their last token into rows [0, G), longest first, padded within
+        # runs of similar lengths
+        for lo, hi in _runs([len(ctx) - 1 for ctx, _ in batch]):
+            pre = len(batch[lo][0]) - 1
+            if pre > 0:
+                x = torch.tensor([ctx[:-1] + [0] * (pre - len(ctx) + 1) for ctx, _ in batch[lo:hi]], device=dev)
+                pos = torch.arange(pre, device=dev)[None].expand(hi - lo, -1)
+                self.model.hidden_states(x, kv=cache.layers(slice(lo, hi)),
+                                         step=KVStep(pos, pre, causal_mask(pos, pre)), dtype=self._prefill_dtype)
+        # 2. each row gets its question's latents
+        for r, (g, _, _) in enumerate(rows):
+            n = C[g] - 1
+            if n:
+                for joint in cache.joint:
+                    joint[G + r, :n] = joint[g, :n]
+        # 3. [last context token] + continuation[:-1] at positions C - 1 ..., in runs of rows of
+        # similar lengths (sorted shortest first)
+        for lo, hi in _runs([len(cont) for _, _, cont in rows]):
+            self._score_rows(batch, rows[lo:hi], cache.layers(slice(G + lo, G + hi)), C, span, out)
         if progress is not None:
             progress.update(R)
 
@@ -136,7 +136,8 @@ class Scorer:
         x = torch.tensor([[batch[g][0][-1]] + cont[:-1] + [0] * (T - len(cont)) for g, _, cont in rows], device=dev)
         start = torch.tensor([C[g] - 1 for g, _, _ in rows], device=dev)
         pos = start[:, None] + torch.arange(T, device=dev)[None]
-        h = self.model.hidden_states(x, kv=kv, step=KVStep(pos, span, causal_mask(pos, span)), absorb=True)
+        h = self.model.hidden_states(x, kv=kv, step=KVStep(pos, span, causal_mask(pos, span)), absorb=True,
+                                     dtype=self._prefill_dtype)
         logits = self.model.head(h).float()
         logp = logits.log_softmax(-1)
         for r, (g, i, cont) in enumerate(rows):

@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (MLA): low-rank joint KV compression with decoupled RoPE.
 
-Per token (paper §2.1; symbols as in SPEC.md):
+Per token (paper §2.1, with its symbols):
     c^Q  = W^DQ h            (q_a_proj, then q_a_layernorm)       skipped when q_lora_rank is None
     q    = W^UQ c^Q | W^Q h  (q_b_proj | q_proj) -> per head [q^C ; q^R]
     [c^KV ; k^R] = W^DKV h ; W^KR h   (kv_a_proj_with_mqa), then kv_a_layernorm on c^KV
@@ -33,7 +33,7 @@ from torch import nn
 from ..config import ModelConfig
 from .mask import causal_mask
 from .norm import RMSNorm
-from .precision import Linear, widen
+from .linear import Linear
 from .rope import apply_rope, softmax_scale
 
 
@@ -148,22 +148,19 @@ class MLA(nn.Module):
         pad = q.shape[-1] - V if V < q.shape[-1] and dropout == 0 else 0
         if pad:
             v = F.pad(v, (0, pad))
-        dt = q.dtype
-        if widen(q):  # bfloat16 on a CPU without bf16 arithmetic: attention in float32 (precision.py)
-            q, k, v = q.float(), k.float(), v.float()
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None],
             is_causal=mask is None and q.shape[1] > 1,
             dropout_p=dropout, scale=self.scale)
-        return o.transpose(1, 2)[..., :V].to(dt)
+        return o.transpose(1, 2)[..., :V]
 
     def _attend_absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
         """Scores against the latent: (q^C W^UK) . c^KV + q^R . k^R; output W^UV (sum p c^KV). -> [B, T, H, V]
 
         latent [B, S, C + R] holds c^KV and k^R side by side, so one bmm takes both score terms
         against the 576-wide rows, with the heads folded into the query rows ([B, T*H, C + R]):
-        PERF_NOTES measured explicit bmm far faster on CPU than einsum or SDPA with enable_gqa.
+        on CPU an explicit bmm was measured far faster than einsum or SDPA with enable_gqa.
         """
         B, T, H, N = q_nope.shape
         S, C = latent.shape[1], self.kv_lora_rank

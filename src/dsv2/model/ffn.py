@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import Linear
+from .linear import Linear
 
 
 class SwiGLU(nn.Module):

@@ -23,24 +23,14 @@ I expert hidden, M routed token copies after permutation (<= N*K).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from .ffn import SwiGLU
-from .precision import widen
-
-
-# Up to this many routed token copies (N x K) take MoE._forward_padded at inference; beyond,
-# padding waste outgrows the saving in calls and the sorted per-expert path is used.
-PADDED_MAX_COPIES = 512
-# ... and only while the padded rows (E x the busiest expert's count) are at most this many
-# times the real copies: with many experts and few tokens (DeepSeek-V2's 160 experts at a small
-# decode batch) padding would read every expert's weights for the few that were chosen.
-PADDED_MAX_WASTE = 3
 
 
 @dataclass
@@ -49,6 +39,17 @@ class Routing:
     scores_NE: torch.Tensor   # softmax affinities s_{i,t}, float32
     idx_NK: torch.Tensor      # chosen experts
     weight_NK: torch.Tensor   # gate values g (after norm_topk_prob / routed_scaling_factor), float32
+
+
+def expert_groups(n_experts: int, n_groups: int, device=None) -> torch.Tensor:
+    """group_E: the group (device) of each routed expert. The one map between experts and groups:
+    contiguous, equal-sized groups, so expert e is in group e // (N_r / D). The gate limits
+    routing by it, the training rules count by it, and expert parallelism places experts by it
+    (rank r holds one group's experts, a Shard(0) of the stacked weights)."""
+    if n_groups <= 0 or n_experts % n_groups:
+        raise ValueError(f"{n_experts} routed experts cannot be split evenly into {n_groups} groups: "
+                         "choose a number of groups (devices) dividing n_routed_experts.")
+    return torch.arange(n_experts, device=device) // (n_experts // n_groups)
 
 
 class Gate(nn.Module):
@@ -68,10 +69,12 @@ class Gate(nn.Module):
     def group_mask(self, scores_NE: torch.Tensor) -> torch.Tensor:
         """[N, E] bool: experts inside the M groups with the highest max affinity."""
         N = scores_NE.shape[0]
-        group_scores = scores_NE.view(N, self.n_group, -1).amax(dim=-1)
+        group_E = expert_groups(self.n_experts, self.n_group, scores_NE.device)
+        group_scores = scores_NE.new_full((N, self.n_group), float("-inf")).scatter_reduce_(
+            1, group_E.expand(N, -1), scores_NE, "amax")
         top_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
         mask_NG = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-        return mask_NG.repeat_interleave(self.n_experts // self.n_group, dim=1)
+        return mask_NG[:, group_E]
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
         with torch.autocast(x_ND.device.type, enabled=False):  # bf16 autocast would round the affinities
@@ -92,8 +95,6 @@ class Gate(nn.Module):
 class GroupedExperts(nn.Module):
     """N_r SwiGLU experts stacked: gate_up_proj [E, 2I, D] (W1 ; W3), down_proj [E, D, I] (W2)."""
 
-    stacked_bmm = True   # MoE._forward_padded may run all experts as one bmm over the stacked weights
-
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.hidden = hidden
@@ -106,24 +107,33 @@ class GroupedExperts(nn.Module):
         return F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
 
     def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e."""
+        """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e.
+
+        Under expert parallelism the weights are DTensors sharded on the expert axis, and x_MD
+        holds the rows of this rank's experts: the local shards compute them (`to_local` is
+        differentiable, so gradients land in the DTensors)."""
         w13, w2 = self.gate_up_proj, self.down_proj
-        if widen(x_MD):  # bfloat16 on a CPU without bf16 arithmetic: each used expert in float32
-            y_MD = torch.empty(x_MD.shape, dtype=torch.float32, device=x_MD.device)
-            for e, r in expert_rows(counts):
-                y_MD[r] = self.expert(e, x_MD[r].float())
-            return y_MD.to(x_MD.dtype)
+        sharded = isinstance(w13, DTensor)
+        if sharded:
+            w13, w2 = w13.to_local(), w2.to_local()
         if torch.is_autocast_enabled(x_MD.device.type):  # a Function is not autocast: cast as F.linear would
             dt = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w13, w2 = x_MD.to(dt), w13.to(dt), w2.to(dt)
-        return _SwiGLUExperts.apply(x_MD, w13, w2, tuple(counts))
+        out = _SwiGLUExperts.apply(x_MD, w13, w2, tuple(counts))
+        if sharded and x_MD.shape[0] == 0:
+            # No rows reached this rank's experts. Keep the output attached to the input and the
+            # weights anyway (a zero term), so this rank's backward runs the same nodes, and the
+            # experts' gradient reduce-scatter fires at the same point, as on every other rank.
+            out = out + 0.0 * (x_MD.sum() + w13.sum() + w2.sum())
+        return out
 
 
-class ExpertLoop(GroupedExperts):
-    """Experts stored in another form (quantized stacks, dsv2.quant), run one by one through
-    `expert(e, x)`: the padded all-experts bmm would widen every expert per step."""
+class ExpertLoop(nn.Module):
+    """Base of experts stored in another form (quantized stacks, dsv2.quant): they define
+    `expert(e, x)`, and run one by one over the sorted rows."""
 
-    stacked_bmm = False
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         y_MD = torch.empty_like(x_MD)
@@ -141,6 +151,8 @@ class _SwiGLUExperts(torch.autograd.Function):
     Here every per-expert matmul writes into one preallocated buffer, the elementwise SwiGLU
     runs once over all rows, and each weight gradient lands directly in its [E, ...] slot.
     Only x and the first matmul's output are kept for backward; the activation is recomputed.
+    Weights in another dtype than x (bfloat16 weights, float32 activations at inference) are
+    cast expert by expert.
     """
 
     @staticmethod
@@ -150,11 +162,12 @@ class _SwiGLUExperts(torch.autograd.Function):
         h_M2I = x_MD.new_empty(x_MD.shape[0], 2 * I)
         y_MD = x_MD.new_empty(x_MD.shape)
         rows = expert_rows(counts)
+        dt = x_MD.dtype
         for e, r in rows:
-            torch.mm(x_MD[r], w13_E[e].t(), out=h_M2I[r])
+            torch.mm(x_MD[r], w13_E[e].to(dt).t(), out=h_M2I[r])
         a_MI = F.silu(h_M2I[:, :I]) * h_M2I[:, I:]
         for e, r in rows:
-            torch.mm(a_MI[r], w2_E[e].t(), out=y_MD[r])
+            torch.mm(a_MI[r], w2_E[e].to(dt).t(), out=y_MD[r])
         ctx.save_for_backward(x_MD, w13_E, w2_E, h_M2I)
         ctx.rows = rows
         return y_MD
@@ -203,6 +216,10 @@ class DispatchState:
 class LocalDispatcher:
     """Permutes token copies so each expert's rows are contiguous, and back (one process)."""
 
+    def drop(self, policy, route: Routing, shape: torch.Size) -> torch.Tensor:
+        """A token-dropping policy's keep mask [N, K]; its domain is this process's tokens."""
+        return policy(route, shape)
+
     def dispatch(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, n_experts: int,
                  keep_NK: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], DispatchState]:
         flat = idx_NK.flatten()
@@ -227,6 +244,19 @@ class LocalDispatcher:
         return out.index_add_(0, state.token_M, y_MD * w[:, None])
 
 
+class MoEHooks:
+    """What training adds to a MoE forward, handed in explicitly (`model(..., moe_hooks=...)`):
+    `keep` gives the token-dropping mask [N, K] for a layer's routing (None keeps every copy),
+    and `record` receives each layer's routing and mask, for the balance losses. The trainer's
+    `train.moe_hooks.MoERules` implements both; inference passes none."""
+
+    def keep(self, moe: "MoE", route: Routing, shape: torch.Size) -> torch.Tensor | None:
+        return None
+
+    def record(self, moe: "MoE", route: Routing, keep: torch.Tensor | None) -> None:
+        pass
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -236,64 +266,20 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
         self.dispatcher = LocalDispatcher()
-        # Hooks set from outside the model (training): a token-dropping policy
-        # (routing, batch shape) -> keep mask [N, K], and routing capture for balance losses.
-        self.drop_policy: Callable[[Routing, torch.Size], torch.Tensor] | None = None
-        self.record_routing = False
-        self.last_routing: Routing | None = None
-        self.last_keep: torch.Tensor | None = None
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, hooks: MoEHooks | None = None) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         route = self.gate(x_ND)
-        keep = self.drop_policy(route, x_BTD.shape) if (self.training and self.drop_policy) else None
-        if self.record_routing:
-            self.last_routing, self.last_keep = route, keep
-        local = keep is None and isinstance(self.dispatcher, LocalDispatcher) and not torch.is_grad_enabled()
-        out = None
-        if local and x_ND.shape[0] == 1:
-            out = self._forward_one_token(x_ND, route)
-        elif local and self.experts.stacked_bmm and x_ND.shape[0] * self.gate.top_k <= PADDED_MAX_COPIES:
-            out = self._forward_padded(x_ND, route)  # None where padding would waste too much
-        if out is None:
-            x_MD, counts, state = self.dispatcher.dispatch(x_ND, route.idx_NK, self.n_experts, keep)
-            y_MD = self.experts(x_MD, counts)
-            out = self.dispatcher.combine(y_MD, state, route.weight_NK, x_ND.shape[0])
+        keep = None
+        if hooks is not None:
+            keep = hooks.keep(self, route, x_BTD.shape) if self.training else None
+            hooks.record(self, route, keep)
+        x_MD, counts, state = self.dispatcher.dispatch(x_ND, route.idx_NK, self.n_experts, keep)
+        y_MD = self.experts(x_MD, counts)
+        out = self.dispatcher.combine(y_MD, state, route.weight_NK, x_ND.shape[0])
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_ND)
         return out.view_as(x_BTD)
-
-    def _forward_one_token(self, x_1D: torch.Tensor, route: Routing) -> torch.Tensor:
-        """Decode at batch 1: run the K chosen experts directly on weight views (no permutation,
-        no scatter); reading their ids on the host costs nothing on CPU."""
-        out = None
-        for e, w in zip(route.idx_NK[0].tolist(), route.weight_NK[0].tolist()):
-            y = self.experts.expert(e, x_1D)
-            out = y.mul_(w) if out is None else out.add_(y, alpha=w)
-        return out
-
-    def _forward_padded(self, x_ND: torch.Tensor, route: Routing) -> torch.Tensor | None:
-        """Inference on a few tokens (batched decode): each expert's copies padded to the largest
-        expert's count C, so all experts run as two bmm calls instead of 2 x E small matmuls,
-        whose per-call cost dominates at a handful of rows each. None (use the sorted path) when
-        the E x C padded rows exceed PADDED_MAX_WASTE x the real copies."""
-        N, D = x_ND.shape
-        flat_M = route.idx_NK.flatten()
-        counts_E = torch.bincount(flat_M, minlength=self.n_experts)
-        C = int(counts_E.max())
-        if self.n_experts * C > PADDED_MAX_WASTE * flat_M.numel():
-            return None
-        order_M = flat_M.argsort(stable=True)
-        expert_M = flat_M[order_M]
-        row_M = torch.arange(order_M.shape[0], device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
-        dt = torch.float32 if widen(x_ND) else x_ND.dtype   # precision.py: bf16 on a CPU without bf16 arithmetic
-        x_ECD = x_ND.new_zeros(self.n_experts, C, D, dtype=dt)
-        x_ECD[expert_M, row_M] = x_ND[order_M // route.idx_NK.shape[1]].to(dt)
-        gate, up = torch.bmm(x_ECD, self.experts.gate_up_proj.to(dt).transpose(1, 2)).chunk(2, dim=-1)
-        y_ECD = torch.bmm(F.silu(gate) * up, self.experts.down_proj.to(dt).transpose(1, 2)).to(x_ND.dtype)
-        y_MD = y_ECD[expert_M, row_M] * route.weight_NK.flatten()[order_M].to(x_ND.dtype)[:, None]
-        out_MD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD)
-        return out_MD.view(N, -1, D).sum(dim=1)
 
     def reference_forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The plain loop over every expert with a mask over every token (tests only)."""

@@ -14,9 +14,9 @@ from .attention import MLA, KVStep
 from .ffn import SwiGLU
 from .loss import check_targets, lm_head_cross_entropy
 from .mask import causal_mask, packed_positions
-from .moe import MoE, GroupedExperts, Gate
+from .moe import MoE, MoEHooks, GroupedExperts, Gate
 from .norm import RMSNorm
-from .precision import Linear
+from .linear import Linear
 from .rope import RotaryEmbedding
 
 
@@ -26,11 +26,13 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, kv=None, step=None, absorb=False):
+    def forward(self, x, cos, sin, kv=None, step=None, absorb=False, moe_hooks: MoEHooks | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, step, absorb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, moe_hooks) if self.is_moe else self.mlp(h))
 
 
 class DeepseekV2(nn.Module):
@@ -72,7 +74,8 @@ class DeepseekV2(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv: list | None = None, step: KVStep | None = None, absorb: bool = False,
                 last_only: bool = False, targets: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                moe_hooks: MoEHooks | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] in float32 (or [B, 1, vocab] with last_only).
 
         With `targets` [B, T] (the token each position should predict; IGNORE_INDEX = -100 is
@@ -86,6 +89,12 @@ class DeepseekV2(nn.Module):
         With `segment_ids` [B, T] (packed rows: several documents per row, each a run of equal
         ids) attention stays inside each document and, unless `positions` are given, positions
         (RoPE included) restart at 0 for each one (model/mask.py).
+
+        `dtype` is the activations' dtype (default: the weights'): every matmul runs in it, the
+        weights cast where they differ (model/linear.py). The head computes in the weights' dtype
+        for the last position alone (last_only), so its matrix is never widened for one row.
+
+        `moe_hooks` (training): token dropping and routing capture for every MoE layer (model/moe.py).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
@@ -98,31 +107,28 @@ class DeepseekV2(nn.Module):
             if positions is None:
                 positions = packed_positions(segment_ids)
             step = KVStep(positions, input_ids.shape[1], causal_mask(positions, input_ids.shape[1], segment_ids))
-        h = self.hidden_states(input_ids, positions, kv, step, absorb)
+        h = self.hidden_states(input_ids, positions, kv, step, absorb, dtype, moe_hooks)
         if targets is not None:
             return lm_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         if last_only:
-            h = h[:, -1:]
-        return self.head(h).float()
+            h = h[:, -1:].to(self.embed_tokens.weight.dtype)
+        return self.lm_head(h).float()
 
     def head(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, T, D] -> logits [B, T, vocab] (in the model's dtype)."""
-        B, T, D = h_BTD.shape
-        if (h_BTD.device.type == "cpu" and 2 <= B * T <= 128 and not torch.is_grad_enabled()
-                and isinstance(self.lm_head, nn.Linear)):
-            # A few rows against the whole vocabulary (batched decode): on the project's CPU MKL's
-            # sgemm took 1.5-4x longer for h W^T than for the same products as (W h^T)^T.
-            return torch.mm(self.lm_head.weight, h_BTD.reshape(B * T, D).t()).t().contiguous().view(B, T, -1)
+        """Final hidden states [B, T, D] -> logits [B, T, vocab] (in h's dtype)."""
         return self.lm_head(h_BTD)
 
-    def hidden_states(self, input_ids, positions=None, kv=None, step=None, absorb=False) -> torch.Tensor:
+    def hidden_states(self, input_ids, positions=None, kv=None, step=None, absorb=False,
+                      dtype: torch.dtype | None = None, moe_hooks: MoEHooks | None = None) -> torch.Tensor:
         if positions is None:
             positions = step.positions if step is not None else torch.arange(
                 input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(input_ids)
+        if dtype is not None:
+            x = x.to(dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb)
+            x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb, moe_hooks)
         return self.norm(x)
 
     # ------------------------------------------------------------ accounting

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import ExpertLoop, GroupedExperts
-from ..model.precision import widen
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -128,8 +127,7 @@ class Fp8Linear(_KeepsFp8):
             y = _gpu_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale_inv, self.block)
             if y is not None:
                 return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        dt = torch.float32 if widen(x) else x.dtype
-        return F.linear(x.to(dt), self.widened(dt)).to(x.dtype)
+        return F.linear(x, self.widened(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 in {self.block} blocks"
@@ -141,7 +139,7 @@ class Fp8GroupedExperts(_KeepsFp8, ExpertLoop):
     expert's weights widened for its matmul."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int, block=BLOCK, device=None):
-        nn.Module.__init__(self)
+        super().__init__()
         self.hidden, self.block = hidden, tuple(block)
         self.register_buffer("gate_up_proj", torch.empty(n_experts, 2 * hidden, dim, dtype=FP8, device=device))
         self.register_buffer("gate_up_proj_scale_inv", torch.empty(
@@ -167,10 +165,9 @@ class Fp8GroupedExperts(_KeepsFp8, ExpertLoop):
                 dequantize_blocks(self.down_proj[e], self.down_proj_scale_inv[e], self.block, dtype))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.float32 if widen(x) else x.dtype
-        w13, w2 = self.widened(e, dt)
-        gate, up = F.linear(x.to(dt), w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w2).to(x.dtype)
+        w13, w2 = self.widened(e, x.dtype)
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
 
 
 def to_fp8(model: nn.Module, block=BLOCK) -> nn.Module:

@@ -53,7 +53,8 @@ def quantize_rows(w: torch.Tensor, chunk: int = 4096, native: bool | None = None
     return q.view(w.shape), scale.view(w.shape[:-1])
 
 
-def _mm(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
+def matmul(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (int8 rows q [N, K] x their scales s [N])^T, in x's dtype."""
     # The kernel is taken only at widths that are a multiple of 32: on torch 2.13's AVX2 path
     # other widths returned wrong numbers or crashed (a width of 100 or 102, measured).
     if x_MK.device.type == "cpu" and x_MK.shape[0] <= INT8_MAX_ROWS and x_MK.shape[1] % 32 == 0:
@@ -81,36 +82,26 @@ class Int8Linear(nn.Module):
         return _widen(self.qweight, self.scale, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
+        y = matmul(x.reshape(-1, self.in_features), self.qweight, self.scale)
         return y.view(*x.shape[:-1], self.out_features)
 
 
 class Int8GroupedExperts(ExpertLoop):
     """The routed experts with int8 rows, run expert by expert: each expert's rows multiply in
-    int8 (or, past INT8_MAX_ROWS rows, against that expert's widened weights). The stacked
-    `gate_up_proj` / `down_proj` are widened on access, for code that wants them whole."""
+    int8 (or, past INT8_MAX_ROWS rows, against that expert's widened weights)."""
 
     def __init__(self, experts: GroupedExperts):
-        nn.Module.__init__(self)
+        super().__init__()
         self.hidden = experts.hidden
-        self.dtype = experts.gate_up_proj.dtype
         for name in ("gate_up_proj", "down_proj"):
             q, s = quantize_rows(getattr(experts, name))
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_s", s)
 
-    @property
-    def gate_up_proj(self) -> torch.Tensor:
-        return _widen(self.gate_up_proj_q, self.gate_up_proj_s, self.dtype)
-
-    @property
-    def down_proj(self) -> torch.Tensor:
-        return _widen(self.down_proj_q, self.down_proj_s, self.dtype)
-
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        gate, up = _mm(x2, self.gate_up_proj_q[e], self.gate_up_proj_s[e]).chunk(2, dim=-1)
-        y = _mm(F.silu(gate) * up, self.down_proj_q[e], self.down_proj_s[e])
+        gate, up = matmul(x2, self.gate_up_proj_q[e], self.gate_up_proj_s[e]).chunk(2, dim=-1)
+        y = matmul(F.silu(gate) * up, self.down_proj_q[e], self.down_proj_s[e])
         return y.view(*x.shape[:-1], -1)
 
 

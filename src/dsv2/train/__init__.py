@@ -13,7 +13,7 @@ Files, in the order a step flows through them:
     loop.py        Trainer: build -> (parallelize) -> optimizer -> steps -> eval -> checkpoints -> export
     plot.py        `dsv2 plot RUN_DIR`: PNGs from metrics.jsonl
 
-Contract with distributed training (issue 5), which wraps this trainer and must not need
+Contract with distributed training (distributed/), which wraps this trainer and must not need
 to edit its loop. The loop itself contains no torch.distributed code.
 
 1. Building the model. `Trainer(cfg, parallelize=fn, ...)` builds the model with
@@ -38,10 +38,12 @@ to edit its loop. The loop itself contains no torch.distributed code.
    int tensor mapping each routed expert to its group (D groups; `routing.expert_groups`).
    Under expert parallelism a group is the rank holding those experts: pass that mapping
    and the same functions give L_DevBal / L_CommBal / capacity per rank. Dropping is
-   `DropPolicy(group_E, n_groups, capacity_factor, protect_fraction)`, a callable the trainer sets as each
-   `MoE.drop_policy`; it sees only local tokens (capacity = factor x average group load of
-   this micro-batch) and is applied before the dispatcher, so an all_to_all dispatcher
-   receives the already-filtered `keep_NK`.
+   `DropPolicy(group_E, n_groups, capacity_factor, protect_fraction)`, a callable the trainer's
+   MoERules (moe_hooks.py) hands to each layer's dispatcher, through the `moe_hooks` every
+   training forward takes: in one process it sees the local tokens (capacity = factor x
+   average group load of this micro-batch); an expert-parallel dispatcher runs it over its
+   group's tokens. It is applied before the dispatch, so an all_to_all dispatcher receives
+   the already-filtered `keep_NK`.
 
 4. Checkpoints go through the `Checkpointer` protocol (checkpoint.py):
        save(step, state) -> path     latest() -> path | None     load(path, state) -> None

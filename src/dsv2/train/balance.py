@@ -1,4 +1,4 @@
-"""The three auxiliary balance losses of DeepSeek-V2 (paper §2.2.3 / SPEC §3), per sequence.
+"""The three auxiliary balance losses of DeepSeek-V2 (paper §2.2.3), per sequence.
 
 For one sequence of T tokens, with s_{i,t} the softmax affinity of token t for expert i,
 N_r routed experts, K_r chosen per token, D groups (devices), M groups per token:

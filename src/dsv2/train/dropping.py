@@ -46,7 +46,7 @@ def protected_sequences(sample_ids_B: torch.Tensor, fraction: float, seed: int =
 
 
 class DropPolicy:
-    """Callable set as `MoE.drop_policy`: (Routing, x shape [B, T, D]) -> keep_NK."""
+    """The token-dropping policy MoERules hands to each layer's dispatcher: (Routing, x shape [B, T, D]) -> keep_NK."""
 
     def __init__(self, group_E: torch.Tensor, n_groups: int, capacity_factor: float = 1.0,
                  protect_fraction: float = 0.1, seed: int = 0):

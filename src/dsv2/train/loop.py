@@ -34,7 +34,7 @@ from ..config import ModelConfig
 from ..data.loader import Batch, TokenLoader
 from ..data.shards import read_card
 from ..model import DeepseekV2
-from ..model.precision import cpu_has_fast_bf16
+from ..dtypes import cpu_has_fast_bf16
 from .checkpoint import Checkpointer, LocalCheckpointer, RNGState
 from .config import TrainConfig
 from .metrics import MetricsWriter, peak_flops, step_line
@@ -113,7 +113,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.out = Path(cfg.out_dir)
         mcfg = self.model_config()
-        # issue 5: init_device="meta" builds without memory; `parallelize` then shards and materialises
+        # init_device="meta" builds without memory; `parallelize` then shards and materialises
         self.model = self.build_model(mcfg, init_device or self.device)
         self.build_data(dp_rank, dp_size)
         self.rules = MoERules(self.model, cfg.moe, cfg.seed)
@@ -124,7 +124,7 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.count_targets = count_targets or (lambda n: n)
         self.grad_scale = grad_scale
-        self.clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_  # issue 5: one that spans meshes
+        self.clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_  # distributed: one that spans meshes
         self.state = TrainState()
         self.checkpointer = checkpointer or LocalCheckpointer(self.out / "checkpoints", cfg.keep_last)
         self.peak = peak_flops(self.device, cfg.peak_tflops)
@@ -229,7 +229,8 @@ class Trainer:
             self.rules.begin(ids)
             with self.autocast():
                 # summed over target tokens, without materialising the logits
-                ce = self.step_model(batch.input_ids, targets=batch.targets, segment_ids=batch.segment_ids)
+                ce = self.step_model(batch.input_ids, targets=batch.targets, segment_ids=batch.segment_ids,
+                                     moe_hooks=self.rules)
             aux = self.rules.collect(*batch.input_ids.shape, valid_BT=batch.valid)
             # balance losses are means over rows, weighted by this micro-batch's share of the step's rows
             loss = ce / max(1, n_targets) + sum(aux.values()) * (mb / n_rows)
@@ -270,8 +271,6 @@ class Trainer:
             with self.autocast():
                 total += float(self.step_model(batch.input_ids, targets=batch.targets, segment_ids=batch.segment_ids))
             count += batch.n_targets
-            for m in self.rules.layers:
-                m.last_routing = m.last_keep = None
         self.step_model.train()
         return total / max(1, count)
 

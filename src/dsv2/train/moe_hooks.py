@@ -1,10 +1,13 @@
-"""Wires the MoE training rules into a model through the hooks `MoE` exposes.
+"""The MoE training rules, handed to each training forward as its `moe_hooks` (model.moe.MoEHooks).
 
-`MoERules(model, moe_cfg)` finds every MoE layer, turns on routing capture, and sets the
-token-dropping policy. After each training forward, `collect(B, T)` reads each layer's
-routing, returns the balance losses (summed over layers, one term per layer as in the
-paper) and accumulates per-expert loads and drop counts for the metrics; `begin(ids)`
-tells the policy which sequences of the coming micro-batch are protected.
+`MoERules(model, moe_cfg)` finds every MoE layer and builds the token-dropping policy. A
+training forward `model(..., moe_hooks=rules)` asks it for each layer's keep mask (the layer's
+dispatcher decides over which tokens the policy runs: this process's, or an expert-parallel
+group's) and hands it each layer's routing. After the forward, `collect(B, T)` returns the
+balance losses (summed over layers, one term per layer as in the paper) and accumulates
+per-expert loads and drop counts for the metrics; `begin(ids)` tells the policy which
+sequences of the coming micro-batch are protected. Forwards without it (evaluation,
+generation) neither drop nor record.
 
 Shape legend: B sequences, T tokens, N = B*T, E routed experts, K experts per token.
 """
@@ -14,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.moe import MoE
+from ..model.moe import MoE, MoEHooks, Routing
 from .balance import balance_losses
 from .config import MoEConfig
 from .dropping import DropPolicy
 from .routing import expert_groups, routing_groups
 
 
-class MoERules:
+class MoERules(MoEHooks):
     def __init__(self, model: nn.Module, cfg: MoEConfig, seed: int = 0):
         self.cfg = cfg
         self.layers: list[MoE] = [m for m in model.modules() if isinstance(m, MoE)]
@@ -31,10 +34,16 @@ class MoERules:
         self.group_E = expert_groups(self.n_experts, self.D) if self.layers else None
         self.policy = (DropPolicy(self.group_E, self.D, cfg.capacity_factor, cfg.protect_fraction, seed)
                        if cfg.drop_tokens and self.layers else None)
-        for m in self.layers:
-            m.record_routing = True
-            m.drop_policy = self.policy
+        self._routing: dict[MoE, tuple[Routing, torch.Tensor | None]] = {}
         self.reset_stats()
+
+    # ------------------------------------------------------------ the hooks
+    def keep(self, moe: MoE, route: Routing, shape: torch.Size) -> torch.Tensor | None:
+        return None if self.policy is None else moe.dispatcher.drop(self.policy, route, shape)
+
+    def record(self, moe: MoE, route: Routing, keep: torch.Tensor | None) -> None:
+        # Keyed by layer: a recomputed forward (activation checkpointing) records the same again.
+        self._routing[moe] = (route, keep)
 
     def reset_stats(self) -> None:
         self.load_LE = torch.zeros(len(self.layers), max(1, self.n_experts), dtype=torch.long)
@@ -51,8 +60,7 @@ class MoERules:
         total: dict[str, torch.Tensor] = {}
         c = self.cfg
         for li, m in enumerate(self.layers):
-            r, keep = m.last_routing, m.last_keep
-            m.last_routing = m.last_keep = None  # free the graph references
+            r, keep = self._routing.pop(m, (None, None))   # popped: frees the graph references
             if r is None:
                 continue
             group_E = self.group_E.to(r.idx_NK.device)

@@ -1,8 +1,8 @@
 """Device-limited routing rules: which expert lives in which group, and what a token touches.
 
-Experts are spread evenly over D groups (devices): expert e is in group e // (N_r / D), the
-layout `Gate.group_mask` assumes. Under expert parallelism a group is a rank. The model's
-gate does the routing itself (`topk_method: group_limited_greedy`, n_group = D,
+Experts are spread evenly over D groups (devices): expert e is in group e // (N_r / D)
+(`model.moe.expert_groups`, the one map the gate also routes by). Under expert parallelism a
+group is a rank. The model's gate does the routing itself (`topk_method: group_limited_greedy`, n_group = D,
 topk_group = M); this file gives the training side the same map, the groups each token
 reaches, and M, so the balance losses and dropping agree with the gate.
 """
@@ -12,14 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..model.moe import expert_groups
 
-
-def expert_groups(n_experts: int, n_groups: int, device=None) -> torch.Tensor:
-    """group_E: the group of each routed expert (contiguous, equal-sized groups)."""
-    if n_groups <= 0 or n_experts % n_groups:
-        raise ValueError(f"{n_experts} routed experts cannot be split evenly into {n_groups} device groups: "
-                         "choose moe.device_groups dividing n_routed_experts.")
-    return torch.arange(n_experts, device=device) // (n_experts // n_groups)
+__all__ = ["expert_groups", "groups_touched", "routing_groups"]
 
 
 def groups_touched(idx_NK: torch.Tensor, group_E: torch.Tensor, n_groups: int,

@@ -1,0 +1,150 @@
+"""Inference speed-ups, applied to a model from outside in one place (as `parallelize()` does for
+training), so `model/` keeps only the reference and the absorbed paths.
+
+    prepare_for_decode(model)     # idempotent; the engine and the scorer call it
+
+swaps modules for ones holding the same parameters (same state-dict keys, tied weights kept):
+
+- every MoE layer -> `DecodeMoE`: routing and the permutation of token copies stay on the
+  device (a sort and a `searchsorted` instead of `bincount(...).tolist()`), and the routed
+  experts run as one custom operator, `dsv2::routed_experts`, over the sorted rows. A decode
+  step then has no host sync and compiles into one graph (`torch.compile(fullgraph=True)`).
+- `lm_head` (a float one) -> `RowsHead`: on CPU, a few rows against the whole vocabulary are
+  computed as (W h^T)^T: MKL's sgemm took 1.5-4x longer for h W^T at 2-128 rows (batched decode).
+
+Under autograd or in training mode the swapped modules run their base class's forward, so a
+policy model that generates its own rollouts (GRPO) trains exactly as before.
+
+Also here: `prefill_dtype`, the activations' dtype the engine prefills in (float32 for a
+bfloat16 model on a CPU without bfloat16 arithmetic, model/linear.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..dtypes import cpu_has_fast_bf16
+from ..model.linear import Linear
+from ..model.moe import DispatchState, LocalDispatcher, MoE
+from ..quant import fp8, int8
+
+
+def prefill_dtype(model: nn.Module) -> torch.dtype | None:
+    """float32 where a bfloat16 model sits on a CPU whose bfloat16 GEMM is emulated, else None
+    (the weights' dtype). Decode steps (a few rows) stay in the weights' dtype."""
+    p = next(model.parameters())
+    slow = p.device.type == "cpu" and p.dtype == torch.bfloat16 and not cpu_has_fast_bf16()
+    return torch.float32 if slow else None
+
+
+# ------------------------------------------------------------------------- routed experts
+@torch.library.custom_op("dsv2::routed_experts", mutates_args=())
+def routed_experts(x_MD: torch.Tensor, ends_E: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   s13: torch.Tensor | None, s2: torch.Tensor | None, block: list[int]) -> torch.Tensor:
+    """SwiGLU experts over rows sorted by expert: rows [ends[e-1], ends[e]) belong to expert e.
+
+    w13 [E, 2I, D] and w2 [E, D, I] are float (cast to x's dtype expert by expert where they
+    differ), int8 rows with row scales s13 / s2 (quant/int8.py), or e4m3 with block scales
+    (quant/fp8.py, `block` its block shape). Float weights in x's dtype take torch's grouped
+    matmul, which reads the offsets on the device; the others run expert by expert here, inside
+    the operator, where reading the offsets on the host costs one sync that the graph around the
+    call never sees."""
+    if s13 is None and w13.dtype == x_MD.dtype and _grouped_mm_ok[0]:
+        try:
+            offs = ends_E.to(torch.int32)
+            gate, up = torch._grouped_mm(x_MD, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)
+        except RuntimeError:   # e.g. a GPU without grouped GEMM kernels: the loop below, from now on
+            _grouped_mm_ok[0] = False
+    y_MD = torch.empty_like(x_MD)
+    start, hidden = 0, w2.shape[-1]
+    for e, end in enumerate(ends_E.tolist()):
+        if end > start:
+            r = slice(start, end)
+            if s13 is None:
+                gate, up = F.linear(x_MD[r], w13[e].to(x_MD.dtype)).chunk(2, dim=-1)
+                y_MD[r] = F.linear(F.silu(gate) * up, w2[e].to(x_MD.dtype))
+            elif w13.dtype == torch.int8:
+                gate, up = int8.matmul(x_MD[r], w13[e], s13[e]).chunk(2, dim=-1)
+                y_MD[r] = int8.matmul(F.silu(gate) * up, w2[e], s2[e])
+            else:
+                a = fp8.dequantize_stacked(w13[e], s13[e], hidden, tuple(block), x_MD.dtype)
+                gate, up = F.linear(x_MD[r], a).chunk(2, dim=-1)
+                y_MD[r] = F.linear(F.silu(gate) * up, fp8.dequantize_blocks(w2[e], s2[e], tuple(block), x_MD.dtype))
+        start = end
+    return y_MD
+
+
+_grouped_mm_ok = [hasattr(torch, "_grouped_mm")]
+
+
+@routed_experts.register_fake
+def _(x_MD, ends_E, w13, w2, s13, s2, block):
+    return torch.empty_like(x_MD)
+
+
+def _expert_weights(experts: nn.Module) -> tuple:
+    """(w13, w2, s13, s2, block) of float, int8 or float8 stacked experts."""
+    if isinstance(experts, int8.Int8GroupedExperts):
+        return (experts.gate_up_proj_q, experts.down_proj_q, experts.gate_up_proj_s, experts.down_proj_s, [])
+    if isinstance(experts, fp8.Fp8GroupedExperts):
+        return (experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_scale_inv,
+                experts.down_proj_scale_inv, list(experts.block))
+    return experts.gate_up_proj, experts.down_proj, None, None, []
+
+
+class DecodeMoE(MoE):
+    """MoE inference without host syncs: one sort of the token copies by expert, the routed
+    experts as one operator over the sorted rows, and the same combine as the model's."""
+
+    def forward(self, x_BTD: torch.Tensor, hooks=None) -> torch.Tensor:
+        if (hooks is not None or self.training or torch.is_grad_enabled()
+                or type(self.dispatcher) is not LocalDispatcher):
+            return super().forward(x_BTD, hooks)
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        route = self.gate(x_ND)
+        K = route.idx_NK.shape[1]
+        flat_M = route.idx_NK.flatten()
+        order_M = flat_M.argsort(stable=True)
+        ends_E = torch.searchsorted(flat_M[order_M], torch.arange(self.n_experts, device=x_ND.device), right=True)
+        token_M = order_M // K
+        y_MD = routed_experts(x_ND[token_M], ends_E, *_expert_weights(self.experts))
+        out = self.dispatcher.combine(y_MD, DispatchState(order_M, token_M), route.weight_NK, x_ND.shape[0])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_ND)
+        return out.view_as(x_BTD)
+
+
+# ------------------------------------------------------------------------------- the head
+class RowsHead(Linear):
+    """The output head; on CPU, 2-128 rows (batched decode) as (W h^T)^T, which MKL runs faster."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        rows = h.numel() // h.shape[-1]
+        if (h.device.type == "cpu" and 2 <= rows <= 128 and h.dtype == self.weight.dtype
+                and self.bias is None and not torch.is_grad_enabled()):
+            return torch.mm(self.weight, h.reshape(rows, -1).t()).t().contiguous().view(*h.shape[:-1], -1)
+        return super().forward(h)
+
+
+# -------------------------------------------------------------------------------- prepare
+def _swap(parent: nn.Module, name: str, cls: type) -> None:
+    """Replace parent.<name> by an instance of cls holding the same parameters, buffers and children."""
+    old = getattr(parent, name)
+    new = cls.__new__(cls)
+    new.__dict__ = old.__dict__.copy()
+    setattr(parent, name, new)
+
+
+def prepare_for_decode(model: nn.Module) -> nn.Module:
+    """Swap in the inference modules above (idempotent); returns the model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is MoE:
+                _swap(parent, name, DecodeMoE)
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and not isinstance(head, RowsHead):
+        _swap(model, "lm_head", RowsHead)
+    return model
