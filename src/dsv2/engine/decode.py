@@ -25,6 +25,7 @@ import sys
 import torch
 
 from ..model.attention import KVStep
+from ..model.mask import causal_mask
 from .. import native as nat
 
 
@@ -57,10 +58,8 @@ class DecodeStep:
         self.fn, self.compiled = self._eager, False
 
     def _eager(self, tokens_B1, positions_B1, kv_len: int, kv, masked: bool) -> torch.Tensor:
-        mask = None
-        if masked:  # slots of different lengths: each attends to its own prefix only
-            slots = torch.arange(kv_len, device=tokens_B1.device)
-            mask = slots[None, None, :] <= positions_B1[:, :, None]
+        # slots of different lengths: each attends to its own prefix only
+        mask = causal_mask(positions_B1, kv_len) if masked else None
         step = KVStep(positions_B1, kv_len, mask)
         return self.model(tokens_B1, kv=kv, step=step, absorb=True, last_only=True)[:, 0]
 

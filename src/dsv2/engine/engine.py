@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.attention import KVStep
+from ..model.mask import causal_mask
 from .cache import LatentCache, bytes_per_token, common_prefix
 from .memory import check_cache_fits
 from .optimize import prefill_dtype, prepare_for_decode
@@ -138,7 +139,6 @@ class Engine:
         self.cached_ids: list[list[int]] = [[] for _ in range(max_batch_slots)]
         self._ids = itertools.count()
         self._tokens = torch.zeros(max_batch_slots, 1, dtype=torch.long, device=self.device)
-        self._slot_range = torch.arange(self.max_len, device=self.device)
         self.eos_ids = {i for i in ([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int)
                                     else cfg.eos_token_id or []) if i is not None}
         if tokenizer is not None and tokenizer.eos_id is not None:
@@ -261,13 +261,13 @@ class Engine:
         T = max(map(len, prompts))
         x = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        pos = torch.arange(T, device=self.device)
-        mask = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
+        pos = torch.arange(T, device=self.device)[None].expand(B, -1)
+        mask = causal_mask(pos, T) & (pos[:, None, :] < lens[:, None, None])   # causal, and no row's padding
         for (slot, _), p in zip(items, prompts):
             self.cached_ids[slot] = []
             self.cache.lengths[slot] = len(p)
         h = self.model.hidden_states(x, kv=self.cache.layers(slice(lo, lo + B)),
-                                     step=KVStep(pos[None].expand(B, -1), T, mask), dtype=self._prefill_dtype)
+                                     step=KVStep(pos, T, mask), dtype=self._prefill_dtype)
         last = h[torch.arange(B, device=self.device), lens - 1][:, None].to(self._weight_dtype)
         logits = self.model.head(last)[:, 0].float()
         for i, ((slot, r), p) in enumerate(zip(items, prompts)):
@@ -301,7 +301,7 @@ class Engine:
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)
             pos = torch.arange(at, at + T, device=self.device)[None]
             # A fresh prompt is plain causal attention (mask None lets SDPA use its causal kernel).
-            mask = None if at == 0 else (self._slot_range[: at + T][None, None] <= pos[:, :, None])
+            mask = None if at == 0 else causal_mask(pos, at + T)
             step = KVStep(pos, at + T, mask)
             self.cache.lengths[slot] = at + T
             logits = self.model(x, kv=self.cache.layers(slice(slot, slot + 1)), step=step,

@@ -174,9 +174,9 @@ class MLA(nn.Module):
         scores = torch.bmm(q, latent.transpose(1, 2)).view(B, T, H, S).float() * self.scale
         if mask is not None:
             scores.masked_fill_(~mask[:, :, None], float("-inf"))
-        elif T > 1:
-            causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-            scores.masked_fill_(~causal[:, None], float("-inf"))
+        elif T > 1:   # the new tokens are the last T of the S attended
+            causal = causal_mask(torch.arange(S - T, S, device=scores.device)[None], S)
+            scores.masked_fill_(~causal[:, :, None], float("-inf"))
         p = scores.softmax(dim=-1).to(dt).view(B, T * H, S)
         o_lat = torch.bmm(p, latent[..., :C])                                         # [B, T*H, C]
         # W^UV after the weighted sum: per head [B*T, C] @ [C, V].
