@@ -28,8 +28,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, kv=None, step=None, absorb=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, step, absorb)
+    def forward(self, x, cos, sin, kv=None, step=None, absorb=False, rows=None):
+        """rows [B, R]: only these positions' outputs ([B, R, D]), the FFN run on them alone."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv, step, absorb, rows)
+        x = (x if rows is None else torch.take_along_dim(x, rows[..., None], dim=1)) + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -115,14 +117,19 @@ class DeepseekV2(nn.Module):
             return torch.mm(self.lm_head.weight, h_BTD.reshape(B * T, D).t()).t().contiguous().view(B, T, -1)
         return self.lm_head(h_BTD)
 
-    def hidden_states(self, input_ids, positions=None, kv=None, step=None, absorb=False) -> torch.Tensor:
+    def hidden_states(self, input_ids, positions=None, kv=None, step=None, absorb=False,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, D]. rows [B, R] (indices into T): only these positions' states
+        are wanted, [B, R, D]; the last layer then runs its attention output projection and FFN on
+        them alone (scoring takes logits at a few positions)."""
         if positions is None:
             positions = step.positions if step is not None else torch.arange(
                 input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(input_ids)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb)
+            x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb, rows if i == last else None)
         return self.norm(x)
 
     # ------------------------------------------------------------ accounting
