@@ -154,7 +154,7 @@ class Scorer:
         with float32_matmuls(self._f32):
             # The last layer's FFN runs only on the tokens whose logits are taken.
             h = self.model.hidden_states(x, pos, kv, step, rows=torch.tensor([keep], device=dev))
-            h = h[0, torch.tensor(pred, device=dev)]
+            h = h[0].index_select(0, torch.tensor(pred, device=dev))
             chunk = max(1, HEAD_CHUNK // self.cfg.vocab_size)   # bounds the logits held at once
             for lo in range(0, M, chunk):
                 logits = self.model.head(h[None, lo:lo + chunk])[0].float()

@@ -135,8 +135,10 @@ class MLA(nn.Module):
             c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         varlen = step is not None and step.layout is not None
         if varlen:   # from the one packed row to the padded rows attention runs in
-            q_nope, q_pe, c_kv, k_pe = (t[0, step.layout] for t in (q_nope, q_pe, c_kv, k_pe))
-            latent = None if latent is None else latent[0, step.layout]
+            def padded(t):   # index_select: ~4x faster than advanced indexing on CPU
+                return t[0].index_select(0, step.layout.flatten()).unflatten(0, step.layout.shape)
+            q_nope, q_pe, c_kv, k_pe = (padded(t) for t in (q_nope, q_pe, c_kv, k_pe))
+            latent = None if latent is None else padded(latent)
         if absorb:
             if latent is None:
                 latent = torch.cat([c_kv, k_pe], dim=-1)
@@ -144,7 +146,7 @@ class MLA(nn.Module):
         else:
             out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
         if varlen:
-            out = out.flatten(0, 1)[step.slots][None]
+            out = out.flatten(0, 1).index_select(0, step.slots)[None]
         if rows is not None:
             out = torch.take_along_dim(out, rows[..., None, None], dim=1)
         return self.o_proj(out.flatten(2))
