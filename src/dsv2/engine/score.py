@@ -37,8 +37,8 @@ from .sampling import is_token_id
 Pair = tuple[list[int], list[int]]   # (context ids, continuation ids)
 Seq = tuple[list[int], list[tuple[int, list[int]]]]   # (context, [(pair index, continuation), ...])
 
-# Logits held at once (tokens x vocab), 16 MiB in float32: kept under glibc's mmap threshold,
-# the memory is reused instead of page-faulted in anew for every batch.
+# Logits held at once (tokens x vocab), 16 MiB in float32: small enough for the allocator to
+# reuse the memory instead of mapping (and page-faulting) a fresh block for each chunk.
 HEAD_CHUNK = 2 ** 22
 
 
@@ -120,14 +120,15 @@ class Scorer:
         scored, pred, pair, tgt = [], [], [], []   # pairs; per scored token: its predictor in `keep`, pair, target
         for b, (ctx, conts) in enumerate(batch):
             start, C = len(ids), len(ctx)
-            kept = len(keep) - (start + C - 1)   # packed index + kept = index in `keep`
+            last = start + C - 1     # the context's last token, as a packed index
+            off = len(keep) - last   # packed index j of this sequence is keep[j + off]
             br = [0] * C
             ids += ctx
             pos += range(C)
             for k, (i, cont) in enumerate(conts, 1):
                 n = len(cont) - 1
                 # the context's last token predicts the first token, the choice's own tokens the rest
-                pred += [start + C - 1 + kept, *range(len(ids) + kept, len(ids) + kept + n)]
+                pred += [last + off, *range(len(ids) + off, len(ids) + off + n)]
                 pair += [len(scored)] * len(cont)
                 tgt += cont
                 scored.append(i)
@@ -135,7 +136,7 @@ class Scorer:
                 pos += range(C, C + n)
                 br += [k] * n
             L = len(ids) - start
-            keep += range(start + C - 1, start + L)
+            keep += range(last, start + L)
             layout.append(list(range(start, start + L)) + [start] * (T - L))
             slots += range(b * T, b * T + L)
             branch.append(br + [-1] * (T - L))
