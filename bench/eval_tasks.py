@@ -6,16 +6,18 @@
 Random `small` weights with a byte-level BPE tokenizer are written once in Hugging Face format.
 The task is the built-in python_mc (8 lines of a stdlib module, which of 4 lines comes next),
 zero-shot. Measured, in the same process, one after the other, after a warm-up on 4 questions:
-- dsv2: `run_task` (what `dsv2 eval tasks` runs): each question's context is prefilled once
-  into the latent cache, and its 4 choices run against copies of it (engine/score.py);
+- dsv2: `run_task` (what `dsv2 eval tasks` runs): each question's context and its 4 choices
+  run as one sequence under a tree mask, the context computed once (engine/score.py);
 - lm-eval HFLM (transformers' DeepseekV2ForCausalLM): `HFLM.loglikelihood` on exactly the same
   4 (context, continuation) requests per question, at its batch size (--hf-batch);
 - dsv2's harness model `DSV2LM.loglikelihood` on those requests, for the adapter's own speed.
 Both score every choice; the log-likelihoods are compared (max difference printed: DSV2LM's
 requests are HFLM's exactly; `dsv2 eval tasks` puts BOS first as the tokenizer config says,
 which HFLM does not, so its figures differ by that token's context).
-The gain is bounded by the work saved: 4 x (context + choice) tokens against context + 4 x
-choice, about 2.7x for 8 lines of context and whole-line choices, more for longer contexts.
+The gain comes mostly from the work saved: 4 x (context + choice) tokens against context + 4 x
+choice, about 2.8x for 8 lines of context and whole-line choices, more for longer contexts; the
+rest from taking the head and the last layer's FFN only where logits are read (HFLM's forward
+computes them at every token).
 Figures: questions per second, and the ratio to HFLM.
 """
 

@@ -48,6 +48,42 @@ def test_scorer_equals_full_forwards_with_shared_and_truncated_contexts(hf_eval_
         Scorer(model).loglikelihood([([0], [V])])
 
 
+def test_context_and_choices_in_one_sequence_equal_full_forwards(hf_eval_checkpoint):
+    """A context and its choices run as one sequence under a tree mask (engine/score.py): choices
+    of different lengths (a 1-token one is predicted by the context's last token alone), contexts
+    cut differently per choice by left truncation, a context with more choices than one sequence
+    holds, sequences of different lengths in one batch, greedy flags over whole continuations."""
+    model = dsv2.load_pretrained(hf_eval_checkpoint)
+    V = model.config.vocab_size
+    rng = random.Random(1)
+
+    def toks(n):
+        return [rng.randrange(2, V) for _ in range(n)]
+
+    ids = [0] + toks(10)   # a continuation greedy at every token, and one greedy at its first only
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    ctx, greedy = ids[:11], ids[11:]
+    pairs = [(ctx, greedy), (ctx, greedy[:1] + [(greedy[1] + 1) % V])]
+    pairs += [([0], toks(n)) for n in (1, 3, 7)]
+    long_ctx = [0] + toks(45)   # over max_len: each choice keeps its own number of context tokens
+    pairs += [(long_ctx, toks(n)) for n in (2, 9, 1)]
+    many = [0] + toks(5)        # 10 choices of 6 tokens: more than one 32-token sequence
+    pairs += [(many, toks(6)) for _ in range(10)]
+    pairs += [([0] + toks(n), toks(3)) for n in (2, 20)]
+    max_len = 32
+    scorer = Scorer(model, max_len=max_len, batch_tokens=100, max_rows=3)
+    got = scorer.loglikelihood(pairs)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        ref_ll, ref_greedy = full_forward(model, ctx[-(max_len + 1 - len(cont)):], cont)
+        assert ll == pytest.approx(ref_ll, rel=1e-5, abs=1e-5) and greedy == ref_greedy
+    assert got[0][1] is True and got[1][1] is False
+    # through a float32 latent cache a float32 model scores the same
+    cached = Scorer(model, max_len=max_len, kv_cache_dtype="float32").loglikelihood(pairs)
+    assert [ll for ll, _ in cached] == pytest.approx([ll for ll, _ in got], rel=1e-5, abs=1e-5)
+
+
 def write_task(tmp_path, **keys):
     import yaml
     docs = [{"q": f"{a} + {a}", "choices": [str(2 * a), str(2 * a + 1), "x"], "label": 0, "answer": str(2 * a)}

@@ -154,3 +154,29 @@ def test_moe_keep_mask_drops_only_routed_contribution():
         # Dropping is for training forwards: in eval mode the same hooks keep every copy.
         moe.eval()
         assert torch.allclose(moe(x, DropAll()), moe(x))
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_packed_rows_and_kept_positions_equal_the_padded_forward(absorb):
+    """KVStep's layout: sequences packed into one row without padding, attention over padded rows,
+    give the padded batch's hidden states; `rows` keeps only some positions' final states."""
+    from dsv2.model.mask import causal_mask
+    from dsv2.model.transformer import DeepseekV2
+    torch.manual_seed(0)
+    model = DeepseekV2(small_cfg()).eval()
+    lens, T = [7, 4, 2], 7
+    x = torch.randint(2, model.config.vocab_size, (len(lens), T))
+    pos = torch.arange(T)[None].expand(len(lens), T)
+    real = torch.arange(T)[None] < torch.tensor(lens)[:, None]
+    with torch.no_grad():
+        padded = model.hidden_states(x, pos, step=KVStep(pos, T, causal_mask(pos, T) & real[:, None]), absorb=absorb)
+        starts = [sum(lens[:b]) for b in range(len(lens))]
+        layout = torch.tensor([[s + min(t, n - 1) for t in range(T)] for s, n in zip(starts, lens)])
+        slots = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lens)])
+        packed_pos = torch.cat([torch.arange(n) for n in lens])[None]
+        step = KVStep(packed_pos, sum(lens), causal_mask(pos, T) & real[:, None], layout, slots)
+        packed = model.hidden_states(x[real][None], packed_pos, step=step, absorb=absorb)
+        assert torch.allclose(packed[0], padded[real], atol=1e-5)
+        rows = torch.tensor([[12, 0, 6, 9]])
+        kept = model.hidden_states(x[real][None], packed_pos, step=step, absorb=absorb, rows=rows)
+        assert torch.allclose(kept, packed[:, rows[0]], atol=1e-5)

@@ -1,22 +1,27 @@
-"""Scoring continuations through the latent cache: the engine's path for evaluation.
+"""Scoring continuations: the engine's path for evaluation.
 
     scorer = Scorer(model)
     scorer.loglikelihood([(context_ids, continuation_ids), ...]) -> [(logprob, is_greedy), ...]
 
 A multiple-choice question asks for log P(choice | context) for every choice. Written as K
 separate forwards over context + choice (what lm-evaluation-harness's HF model does), the
-context is computed K times. Here it is computed once:
+context is computed K times. Here each distinct context is computed once, as one sequence with
+its choices:
 
-1. the contexts of a batch of questions (all but their last token) are prefilled together
-   into cache rows [0, G), one padded forward without the head;
-2. each question's latents (c^KV and k^R, (d_c + d_h^R) numbers per token per layer) are
-   copied into one cache row per choice;
-3. every choice row runs [last context token] + choice[:-1] against its copy of the context,
-   so its logits at step t predict choice token t: the same positions and the same attention
-   a full forward over context + choice has, and the only tokens whose logits are taken.
+    [context][choice 1 but its last token][choice 2 but its last token]...
 
-A context longer than the model's window is cut from the left, keeping the last
-`max_len + 1` tokens of context + continuation, as the harness does.
+under a tree mask (model/mask.py's branch_mask): the context is causal; each choice sees the
+whole context and itself causally, never another choice, and its positions continue from the
+end of the context. Every token so has exactly the positions and attention it has in a full
+forward over context + choice. The context's last token predicts the first token of every
+choice and a choice's token t its token t + 1: only those tokens go through the last layer's
+FFN and the head.
+
+Sequences are sorted by length and batched. A batch's tokens run packed into one row without
+padding; attention alone runs them as padded rows (KVStep's layout, model/attention.py).
+A context longer than the model's window is cut from the left, keeping the last `max_len + 1`
+tokens of context + continuation, as the harness does. With `kv_cache_dtype` the latents go
+through a latent cache of that format, so the scores include its rounding.
 """
 
 from __future__ import annotations
@@ -24,19 +29,24 @@ from __future__ import annotations
 import torch
 
 from ..model.attention import KVStep
-from ..model.mask import causal_mask
+from ..model.mask import branch_mask
 from .cache import LatentCache
 from .optimize import prefill_dtype, prepare_for_decode
 from .sampling import is_token_id
 
 Pair = tuple[list[int], list[int]]   # (context ids, continuation ids)
+Seq = tuple[list[int], list[tuple[int, list[int]]]]   # (context, [(pair index, continuation), ...])
+
+# Logits held at once (tokens x vocab), 16 MiB in float32: small enough for the allocator to
+# reuse the memory instead of mapping (and page-faulting) a fresh block for each chunk.
+HEAD_CHUNK = 2 ** 22
 
 
 class Scorer:
     def __init__(self, model, max_len: int | None = None, batch_tokens: int = 8192, max_rows: int = 64,
                  kv_cache_dtype: str | None = None):
         """max_len: the longest context + continuation scored (default: the model's context).
-        batch_tokens, max_rows: a batch's padded (rows x length) and row count, bounding memory."""
+        batch_tokens, max_rows: a batch's sequences x its longest, and its sequence count, bounding memory."""
         cfg = model.config
         self.model, self.cfg = model.eval(), cfg
         self.max_len = cfg.max_position_embeddings if max_len is None else max_len
@@ -44,7 +54,7 @@ class Scorer:
             raise ValueError(f"max_len {self.max_len} exceeds the model's context "
                              f"(max_position_embeddings = {cfg.max_position_embeddings}).")
         self.batch_tokens, self.max_rows = batch_tokens, max_rows
-        self.kv_cache_dtype = kv_cache_dtype   # the cache's format (engine/cache.py); None: the model's dtype
+        self.kv_cache_dtype = kv_cache_dtype   # the cache's format (engine/cache.py); None: no cache
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         prepare_for_decode(model)
@@ -65,7 +75,7 @@ class Scorer:
     @torch.inference_mode()
     def loglikelihood(self, pairs: list[Pair], progress=None) -> list[tuple[float, bool]]:
         """For each (context, continuation): (sum of log P(continuation tokens), every token greedy).
-        Pairs whose (left-truncated) contexts are equal share one prefill, wherever they are in the list."""
+        Pairs whose (left-truncated) contexts are equal share one sequence, wherever they are in the list."""
         V = self.cfg.vocab_size
         by_ctx: dict[tuple, list[tuple[int, list[int]]]] = {}
         for i, (ctx, cont) in enumerate(pairs):
@@ -74,88 +84,94 @@ class Scorer:
                     raise ValueError(f"token ids must be ints in [0, {V}) for this model; got {t!r}.")
             c, t = self.fit(list(ctx), list(cont))
             by_ctx.setdefault(tuple(c), []).append((i, t))
-        items = [(list(c), conts) for c, conts in by_ctx.items()]
-        # Longest first: a batch's rows then pad to similar lengths.
-        items.sort(key=lambda it: -(len(it[0]) + max(len(t) for _, t in it[1])))
+        # A context's continuations fill sequences of at most max_len tokens (one pair always fits).
+        seqs: list[Seq] = []
+        for ctx, conts in by_ctx.items():
+            seqs.append((list(ctx), []))
+            for i, cont in conts:
+                if seqs[-1][1] and _seq_len(seqs[-1]) + len(cont) - 1 > self.max_len:
+                    seqs.append((list(ctx), []))
+                seqs[-1][1].append((i, cont))
+        # Longest first: a batch's sequences have similar lengths, and the largest batch comes first.
+        seqs.sort(key=lambda q: -_seq_len(q))
         out: list = [None] * len(pairs)
-        batch: list = []
-        for ctx, conts in items:
-            while len(conts) > self.max_rows:   # a context with more continuations than a batch holds
-                self._run([(ctx, conts[: self.max_rows])], out, progress)
-                conts = conts[self.max_rows:]
-            it = (ctx, conts)
-            if batch and not self._fits(batch + [it]):
+        batch: list[Seq] = []
+        for seq in seqs:
+            if batch and not self._fits(batch, seq):
                 self._run(batch, out, progress)
                 batch = []
-            batch.append(it)
+            batch.append(seq)
         if batch:
             self._run(batch, out, progress)
         return out
 
-    def _fits(self, batch) -> bool:
-        rows = sum(len(c) for _, c in batch)
-        span = max(len(ctx) + max(len(t) for _, t in c) for ctx, c in batch)
-        return rows <= self.max_rows and (len(batch) + rows) * span <= self.batch_tokens
+    def _fits(self, batch: list[Seq], seq: Seq) -> bool:
+        """Whether seq joins the batch: within the bounds, and not much shorter than the batch's
+        first (longest) sequence, since attention runs every sequence padded to that length."""
+        T = _seq_len(batch[0])
+        return (len(batch) < self.max_rows and (len(batch) + 1) * T <= self.batch_tokens
+                and T <= 1.25 * _seq_len(seq) + 16)
 
-    def _run(self, batch, out, progress) -> None:
-        batch = sorted(batch, key=lambda it: -len(it[0]))
-        G = len(batch)
-        # Rows shortest first, so runs of similar lengths sit in adjacent cache rows (step 3).
-        rows = sorted(((g, i, cont) for g, (_, conts) in enumerate(batch) for i, cont in conts),
-                      key=lambda r: len(r[2]))
-        R = len(rows)
-        C = [len(ctx) for ctx, _ in batch]
-        span = max(C) + len(rows[-1][2])
-        cache = LatentCache(self.cfg, G + R, span, self.dtype, self.device, self.kv_cache_dtype)
+    def _run(self, batch: list[Seq], out, progress) -> None:
+        """One forward over the batch: its N tokens packed into one row, attention over B rows of T."""
         dev = self.device
-        # 1. contexts without their last token into rows [0, G), longest first, padded within
-        # runs of similar lengths
-        for lo, hi in _runs([len(ctx) - 1 for ctx, _ in batch]):
-            pre = len(batch[lo][0]) - 1
-            if pre > 0:
-                x = torch.tensor([ctx[:-1] + [0] * (pre - len(ctx) + 1) for ctx, _ in batch[lo:hi]], device=dev)
-                pos = torch.arange(pre, device=dev)[None].expand(hi - lo, -1)
-                self.model.hidden_states(x, kv=cache.layers(slice(lo, hi)),
-                                         step=KVStep(pos, pre, causal_mask(pos, pre)), dtype=self._prefill_dtype)
-        # 2. each row gets its question's latents
-        for r, (g, _, _) in enumerate(rows):
-            n = C[g] - 1
-            if n:
-                for joint in cache.joint:
-                    joint[G + r, :n] = joint[g, :n]
-        # 3. [last context token] + continuation[:-1] at positions C - 1 ..., in runs of rows of
-        # similar lengths (sorted shortest first)
-        for lo, hi in _runs([len(cont) for _, _, cont in rows]):
-            self._score_rows(batch, rows[lo:hi], cache.layers(slice(G + lo, G + hi)), C, span, out)
+        T = _seq_len(batch[0])
+        ids, pos, layout, slots, branch = [], [], [], [], []
+        keep = []                # packed tokens whose final hidden states are needed
+        scored, pred, pair, tgt = [], [], [], []   # pairs; per scored token: its predictor in `keep`, pair, target
+        for b, (ctx, conts) in enumerate(batch):
+            start, C = len(ids), len(ctx)
+            last = start + C - 1     # the context's last token, as a packed index
+            off = len(keep) - last   # packed index j of this sequence is keep[j + off]
+            br = [0] * C
+            ids += ctx
+            pos += range(C)
+            for k, (i, cont) in enumerate(conts, 1):
+                n = len(cont) - 1
+                # the context's last token predicts the first token, the choice's own tokens the rest
+                pred += [last + off, *range(len(ids) + off, len(ids) + off + n)]
+                pair += [len(scored)] * len(cont)
+                tgt += cont
+                scored.append(i)
+                ids += cont[:-1]
+                pos += range(C, C + n)
+                br += [k] * n
+            L = len(ids) - start
+            keep += range(last, start + L)
+            layout.append(list(range(start, start + L)) + [start] * (T - L))
+            slots += range(b * T, b * T + L)
+            branch.append(br + [-1] * (T - L))
+        N = len(ids)
+        x, pos = torch.tensor([ids], device=dev), torch.tensor([pos], device=dev)
+        mask = branch_mask(torch.tensor(branch, device=dev))
+        layout, slots = torch.tensor(layout, device=dev), torch.tensor(slots, device=dev)
+        kv, step = None, KVStep(pos, N, mask, layout, slots)
+        if self.kv_cache_dtype is not None:   # packed index = cache slot; RoPE still takes `pos`
+            kv = LatentCache(self.cfg, 1, N, self.dtype, dev, self.kv_cache_dtype).layers()
+            step = KVStep(torch.arange(N, device=dev)[None], N, mask, layout, slots)
+        M = len(pred)
+        tgt = torch.tensor(tgt, device=dev)
+        lp = torch.empty(M, dtype=torch.float64, device=dev)
+        miss = torch.empty(M, dtype=torch.long, device=dev)
+        # The last layer's FFN runs only on the tokens whose logits are taken.
+        h = self.model.hidden_states(x, pos, kv, step, dtype=self._prefill_dtype, rows=torch.tensor([keep], device=dev))
+        h = h[0].index_select(0, torch.tensor(pred, device=dev))
+        chunk = max(1, HEAD_CHUNK // self.cfg.vocab_size)   # bounds the logits held at once
+        for lo in range(0, M, chunk):
+            logits = self.model.head(h[None, lo:lo + chunk])[0].float()
+            t = tgt[lo:lo + chunk]
+            lp[lo:lo + chunk] = logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
+            miss[lo:lo + chunk] = logits.argmax(-1) != t
+        pair = torch.tensor(pair, device=dev)
+        total = torch.zeros(len(scored), dtype=torch.float64, device=dev).index_add_(0, pair, lp)
+        misses = torch.zeros(len(scored), dtype=torch.long, device=dev).index_add_(0, pair, miss)
+        for i, ll, m in zip(scored, total.tolist(), misses.tolist()):
+            out[i] = (ll, m == 0)
         if progress is not None:
-            progress.update(R)
-
-    def _score_rows(self, batch, rows, kv, C, span, out) -> None:
-        dev = self.device
-        T = max(len(cont) for _, _, cont in rows)
-        x = torch.tensor([[batch[g][0][-1]] + cont[:-1] + [0] * (T - len(cont)) for g, _, cont in rows], device=dev)
-        start = torch.tensor([C[g] - 1 for g, _, _ in rows], device=dev)
-        pos = start[:, None] + torch.arange(T, device=dev)[None]
-        h = self.model.hidden_states(x, kv=kv, step=KVStep(pos, span, causal_mask(pos, span)), absorb=True,
-                                     dtype=self._prefill_dtype)
-        logits = self.model.head(h).float()
-        logp = logits.log_softmax(-1)
-        for r, (g, i, cont) in enumerate(rows):
-            n = len(cont)
-            target = torch.tensor(cont, device=dev)
-            lp = logp[r, :n].gather(-1, target[:, None])[:, 0]
-            greedy = bool((logits[r, :n].argmax(-1) == target).all())
-            out[i] = (float(lp.double().sum()), greedy)
+            progress.update(len(scored))
 
 
-def _runs(lengths: list[int]) -> list[tuple[int, int]]:
-    """Split sorted lengths into [lo, hi) runs padded to their longest with little waste: a run
-    ends where the next length is over 1.5x (+8) its first. Padding costs as much as tokens;
-    each extra forward costs a fixed ~5 ms per layer of small-op overhead on CPU."""
-    out, lo = [], 0
-    for i in range(1, len(lengths) + 1):
-        if i == len(lengths) or max(lengths[i], lengths[lo]) > 1.5 * min(lengths[i], lengths[lo]) + 8:
-            out.append((lo, i))
-            lo = i
-    return out
-
+def _seq_len(seq: Seq) -> int:
+    """Tokens in a sequence: the context, then each continuation but its last token."""
+    ctx, conts = seq
+    return len(ctx) + sum(len(cont) - 1 for _, cont in conts)

@@ -10,7 +10,7 @@
 
 The three request kinds keep the harness's meaning:
 - loglikelihood: the harness tokenizes (context, continuation) (TemplateLM._encode_pair); the
-  Scorer (engine/score.py) scores continuations, prefilling each distinct context once, so the
+  Scorer (engine/score.py) scores continuations, computing each distinct context once, so the
   choices of a question share it. Contexts are left-truncated to max_length + 1 tokens in all.
 - loglikelihood_rolling: the document with the prefix token (BOS, else EOS) first, through
   eval/perplexity.py's windows of max_length at stride max_length: the same windows as

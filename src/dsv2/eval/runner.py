@@ -4,7 +4,7 @@
     dsv2 eval tasks MODEL --tasks my_task.yaml --shots 5
 
 - multiple_choice: every choice is scored by log P(target_delimiter + choice | context); the
-  choices of one question share the context, which the Scorer (engine/score.py) prefills
+  choices of one question share the context, which the Scorer (engine/score.py) computes
   once. acc takes the highest log-likelihood; acc_norm divides it by the choice's length in
   characters (lm-evaluation-harness's definition).
 - generate_until: greedy decoding through the slot engine (dsv2.LLM), cut at the first `until`
@@ -78,7 +78,7 @@ def run_task(task: Task, model, tokenizer, shots: int | None = None, limit: int 
             pairs += [encode_pair(tokenizer, ctx, task.target_delimiter + c) for c in choices]
             meta.append((ctx, choices))
         with tqdm(total=len(pairs), desc=task.task, unit="choice", disable=not progress) as bar:
-            scored = iter(scorer.loglikelihood(pairs, bar))   # a question's choices share one prefill
+            scored = iter(scorer.loglikelihood(pairs, bar))   # a question's choices share one context
         records = []
         for i, (doc, (ctx, choices)) in enumerate(zip(docs, meta)):
             lls = [next(scored)[0] for _ in choices]

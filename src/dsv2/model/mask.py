@@ -4,7 +4,8 @@ A query at absolute position p sees cache slot j iff j <= p (causal). Rows of a 
 their own positions, so prompts of different lengths, chunked prefill and decode slots of
 different lengths all use the same rule. For packed training rows (several documents in one
 row), `segment_ids` additionally keeps each token inside its own document: the mask is then
-block-diagonal, and no attention crosses documents.
+block-diagonal, and no attention crosses documents. For scoring, `branch_mask` lets several
+continuations of one prefix share a row: each sees the prefix and itself, not the others.
 """
 
 from __future__ import annotations
@@ -38,3 +39,14 @@ def packed_positions(segment_ids_BT: torch.Tensor) -> torch.Tensor:
     start[:, 1:] = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
     first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - first
+
+
+def branch_mask(branch_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool for rows holding a shared prefix followed by branches that each continue it
+    (a question's context, then its choices: engine/score.py). branch_BT: 0 on the prefix, k > 0
+    on the tokens of branch k, -1 on padding. A token sees the prefix and its own branch up to
+    itself, never another branch; padding sees the prefix and padding, so no row is empty."""
+    T = branch_BT.shape[1]
+    idx = torch.arange(T, device=branch_BT.device)
+    key, query = branch_BT[:, None, :], branch_BT[:, :, None]
+    return (idx[None, None, :] <= idx[None, :, None]) & ((key == 0) | (key == query))

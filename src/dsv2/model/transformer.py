@@ -29,8 +29,11 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, kv=None, step=None, absorb=False, moe_hooks: MoEHooks | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, step, absorb)
+    def forward(self, x, cos, sin, kv=None, step=None, absorb=False, moe_hooks: MoEHooks | None = None,
+                rows=None):
+        """rows [B, R]: only these positions' outputs ([B, R, D]), the FFN run on them alone."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv, step, absorb, rows)
+        x = (x if rows is None else torch.take_along_dim(x, rows[..., None], dim=1)) + a
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, moe_hooks) if self.is_moe else self.mlp(h))
 
@@ -119,7 +122,11 @@ class DeepseekV2(nn.Module):
         return self.lm_head(h_BTD)
 
     def hidden_states(self, input_ids, positions=None, kv=None, step=None, absorb=False,
-                      dtype: torch.dtype | None = None, moe_hooks: MoEHooks | None = None) -> torch.Tensor:
+                      dtype: torch.dtype | None = None, moe_hooks: MoEHooks | None = None,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, D]. rows [B, R] (indices into T): only these positions' states
+        are wanted, [B, R, D]; the last layer then runs its attention output projection and FFN on
+        them alone (scoring takes logits at a few positions)."""
         if positions is None:
             positions = step.positions if step is not None else torch.arange(
                 input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
@@ -127,8 +134,9 @@ class DeepseekV2(nn.Module):
         x = self.embed_tokens(input_ids)
         if dtype is not None:
             x = x.to(dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb, moe_hooks)
+            x = layer(x, cos, sin, None if kv is None else kv[i], step, absorb, moe_hooks, rows if i == last else None)
         return self.norm(x)
 
     # ------------------------------------------------------------ accounting
