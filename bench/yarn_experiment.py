@@ -1,17 +1,21 @@
 """Context extension, measured: no scaling, position interpolation, YaRN, and YaRN with a short
 extension run, each on the same pretrained model, at 1, 2, 4 and 8 times its training length.
 
-    .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp                    # 2 seeds, ~25 min on 2 cores
+    .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp                 # 3 seeds, ~25 min each on 2 cores
     .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp --seeds 0 --steps 300   # a quick look
 
 For each seed:
 1. Data (once): a byte-level BPE (4,096) and token shards from this Python's standard library,
-   with passkey documents of 100 to 5 L0/8 tokens mixed in (about a quarter of the tokens; short
-   enough that most sit whole inside one L0 training window). They use the same format as
-   `dsv2 eval niah --passkey`: an instruction, filler sentences, "The pass key is NNNNNNN.
-   Remember it. ..." at a random depth, the question, then the key. Twenty long stdlib modules
-   are held out of training for perplexity.
-2. Pretraining: `dsv2 pretrain --config demo` (the tiny preset) at seq_len L0 = 256, 800 steps.
+   with a shard of --passkey-docs passkey documents of exactly L0 tokens (~40% of the tokens),
+   so that each is one whole training window (`add_passkey_shard`). They use the format of
+   `dsv2 eval niah --passkey`: an instruction, filler sentences, "The pass key is NNNNN.
+   Remember it. ..." at a random depth, the question, then the key. The extension's data has
+   the same text and an eighth as many passkey documents of 4 L0 tokens. Twenty long stdlib
+   modules are held out of training for perplexity.
+   (An earlier version mixed in passkey documents of 100-160 tokens as ordinary files: the
+   stream cut many of them apart, no needle was ever farther back than ~100 tokens, and the
+   model never learned to retrieve at L0.)
+2. Pretraining: `dsv2 pretrain --config demo` (the tiny preset) at seq_len L0 = 256, 2,000 steps.
 3. Six arms, as config.json variants of that checkpoint, the weights shared:
    - (a) none: RoPE unchanged, the context raised to 8 L0 (+64 for the answer);
    - (b) PI: rope_scaling linear, factor 8, no training;
@@ -60,16 +64,16 @@ def dsv2(*args) -> None:
     subprocess.run(cmd, check=True)
 
 
-def make_data(out: Path, passkey_docs: int) -> tuple[Path, list[Path]]:
-    """Tokenizer, shards (stdlib + passkey documents), and the held-out modules."""
+def make_data(out: Path, passkey_docs: int) -> tuple[Path, Path, list[Path]]:
+    """Tokenizer, text shards, passkey shards, and the held-out modules.
+    -> (the L0 data dir, the extension's 4 L0 data dir, the held-out files)."""
     from dsv2.data.bpe import train_tokenizer
     from dsv2.data.corpus import default_corpus
     from dsv2.data.shards import prepare_shards
-    from dsv2.eval.niah import build_prompt, make_key
     from dsv2.tokenizer import Tokenizer
-    data, held = out / "data", out / "held_out"
-    if (data / "card.json").exists():
-        return data, sorted(held.glob("*.py"))
+    data, ext, held = out / "data", out / "data_ext", out / "held_out"
+    if (data / "card.json").exists() and (ext / "card.json").exists():
+        return data, ext, sorted(held.glob("*.py"))
     files = [p for p in default_corpus() if p.stat().st_size > 0]
     rng = random.Random(0)
     long = sorted((p for p in files if p.stat().st_size > 40_000), key=lambda p: p.name)
@@ -81,16 +85,44 @@ def make_data(out: Path, passkey_docs: int) -> tuple[Path, list[Path]]:
     tok_dir = out / "tok"
     train_tokenizer(train_files, tok_dir, vocab_size=4096, max_mb=8, verbose=False)
     tok = Tokenizer(tok_dir)
-    pk = out / "passkey_docs"
-    pk.mkdir(exist_ok=True)
-    for i in range(passkey_docs):   # ids seeded apart from every evaluation key (seed 10_000 + i)
-        n = rng.randrange(100, 5 * L0 // 8)   # short (the instruction, needle and question take ~85), so most
-                                              # land whole inside one training window
-        key = make_key(10_000 + i, "passkey", n, 0, 0, KEY_DIGITS)
-        p = build_prompt(tok, "passkey", n, rng.randrange(0, 101), key)
-        (pk / f"{i:05d}.txt").write_text(tok.decode(p.ids) + " " + key + ".\n")
-    prepare_shards([pk, *train_files], tok_dir, data, val_fraction=0.02, max_mb=8, verbose=False)
-    return data, sorted(held.glob("*.py"))
+    prepare_shards(train_files, tok_dir, data, val_fraction=0.02, max_mb=16, verbose=False)
+    ext.mkdir(parents=True, exist_ok=True)
+    for f in data.glob("*.bin"):
+        if not (ext / f.name).exists():
+            (ext / f.name).symlink_to(f.resolve())
+    shutil.copyfile(data / "card.json", ext / "card.json")
+    # Passkey documents at 4 L0 for the extension: as many tokens as it trains on, ~40% of them.
+    add_passkey_shard(tok, data, passkey_docs, L0, seed=1)
+    add_passkey_shard(tok, ext, passkey_docs // 8, 4 * L0, seed=2)
+    return data, ext, sorted(held.glob("*.py"))
+
+
+def add_passkey_shard(tok, data: Path, n_docs: int, window: int, seed: int) -> None:
+    """Append a shard of n_docs passkey documents of exactly `window` tokens each to data's card.
+
+    Each is the `dsv2 eval niah --passkey` prompt with the needle at a random depth, the key and
+    ".", then EOS (padded with EOS to the window). The loader cuts a shard into windows that
+    start every seq_len tokens, so at seq_len = window every training window is one whole
+    document: the question, its answer and the needle anywhere from the start of the window to
+    the question. (Documents in the text stream are cut at arbitrary points; a retrieval example
+    cut from its needle teaches guessing.) Keys are seeded apart from every evaluation key."""
+    import numpy as np
+
+    from dsv2.eval.niah import build_prompt, make_key
+    rng = random.Random(seed)
+    docs = np.empty((n_docs, window), dtype=np.uint16)
+    for i in range(n_docs):
+        key = make_key(1_000_000 * seed + i, "train", window, 0, 0, KEY_DIGITS)
+        answer = tok.encode(" " + key + ".", add_bos=False) + [tok.eos_id]
+        ids = build_prompt(tok, "passkey", window - len(answer), rng.randrange(0, 101), key).ids + answer
+        docs[i] = ids + [tok.eos_id] * (window - len(ids))
+    name = f"train_passkey_{window}.bin"
+    docs.tofile(data / name)
+    card = json.loads((data / "card.json").read_text())
+    card["shards"]["train"].append({"file": name, "tokens": int(docs.size)})
+    card["tokens"]["train"] += int(docs.size)
+    card["documents"]["train"] += n_docs
+    (data / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 def arm_dir(base: Path, dst: Path, rope_scaling) -> Path:
@@ -130,7 +162,7 @@ def _digits_right(record: dict) -> float:
     return sum(a == b for a, b in zip(got, record["key"])) / len(record["key"])
 
 
-def run_seed(seed: int, args, data: Path, held: list[Path]) -> dict:
+def run_seed(seed: int, args, data: Path, ext_data: Path, held: list[Path]) -> dict:
     root = args.out / f"seed{seed}"
     base = root / "pretrain"
     if not (base / "hf" / "config.json").exists():
@@ -139,7 +171,7 @@ def run_seed(seed: int, args, data: Path, held: list[Path]) -> dict:
     for arm, lr in EXTEND_LR.items():
         ext = root / ("extend" if arm == "d_yarn_trained" else f"extend_lr{lr:g}")
         if not (ext / "hf" / "config.json").exists():
-            dsv2("pretrain", "--config", "extend-yarn", f"init_from={base / 'hf'}", f"data.dir={data}", f"out_dir={ext}",
+            dsv2("pretrain", "--config", "extend-yarn", f"init_from={base / 'hf'}", f"data.dir={ext_data}", f"out_dir={ext}",
                  f"steps={args.extend_steps}", f"seed={seed}", f"model.max_position_embeddings={CONTEXT}",
                  "precision=fp32", f"optim.lr={lr}", f"model.rope_scaling.factor={FACTOR}",
                  f"model.rope_scaling.original_max_position_embeddings={L0}", f"data.seq_len={4 * L0}",
@@ -185,18 +217,18 @@ def tables(all_results: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/yarn-exp"))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=800, help="pretraining steps (default 800; the demo runs 560)")
-    p.add_argument("--extend-steps", type=int, default=48, help="YaRN extension steps (default 48, 6%%)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=2000, help="pretraining steps (default 2000; the demo runs 560)")
+    p.add_argument("--extend-steps", type=int, default=120, help="YaRN extension steps (default 120, 6%%)")
     p.add_argument("--trials", type=int, default=4, help="passkey keys per (length, depth)")
-    p.add_argument("--passkey-docs", type=int, default=24000,
-                   help="passkey documents written (the corpus sampler keeps about a fifth of all files)")
+    p.add_argument("--passkey-docs", type=int, default=10000,
+                   help="passkey documents of L0 tokens in the pretraining data (default 10,000: ~40%% of its tokens)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data, held = make_data(args.out, args.passkey_docs)
+    data, ext_data, held = make_data(args.out, args.passkey_docs)
     all_results = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        all_results[seed] = run_seed(seed, args, data, held)
+        all_results[seed] = run_seed(seed, args, data, ext_data, held)
         (args.out / "results.json").write_text(json.dumps({str(k): v for k, v in all_results.items()}, indent=1))
     md = tables(all_results)
     (args.out / "results.md").write_text(md)
