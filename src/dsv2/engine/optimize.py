@@ -51,13 +51,14 @@ def routed_experts(x_MD: torch.Tensor, ends_E: torch.Tensor, w13: torch.Tensor, 
     matmul, which reads the offsets on the device; the others run expert by expert here, inside
     the operator, where reading the offsets on the host costs one sync that the graph around the
     call never sees."""
-    if s13 is None and w13.dtype == x_MD.dtype and _grouped_mm_ok[0]:
+    if (s13 is None and w13.dtype == x_MD.dtype and hasattr(torch, "_grouped_mm")
+            and x_MD.device.type not in _no_grouped_mm):
         try:
             offs = ends_E.to(torch.int32)
             gate, up = torch._grouped_mm(x_MD, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)
         except RuntimeError:   # e.g. a GPU without grouped GEMM kernels: the loop below, from now on
-            _grouped_mm_ok[0] = False
+            _no_grouped_mm.add(x_MD.device.type)
     y_MD = torch.empty_like(x_MD)
     start, hidden = 0, w2.shape[-1]
     for e, end in enumerate(ends_E.tolist()):
@@ -77,7 +78,8 @@ def routed_experts(x_MD: torch.Tensor, ends_E: torch.Tensor, w13: torch.Tensor, 
     return y_MD
 
 
-_grouped_mm_ok = [hasattr(torch, "_grouped_mm")]
+# Device types whose torch has no usable grouped GEMM for these weights (found on first use).
+_no_grouped_mm: set[str] = set()
 
 
 @routed_experts.register_fake
