@@ -169,3 +169,20 @@ def test_generate_compile_on_cpu(capsys):
     main(args + ["--compile"])
     compiled = capsys.readouterr()
     assert compiled.out == plain and "decoding eagerly" not in compiled.err
+
+
+def test_routed_experts_fall_back_to_the_loop_where_grouped_gemm_fails(monkeypatch):
+    """A torch whose grouped GEMM raises for these weights (e.g. a GPU without its kernels): the
+    operator runs expert by expert from then on, with the same numbers."""
+    import dsv2.engine.optimize as opt
+    m = prepare_for_decode(tiny())
+    x = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = m.layers[1].mlp(x)
+
+        def broken(*a, **k):
+            raise RuntimeError("no grouped GEMM here")
+        monkeypatch.setattr(torch, "_grouped_mm", broken)
+        monkeypatch.setattr(opt, "_no_grouped_mm", set())
+        got = m.layers[1].mlp(x)
+    assert opt._no_grouped_mm == {"cpu"} and torch.allclose(got, want, atol=1e-5)
