@@ -27,7 +27,7 @@ from torch import nn
 
 from ..dtypes import cpu_has_fast_bf16
 from ..model.linear import Linear
-from ..model.moe import DispatchState, LocalDispatcher, MoE
+from ..model.moe import DispatchState, LocalDispatcher, MoE, swiglu
 from ..quant import fp8, int8
 
 
@@ -60,20 +60,16 @@ def routed_experts(x_MD: torch.Tensor, ends_E: torch.Tensor, w13: torch.Tensor, 
         except RuntimeError:   # e.g. a GPU without grouped GEMM kernels: the loop below, from now on
             _no_grouped_mm.add(x_MD.device.type)
     y_MD = torch.empty_like(x_MD)
-    start, hidden = 0, w2.shape[-1]
+    start = 0
     for e, end in enumerate(ends_E.tolist()):
         if end > start:
-            r = slice(start, end)
+            x = x_MD[start:end]
             if s13 is None:
-                gate, up = F.linear(x_MD[r], w13[e].to(x_MD.dtype)).chunk(2, dim=-1)
-                y_MD[r] = F.linear(F.silu(gate) * up, w2[e].to(x_MD.dtype))
+                y_MD[start:end] = swiglu(x, w13[e], w2[e])
             elif w13.dtype == torch.int8:
-                gate, up = int8.matmul(x_MD[r], w13[e], s13[e]).chunk(2, dim=-1)
-                y_MD[r] = int8.matmul(F.silu(gate) * up, w2[e], s2[e])
+                y_MD[start:end] = int8.swiglu(x, w13[e], s13[e], w2[e], s2[e])
             else:
-                a = fp8.dequantize_stacked(w13[e], s13[e], hidden, tuple(block), x_MD.dtype)
-                gate, up = F.linear(x_MD[r], a).chunk(2, dim=-1)
-                y_MD[r] = F.linear(F.silu(gate) * up, fp8.dequantize_blocks(w2[e], s2[e], tuple(block), x_MD.dtype))
+                y_MD[start:end] = swiglu(x, *fp8.widen_expert(w13[e], s13[e], w2[e], s2[e], tuple(block), x.dtype))
         start = end
     return y_MD
 

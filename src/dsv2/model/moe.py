@@ -52,6 +52,13 @@ def expert_groups(n_experts: int, n_groups: int, device=None) -> torch.Tensor:
     return torch.arange(n_experts, device=device) // (n_experts // n_groups)
 
 
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One routed expert on rows x: W2 (silu(W1 x) * W3 x), with w13 = [W1 ; W3] stacked; in x's
+    dtype (the weights are cast to it where they differ)."""
+    gate, up = F.linear(x, w13.to(x.dtype)).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2.to(x.dtype))
+
+
 class Gate(nn.Module):
     """The router: expert centroids e_i, softmax affinities, (device-limited) top-K."""
 
@@ -103,8 +110,7 @@ class GroupedExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x, in x's dtype (the weights are cast to it where they differ)."""
-        gate, up = F.linear(x, self.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
+        return swiglu(x, self.gate_up_proj[e], self.down_proj[e])
 
     def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_MD holds token copies sorted by expert; counts[e] rows belong to expert e.

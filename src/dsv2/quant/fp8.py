@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import ExpertLoop, GroupedExperts
+from ..model.moe import ExpertLoop, GroupedExperts, swiglu
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -161,13 +161,19 @@ class Fp8GroupedExperts(_KeepsFp8, ExpertLoop):
 
     def widened(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (gate_up [2I, D], down [D, I]) in dtype."""
-        return (dequantize_stacked(self.gate_up_proj[e], self.gate_up_proj_scale_inv[e], self.hidden, self.block, dtype),
-                dequantize_blocks(self.down_proj[e], self.down_proj_scale_inv[e], self.block, dtype))
+        return widen_expert(self.gate_up_proj[e], self.gate_up_proj_scale_inv[e], self.down_proj[e],
+                            self.down_proj_scale_inv[e], self.block, dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        w13, w2 = self.widened(e, x.dtype)
-        gate, up = F.linear(x, w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w2)
+        return swiglu(x, *self.widened(e, x.dtype))
+
+
+def widen_expert(q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, block,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's e4m3 stacks and block scales -> (gate_up [2I, D], down [D, I]) in dtype; gate
+    and up are blocked apart (quantize_stacked)."""
+    hidden = q2.shape[-1]
+    return (dequantize_stacked(q13, s13, hidden, block, dtype), dequantize_blocks(q2, s2, block, dtype))
 
 
 def to_fp8(model: nn.Module, block=BLOCK) -> nn.Module:

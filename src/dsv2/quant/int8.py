@@ -99,10 +99,14 @@ class Int8GroupedExperts(ExpertLoop):
             self.register_buffer(f"{name}_s", s)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        gate, up = matmul(x2, self.gate_up_proj_q[e], self.gate_up_proj_s[e]).chunk(2, dim=-1)
-        y = matmul(F.silu(gate) * up, self.down_proj_q[e], self.down_proj_s[e])
-        return y.view(*x.shape[:-1], -1)
+        return swiglu(x, self.gate_up_proj_q[e], self.gate_up_proj_s[e], self.down_proj_q[e], self.down_proj_s[e])
+
+
+def swiglu(x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """One routed expert on rows x from its int8 rows and row scales (gate and up stacked in q13)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    gate, up = matmul(x2, q13, s13).chunk(2, dim=-1)
+    return matmul(F.silu(gate) * up, q2, s2).view(*x.shape[:-1], -1)
 
 
 def quantized_weights(module: nn.Module):
