@@ -7,6 +7,9 @@ taken as given. torch is imported inside the function, so CLIs can list the name
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 DTYPE_NAMES = ("float32", "bfloat16")
 # The latent cache's formats (engine/cache.py): auto = the model's dtype.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "fp8", "int8", "mixed")
@@ -24,18 +27,12 @@ def parse_dtype(value, what: str = "dtype"):
     raise ValueError(f"unknown {what} {value!r}: use {' or '.join(DTYPE_NAMES)}.")
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16. Without them (e.g. AVX2-only CPUs) bfloat16 matmuls are emulated: ~5x
     slower than float32 for torch's GEMM, ~100x for a training step's mix of kernels."""
-    global _fast_bf16
-    if _fast_bf16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-        except OSError:
-            flags = ""
-        _fast_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
-    return _fast_bf16
-
-
-_fast_bf16: bool | None = None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -108,7 +108,7 @@ class DecodeMoE(MoE):
         order_M = flat_M.argsort(stable=True)
         ends_E = torch.searchsorted(flat_M[order_M], torch.arange(self.n_experts, device=x_ND.device), right=True)
         token_M = order_M // K
-        y_MD = routed_experts(x_ND[token_M], ends_E, *_expert_weights(self.experts))
+        y_MD = routed_experts(x_ND.index_select(0, token_M), ends_E, *_expert_weights(self.experts))
         out = self.dispatcher.combine(y_MD, DispatchState(order_M, token_M), route.weight_NK, x_ND.shape[0])
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_ND)
