@@ -1,15 +1,17 @@
 """Long-context inference with YaRN: prefill time, decode tokens/s and cache bytes at 4K, 16K and 32K
 tokens of context, dsv2 beside transformers on the same weights.
 
-    .venv/bin/python bench/long_context.py                         # small preset, 4K/16K/32K, ~15 min
+    .venv/bin/python bench/long_context.py                         # small preset, 512 to 32K, ~25 min
     .venv/bin/python bench/long_context.py --lengths 4096,8192 --new-tokens 8 --no-peer
+    .venv/bin/python bench/long_context.py --lengths 512,2048,8192 --dtypes float32,bfloat16 --no-peer
 
 The `small` preset with random weights and DeepSeek-V2's YaRN settings scaled to it (factor 8 over
 its 4,096-token context: max_position_embeddings 32,768 + room for the new tokens) is written in
 Hugging Face format once. Each (engine, length) runs in its own process (peak RSS is its own):
-- dsv2: an Engine of one slot; the prompt is prefilled in chunks of 2,048 tokens (each chunk
-  attends to the latent cache written so far), then --new-tokens are decoded greedily through the
-  fused step, which reads c^KV and k^R straight from the cache (absorbed attention).
+- dsv2 (each of --dtypes: the weights and the latent cache in that dtype): an Engine of one slot;
+  the prompt is prefilled in chunks of 2,048 tokens (each chunk attends to the latent cache written
+  so far), then --new-tokens are decoded greedily through the fused step, which reads c^KV and k^R
+  straight from the cache (absorbed attention).
 - transformers: DeepseekV2ForCausalLM (sdpa), one forward over the prompt with use_cache, then
   the same number of greedy steps with its cache.
 Reported per length:
@@ -18,7 +20,9 @@ Reported per length:
 - cache bytes: dsv2's latent rows for the context, transformers' key/value tensors after prefill;
 - the peak RSS of the process.
 dsv2's decode reads the weights once per step plus the context's latent rows, so its time per
-token grows with context only by those reads (printed as MB read per step).
+token grows with context only by those reads. The roofline column is that: bytes of weights a
+batch-1 step reads (common.weight_bytes_per_step) plus the context's cache rows, over the copy
+bandwidth measured at the start, against the measured decode rate.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dsv2.bench.common import best_window, cpu_name, run_child
+from dsv2.bench.common import best_window, copy_bandwidth, cpu_name, run_child, weight_bytes_per_step
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GiB = 2**30
@@ -62,12 +66,13 @@ def _child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     L, n = spec["length"], spec["new_tokens"]
     prompt = random_prompts(1, L, 4096, 0)
-    times = []
+    times, step_bytes = [], None
+    dtype = getattr(torch, spec["dtype"])
     if spec["engine"] == "dsv2":
         from dsv2.checkpoint import load_pretrained
         from dsv2.engine import Engine, Request
         from dsv2.engine.sampling import SamplingParams
-        model = load_pretrained(spec["model"], dtype=torch.float32)
+        model = load_pretrained(spec["model"], dtype=dtype)
         eng = Engine(model, max_batch_slots=1, max_len=L + n + 1)
         t = time.perf_counter()
         eng.add(Request(prompt[0].tolist(), SamplingParams(max_new_tokens=n + 1, ignore_eos=True)))
@@ -79,9 +84,10 @@ def _child(spec: dict) -> dict:
             times.append(time.perf_counter() - t)
         cache = eng.cache.bytes_per_token() * L
         fused = eng._decode.native is not None
+        step_bytes = weight_bytes_per_step(model, 1) + cache
     else:
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=dtype,
                                                      attn_implementation="sdpa").eval()
         with torch.no_grad():
             t = time.perf_counter()
@@ -95,7 +101,8 @@ def _child(spec: dict) -> dict:
                 past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 times.append(time.perf_counter() - t)
         fused = False
-    return {"engine": spec["engine"], "length": L, "prefill_s": prefill, "decode_tok_s": best_window(times, 1, 4),
+    return {"engine": spec["engine"], "dtype": spec["dtype"], "length": L, "step_bytes": step_bytes,
+            "prefill_s": prefill, "decode_tok_s": best_window(times, 1, 4),
             "decode_avg_tok_s": len(times) / sum(times), "cache_bytes": cache, "fused": fused,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB}
 
@@ -111,7 +118,10 @@ def _layers(past):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", default="4096,16384,32768")
+    p.add_argument("--lengths", default="512,2048,8192,32768")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="dsv2's weight and cache dtypes (default float32,bfloat16)")
+    p.add_argument("--peer-dtype", default="float32", help="transformers' dtype (default float32)")
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-peer", action="store_true", help="dsv2 only")
@@ -122,13 +132,19 @@ def main() -> int:
         print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
     lengths = [int(x) for x in args.lengths.split(",")]
+    import torch
+    torch.set_num_threads(args.threads)
+    bandwidth = copy_bandwidth()
+    del torch
+    runs = [("dsv2", d) for d in args.dtypes.split(",")] + ([] if args.no_peer else [("transformers", args.peer_dtype)])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "small-yarn"
         make_checkpoint(ckpt, max(lengths) + args.new_tokens + 64)
         for L in lengths:
-            for engine in ["dsv2"] + ([] if args.no_peer else ["transformers"]):
-                spec = dict(engine=engine, length=L, new_tokens=args.new_tokens, threads=args.threads, model=str(ckpt))
+            for engine, dtype in runs:
+                spec = dict(engine=engine, dtype=dtype, length=L, new_tokens=args.new_tokens, threads=args.threads,
+                            model=str(ckpt))
                 try:
                     r = run_child(__file__, spec)
                 except RuntimeError as e:   # transformers at 32K asks for more memory than this machine has
@@ -136,18 +152,23 @@ def main() -> int:
                     continue
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\n{cpu_name()}, {args.threads} threads")
-    print(f"{'length':>8} {'engine':<13}{'prefill s':>10}{'decode tok/s':>14}{'(avg)':>8}{'cache MB':>10}"
-          f"{'peak GiB':>10}")
+    print(f"\n{cpu_name()}, {args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'length':>8} {'engine':<13}{'dtype':<10}{'prefill s':>10}{'decode tok/s':>14}{'(avg)':>8}"
+          f"{'roofline':>10}{'cache MB':>10}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['length']:>8} {r['engine']:<13}{r['prefill_s']:>10.1f}{r['decode_tok_s']:>14.2f}"
-              f"{r['decode_avg_tok_s']:>8.2f}{r['cache_bytes'] / 1e6:>10.1f}{r['peak_rss_gib']:>10.2f}")
-    by = {(r["engine"], r["length"]): r for r in rows}
+        roof = f"{100 * r['decode_tok_s'] * r['step_bytes'] / bandwidth:.0f}%" if r["step_bytes"] else "-"
+        print(f"{r['length']:>8} {r['engine']:<13}{r['dtype']:<10}{r['prefill_s']:>10.1f}{r['decode_tok_s']:>14.2f}"
+              f"{r['decode_avg_tok_s']:>8.2f}{roof:>10}{r['cache_bytes'] / 1e6:>10.1f}{r['peak_rss_gib']:>10.2f}")
+    by = {(r["engine"], r["dtype"], r["length"]): r for r in rows}
     for L in lengths:
-        a, b = by.get(("dsv2", L)), by.get(("transformers", L))
-        if a and b:
-            print(f"{L:>8}: prefill {b['prefill_s'] / a['prefill_s']:.1f}x faster, decode "
-                  f"{a['decode_tok_s'] / b['decode_tok_s']:.1f}x, cache {b['cache_bytes'] / a['cache_bytes']:.1f}x smaller")
+        b = by.get(("transformers", args.peer_dtype, L))
+        for d in args.dtypes.split(","):
+            a = by.get(("dsv2", d, L))
+            if a and b:
+                print(f"{L:>8}: dsv2 {d} against transformers {args.peer_dtype}: prefill "
+                      f"{b['prefill_s'] / a['prefill_s']:.1f}x faster, "
+                      f"decode {a['decode_tok_s'] / b['decode_tok_s']:.1f}x, "
+                      f"cache {b['cache_bytes'] / a['cache_bytes']:.1f}x smaller")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

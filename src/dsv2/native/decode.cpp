@@ -4,9 +4,10 @@
  * read, not by arithmetic. Here a step is one call and one OpenMP parallel region (~20 phases
  * a layer, split across the threads and separated by a spinning barrier), weights are read
  * once per step straight from the model's own tensors (float32, bfloat16, or int8 rows with
- * one float scale each), and activations stay float32 throughout. The math is the absorbed MLA
- * path of model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds
- * the two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks
+ * one float scale each), and activations stay float32 throughout (but for a bfloat16 model's
+ * attention over its bfloat16 cache, which multiplies bfloat16 pairs where the CPU can). The
+ * math is the absorbed MLA path of model/attention.py and the MoE of model/moe.py;
+ * tests/engine/test_native.py holds the two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks
  * the tensors and fills the description in decode.h. Built with -O3 -march=native -fopenmp and
  * linked to the OpenMP runtime torch already loaded, so both share one thread pool.
  */
@@ -328,6 +329,17 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
 
 #define BLOCK 16   /* weight rows per work item */
 #define BUFW(m) (4 * (m)->max_cols + 64)   /* floats of scratch per thread */
+#define CH 64      /* cached positions per attention block */
+#ifndef PF_ROWS
+#define PF_ROWS 4
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
+/* And of one thread's attention scratch: scores, bfloat16 pairs of p, the bfloat16 query, and
+ * a block of rows widened to float32. */
+#define ATTN_BUF(m) \
+    ((int64_t)CH * (m)->H * 2 + (int64_t)((m)->H + CH) * ((m)->C + (m)->R) + 64)
 
 /* ------------------------------------------------------------------ the team
  * One OpenMP parallel region per step: every thread runs the whole step, each loop below is
@@ -339,7 +351,7 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
  * faster (it is the same OpenMP region underneath) and does not promise that its chunks run
  * at once, which a barrier between phases needs. */
 struct Barrier { std::atomic<int> count{0}, gen{0}; };
-typedef struct { int id, n; Barrier *bar; float *buf; } Team;
+typedef struct { int id, n; Barrier *bar; float *buf, *abuf; } Team;
 
 /* Each thread takes one contiguous share of [0, count): weight rows stream in order, as the
  * hardware prefetcher likes. */
@@ -432,8 +444,8 @@ static Mat expert_of(const Mat *W, int e, int n) {
 
 /* ------------------------------------------------------------------ work space */
 typedef struct {
-    float *x, *h, *qa, *q, *kva, *qf, *sc, *olat, *o, *acc, *g, *u, *logit, *wk, *xg, *gu, *y, *bufs, *cs, *sn;
-    int32_t *idx, *order, *slot, *cnt, *item;
+    float *x, *h, *qa, *q, *kva, *qf, *part, *olat, *o, *acc, *g, *u, *logit, *wk, *xg, *gu, *y, *bufs, *cs, *sn;
+    int32_t *idx, *order, *slot, *cnt, *item, *first;
     int n_items[2];   /* expert work items of the two expert passes (set by thread 0) */
 } Work;
 
@@ -444,13 +456,13 @@ static int64_t carve(const Model *m, int B, int S, int threads, float *base, Wor
 #define TAKEI(field, n) do { w->field = base ? (int32_t *)(base + at) : 0; at += ((int64_t)(n) + 15) / 16 * 16; } while (0)
     TAKE(x, B * m->D); TAKE(h, B * m->D); TAKE(qa, B * (m->QR > 0 ? m->QR : 1));
     TAKE(q, (int64_t)B * m->H * (m->N + m->R)); TAKE(kva, B * (m->C + m->R));
-    TAKE(qf, (int64_t)B * m->H * (m->C + m->R)); TAKE(sc, (int64_t)B * m->H * S);
+    TAKE(qf, (int64_t)B * m->H * (m->C + m->R)); TAKE(part, (int64_t)B * threads * m->H * (m->C + 2));
     TAKE(olat, (int64_t)B * m->H * m->C); TAKE(o, (int64_t)B * m->H * m->V); TAKE(acc, B * m->D);
     TAKE(g, (int64_t)B * m->I_max); TAKE(u, (int64_t)B * m->I_max);
     TAKE(logit, B * E); TAKE(wk, copies); TAKE(xg, copies * m->D); TAKE(gu, copies * 2 * m->I_moe);
-    TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * BUFW(m));
+    TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * (BUFW(m) + ATTN_BUF(m)));
     TAKE(cs, B * m->R / 2 + 1); TAKE(sn, B * m->R / 2 + 1);
-    TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 4 * E * blocks);   /* (expert, block) pairs of both passes */
+    TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 4 * E * blocks); TAKEI(first, B + 1);   /* (expert, block) pairs of both passes */
 #undef TAKE
 #undef TAKEI
     return at;
@@ -468,6 +480,352 @@ static Mat cache_rows(const Model *m, const Layer *L, void *cache, int64_t slot_
                 m->cache_scale ? m->cache_scale + (L - m->layers) : 0, m->cache_row, m->cache_type, len, m->C + m->R,
                 0, 0, 0, m->C};
     return rows;
+}
+
+/* ------------------------------------------------------------------ attention over the latent cache
+ * One pass over the cache per step, split across the team by blocks of CH positions: every
+ * block's rows are read once (from memory, then from L1/L2), scored against all heads of their
+ * token, and added to those heads' running sums with an online softmax (flash decoding). A
+ * thread's blocks of one token form one segment with its own partial (o_lat, max, sum); the
+ * segments of a token are merged afterwards. Each block: scores as register tiles of 4 heads x 4
+ * rows, then o_lat += p^T rows as tiles of up to 8 heads x 2 vectors of columns. A bfloat16 model's
+ * bfloat16 cache on a CPU with AVX512-BF16 stays bfloat16 (VDPBF16PS: the query and p rounded to
+ * bfloat16, sums in float32, as PyTorch's bfloat16 matmuls do); every other non-float32 row type
+ * (a float32 model's bfloat16 cache included) is widened to float32 block by block. */
+#ifdef __AVX512F__
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+static inline vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline float hsumv(vf v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    return hsum(v);
+#endif
+}
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define KV_DPBF16 1
+#else
+#define KV_DPBF16 0
+#endif
+
+/* e^x for x <= 0 (the scores less their running max): n = round(x log2 e), e^x = 2^n e^r with
+ * |r| <= ln 2 / 2 and e^r from Cephes' degree-6 polynomial; within 2 ulp of expf. */
+static inline vf exp_neg(vf x) {
+    typedef int32_t vi __attribute__((vector_size(VW * 4)));
+    x = x < -87.0f ? (vf){} - 87.0f : x;
+    vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);   /* x <= 0: truncation rounds */
+    vf nf = __builtin_convertvector(n, vf);
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
+            + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    return (vf)((vi)y + ((n) << 23));
+}
+
+#ifdef __AVX512F__
+/* The sums of 16 vectors a[4 i + jj] written to sc[i * CH + jj] (4 heads x 4 rows of scores): a
+ * transpose-and-add tree of 45 shuffles and adds instead of 16 horizontal sums. */
+static inline void store_sums_4x4(const __m512 *a, float *sc) {
+    __m512 p[8], q[4], r[2];
+    for (int k = 0; k < 8; k++)
+        p[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm512_add_ps(_mm512_shuffle_ps(p[2 * k], p[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(p[2 * k], p[2 * k + 1], 0xEE));
+    for (int k = 0; k < 2; k++)
+        r[k] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * k], q[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(q[2 * k], q[2 * k + 1], 0xEE));
+    const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], 0x88), _mm512_shuffle_f32x4(r[0], r[1], 0xDD));
+    _mm_storeu_ps(sc, _mm512_castps512_ps128(d));
+    _mm_storeu_ps(sc + CH, _mm512_extractf32x4_ps(d, 1));
+    _mm_storeu_ps(sc + 2 * CH, _mm512_extractf32x4_ps(d, 2));
+    _mm_storeu_ps(sc + 3 * CH, _mm512_extractf32x4_ps(d, 3));
+}
+#endif
+
+/* sc[h * CH + j] = q_h . row_j over K, for n rows (row stride ldr) and H heads (query stride ldq):
+ * register tiles of 4 heads x 4 rows, the remainders one dot product at a time. */
+static void scores_f32(const float *q, int64_t ldq, int H, const float *rows, int64_t ldr, int n, int K, float *sc) {
+    const int KV = K / VW * VW, H4 = H / 4 * 4;
+    const int64_t pf = PF_ROWS * ldr;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *r0 = rows + j * ldr, *r1 = r0 + ldr, *r2 = r1 + ldr, *r3 = r2 + ldr;
+        for (int h = 0; h < H4; h += 4) {
+            const float *q0 = q + h * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
+#ifdef __AVX512F__
+            if (KV == K) {
+                __m512 a[16];
+                for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+                for (int k = 0; k < K; k += 16) {
+                    const __m512 x0 = _mm512_loadu_ps(r0 + k), x1 = _mm512_loadu_ps(r1 + k);
+                    const __m512 x2 = _mm512_loadu_ps(r2 + k), x3 = _mm512_loadu_ps(r3 + k);
+                    if (h == 0) {   /* the same rows of the next block, on their way from memory */
+                        _mm_prefetch((const char *)(r0 + pf + k), PF_HINT);
+                        _mm_prefetch((const char *)(r1 + pf + k), PF_HINT);
+                        _mm_prefetch((const char *)(r2 + pf + k), PF_HINT);
+                        _mm_prefetch((const char *)(r3 + pf + k), PF_HINT);
+                    }
+                    const float *qs[4] = {q0, q1, q2, q3};
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++) {
+                        const __m512 y = _mm512_loadu_ps(qs[i] + k);
+                        a[4 * i] = _mm512_fmadd_ps(y, x0, a[4 * i]);
+                        a[4 * i + 1] = _mm512_fmadd_ps(y, x1, a[4 * i + 1]);
+                        a[4 * i + 2] = _mm512_fmadd_ps(y, x2, a[4 * i + 2]);
+                        a[4 * i + 3] = _mm512_fmadd_ps(y, x3, a[4 * i + 3]);
+                    }
+                }
+                store_sums_4x4(a, sc + h * CH + j);
+                continue;
+            }
+#endif
+            vf a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
+            vf a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
+            for (int k = 0; k < KV; k += VW) {
+                vf x0 = ldv(r0 + k), x1 = ldv(r1 + k), x2 = ldv(r2 + k), x3 = ldv(r3 + k), y;
+                y = ldv(q0 + k); a00 += y * x0; a01 += y * x1; a02 += y * x2; a03 += y * x3;
+                y = ldv(q1 + k); a10 += y * x0; a11 += y * x1; a12 += y * x2; a13 += y * x3;
+                y = ldv(q2 + k); a20 += y * x0; a21 += y * x1; a22 += y * x2; a23 += y * x3;
+                y = ldv(q3 + k); a30 += y * x0; a31 += y * x1; a32 += y * x2; a33 += y * x3;
+            }
+            const vf a[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+            for (int i = 0; i < 4; i++)
+                for (int jj = 0; jj < 4; jj++) {
+                    float s = hsumv(a[i][jj]);
+                    for (int k = KV; k < K; k++) s += q[(h + i) * ldq + k] * rows[(j + jj) * ldr + k];
+                    sc[(h + i) * CH + j + jj] = s;
+                }
+        }
+        for (int h = H4; h < H; h++)
+            for (int jj = 0; jj < 4; jj++) sc[h * CH + j + jj] = dot_f32(q + h * ldq, rows + (j + jj) * ldr, K);
+    }
+    for (; j < n; j++)
+        for (int h = 0; h < H; h++) sc[h * CH + j] = dot_f32(q + h * ldq, rows + j * ldr, K);
+}
+
+/* o[h * C + c] += sum_j p[h * CH + j] row_j[c] for NH heads and c < C: NH x 2 vectors of sums. */
+template <int NH>
+static void wsum_f32_heads(const float *p, const float *rows, int64_t ldr, int n, int C, float *o) {
+    const int CB = C / (2 * VW) * (2 * VW);
+    for (int c = 0; c < CB; c += 2 * VW) {
+        vf a[NH][2] = {};
+        for (int j = 0; j < n; j++) {
+            const float *r = rows + j * ldr + c;
+            vf r0 = ldv(r), r1 = ldv(r + VW);
+#pragma GCC unroll 8
+            for (int i = 0; i < NH; i++) { const float pj = p[i * CH + j]; a[i][0] += pj * r0; a[i][1] += pj * r1; }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < NH; i++) {
+            float *oh = o + i * C + c;
+            stv(oh, ldv(oh) + a[i][0]); stv(oh + VW, ldv(oh + VW) + a[i][1]);
+        }
+    }
+    for (int c = CB; c < C; c++)
+        for (int i = 0; i < NH; i++) {
+            float s = 0;
+            for (int j = 0; j < n; j++) s += p[i * CH + j] * rows[j * ldr + c];
+            o[i * C + c] += s;
+        }
+}
+
+static void wsum_f32(const float *p, int H, const float *rows, int64_t ldr, int n, int C, float *o) {
+    int h = 0;
+    for (; h + 8 <= H; h += 8) wsum_f32_heads<8>(p + h * CH, rows, ldr, n, C, o + h * C);
+    for (; h + 4 <= H; h += 4) wsum_f32_heads<4>(p + h * CH, rows, ldr, n, C, o + h * C);
+    for (; h < H; h++) wsum_f32_heads<1>(p + h * CH, rows, ldr, n, C, o + h * C);
+}
+
+#if KV_DPBF16
+/* The bfloat16 forms of the above: VDPBF16PS multiplies pairs of bfloat16s and adds both products
+ * to a float32 lane. q: [H][K] bfloat16; tiles of 4 heads x 4 rows (a ragged last row tile repeats
+ * its first row, a ragged head tile is scored as tiles of one). */
+template <int NH>
+static void scores_bf16_tile(const uint16_t *q, int K, const uint16_t *const *r, int64_t pf, __m512 *acc) {
+    __m512 a[NH][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NH; i++) for (int jj = 0; jj < 4; jj++) a[i][jj] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        const __mmask32 in = K - k >= 32 ? ~0u : (1u << (K - k)) - 1;   /* a ragged last step loads zeros past K */
+        const __m512bh x0 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[0] + k);
+        const __m512bh x1 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[1] + k);
+        const __m512bh x2 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[2] + k);
+        const __m512bh x3 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[3] + k);
+        if (pf) {   /* the same rows a few rows on, on their way from memory */
+            for (int jj = 0; jj < 4; jj++) _mm_prefetch((const char *)(r[jj] + pf + k), PF_HINT);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < NH; i++) {
+            __m512bh y = (__m512bh)_mm512_maskz_loadu_epi16(in, q + i * K + k);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], y, x0); a[i][1] = _mm512_dpbf16_ps(a[i][1], y, x1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], y, x2); a[i][3] = _mm512_dpbf16_ps(a[i][3], y, x3);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NH; i++) for (int jj = 0; jj < 4; jj++) acc[i * 4 + jj] = a[i][jj];
+}
+
+static void scores_bf16(const uint16_t *q, int H, const uint16_t *rows, int64_t ldr, int n, int K, float *sc) {
+    __m512 acc[16];
+    for (int j = 0; j < n; j += 4) {
+        const int nr = n - j < 4 ? n - j : 4;
+        const uint16_t *r[4];
+        for (int jj = 0; jj < 4; jj++) r[jj] = rows + (j + (jj < nr ? jj : 0)) * ldr;
+        for (int h = 0; h < H;) {
+            const int nh = H - h >= 4 ? 4 : 1;
+            if (nh == 4) scores_bf16_tile<4>(q + h * K, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
+            else scores_bf16_tile<1>(q + h * K, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
+            if (nh == 4 && nr == 4) { store_sums_4x4(acc, sc + h * CH + j); h += 4; continue; }
+            for (int i = 0; i < nh; i++)
+                for (int jj = 0; jj < nr; jj++) sc[(h + i) * CH + j + jj] = _mm512_reduce_add_ps(acc[i * 4 + jj]);
+            h += nh;
+        }
+    }
+}
+
+/* o (float32) += p^T rows for NH heads: rows 2i and 2i + 1 interleaved column by column (unpack),
+ * each head's (p_2i, p_2i+1) pair broadcast; pp[h * CH / 2 + i] holds that pair as two bfloat16s.
+ * The unpacks leave each 128-bit lane's columns 0-3 in one result and 4-7 in the other, put back
+ * in order by one permute per 32 columns at the end. C a multiple of 32. */
+template <int NH>
+static void wsum_bf16_heads(const uint32_t *pp, const uint16_t *rows, int64_t ldr, int n, int C, float *o) {
+    static const uint16_t zero[32] = {0};
+    const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int c = 0; c < C; c += 32) {
+        __m512 a[NH][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < NH; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+        for (int j = 0; j < n; j += 2) {
+            const __m512i r0 = _mm512_loadu_si512(rows + j * ldr + c);
+            const __m512i r1 = _mm512_loadu_si512(j + 1 < n ? rows + (j + 1) * ldr + c : zero);
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(r0, r1), hi = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+#pragma GCC unroll 8
+            for (int i = 0; i < NH; i++) {
+                const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pp[i * (CH / 2) + j / 2]);
+                a[i][0] = _mm512_dpbf16_ps(a[i][0], lo, pv); a[i][1] = _mm512_dpbf16_ps(a[i][1], hi, pv);
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < NH; i++) {
+            float *oh = o + i * C + c;
+            _mm512_storeu_ps(oh, _mm512_add_ps(_mm512_loadu_ps(oh), _mm512_permutex2var_ps(a[i][0], lo_idx, a[i][1])));
+            _mm512_storeu_ps(oh + 16, _mm512_add_ps(_mm512_loadu_ps(oh + 16),
+                                                    _mm512_permutex2var_ps(a[i][0], hi_idx, a[i][1])));
+        }
+    }
+}
+
+static void wsum_bf16(const uint32_t *pp, int H, const uint16_t *rows, int64_t ldr, int n, int C, float *o) {
+    int h = 0;
+    for (; h + 8 <= H; h += 8) wsum_bf16_heads<8>(pp + h * (CH / 2), rows, ldr, n, C, o + h * C);
+    for (; h + 4 <= H; h += 4) wsum_bf16_heads<4>(pp + h * (CH / 2), rows, ldr, n, C, o + h * C);
+    for (; h < H; h++) wsum_bf16_heads<1>(pp + h * (CH / 2), rows, ldr, n, C, o + h * C);
+}
+#endif
+
+/* One segment of token b: positions [s0, s1), blocks of CH, continuing the partial at part
+ * (o_lat [H, C], then max [H], then sum [H]). */
+static void attend_blocks(const Model *m, const Layer *L, void *cache, int64_t slot_off, const float *qf,
+                          int s0, int s1, float *part, float *buf) {
+    const int H = m->H, C = m->C, K = m->C + m->R;
+    float *o = part, *mx = part + H * C, *sum = mx + H;
+    float *sc = buf, *ppf = buf + CH * H, *qbf = ppf + CH * H / 2 + 16, *wide = qbf + H * K / 2 + 16;
+    Mat rows = cache_rows(m, L, cache, slot_off, s1);
+    const int type = m->cache_type;
+#if KV_DPBF16
+    const int dp = type == BF16 && L->kv_b.type == BF16 && C % 32 == 0;   /* bfloat16 weights: bfloat16 arithmetic */
+    if (dp)
+        for (int i = 0; i < H * K; i++) ((uint16_t *)qbf)[i] = f32_to_bf16(qf[i]);
+#endif
+    for (int b0 = s0; b0 < s1; b0 += CH) {
+        const int n = s1 - b0 < CH ? s1 - b0 : CH;
+#if KV_DPBF16
+        if (dp) {
+            scores_bf16((const uint16_t *)qbf, H, (const uint16_t *)rows.w + b0 * rows.stride, rows.stride, n, K, sc);
+        } else
+#endif
+        {
+            const float *r;
+            int64_t ldr;
+            if (type == F32) { r = (const float *)rows.w + b0 * rows.stride; ldr = rows.stride; }
+            else {
+                for (int j = 0; j < n; j++) row_f32(&rows, b0 + j, wide + (int64_t)j * K);
+                r = wide; ldr = K;
+            }
+            scores_f32(qf, K, H, r, ldr, n, K, sc);
+        }
+        for (int h = 0; h < H; h++) {   /* online softmax: what came before rescaled to the new max */
+            float *p = sc + h * CH, bm = -INFINITY;
+            for (int j = 0; j < n; j++) bm = fmaxf(bm, p[j] *= m->scale);
+            const float nm = fmaxf(mx[h], bm), alpha = expf(mx[h] - nm);
+            int j = 0;
+            vf acc = {};
+            for (; j + VW <= n; j += VW) { vf e = exp_neg(ldv(p + j) - nm); stv(p + j, e); acc += e; }
+            float s = hsumv(acc);
+            for (; j < n; j++) s += (p[j] = expf(p[j] - nm));
+            if (alpha != 1.0f) for (int c = 0; c < C; c++) o[h * C + c] *= alpha;
+            sum[h] = sum[h] * alpha + s;
+            mx[h] = nm;
+        }
+#if KV_DPBF16
+        if (dp) {
+            uint32_t *pp = (uint32_t *)ppf;
+            for (int h = 0; h < H; h++)
+                for (int j = 0; j < n; j += 2)
+                    pp[h * (CH / 2) + j / 2] = f32_to_bf16(sc[h * CH + j])
+                                               | (uint32_t)(j + 1 < n ? f32_to_bf16(sc[h * CH + j + 1]) : 0) << 16;
+            wsum_bf16(pp, H, (const uint16_t *)rows.w + b0 * rows.stride, rows.stride, n, C, o);
+            continue;
+        }
+#endif
+        if (type == F32) wsum_f32(sc, H, (const float *)rows.w + b0 * rows.stride, rows.stride, n, C, o);
+        else wsum_f32(sc, H, wide, K, n, C, o);
+    }
+}
+
+/* o_lat for every token: its blocks shared out across the team (the token's segments), then merged. */
+static void attend(const Model *m, const Layer *L, int B, const int64_t *pos, int S, void *cache, int64_t slot_stride,
+                   Work *w, const Team *t) {
+    const int H = m->H, C = m->C, K = m->C + m->R;
+    const int64_t PART = (int64_t)H * C + 2 * H;
+    const int32_t *first = w->first;   /* first[b]: token b's first block; first[B]: all blocks */
+    const int n = first[B], i0 = (int)((int64_t)n * t->id / t->n), i1 = (int)((int64_t)n * (t->id + 1) / t->n);
+    int b = 0;
+    for (int i = i0; i < i1;) {
+        while (first[b + 1] <= i) b++;
+        const int len = pos[b] + 1 < S ? (int)pos[b] + 1 : S, end = first[b + 1] < i1 ? first[b + 1] : i1;
+        float *part = w->part + ((int64_t)b * t->n + t->id) * PART;
+        memset(part, 0, H * C * sizeof(float));
+        for (int h = 0; h < H; h++) { part[H * C + h] = -INFINITY; part[H * C + H + h] = 0; }
+        const int s0 = (i - first[b]) * CH, s1 = (end - first[b]) * CH < len ? (end - first[b]) * CH : len;
+        attend_blocks(m, L, cache, b * slot_stride, w->qf + (int64_t)b * H * K, s0, s1, part, t->abuf);
+        i = end;
+    }
+    sync_team(t);
+    SPLIT(bh, B * H, t) {   /* merge the token's segments: each weighted by exp(its max - the max) */
+        const int bb = bh / H, h = bh % H;
+        float M = -INFINITY, tot = 0, *out = w->olat + (int64_t)bh * C;
+        const float *parts = w->part + (int64_t)bb * t->n * PART;
+#define TOUCHED(u) ((int64_t)n * (u) / t->n < first[bb + 1] && (int64_t)n * ((u) + 1) / t->n > first[bb])
+        for (int u = 0; u < t->n; u++)
+            if (TOUCHED(u)) M = fmaxf(M, parts[u * PART + H * C + h]);
+        memset(out, 0, C * sizeof(float));
+        for (int u = 0; u < t->n; u++) {
+            if (!TOUCHED(u)) continue;
+            const float *part = parts + u * PART, f = expf(part[H * C + h] - M);
+            tot += f * part[H * C + H + h];
+            for (int c = 0; c < C; c++) out[c] += f * part[h * C + c];
+        }
+#undef TOUCHED
+        for (int c = 0; c < C; c++) out[c] /= tot;
+    }
 }
 
 static void attention(const Model *m, const Layer *L, int B, const int64_t *pos, int S,
@@ -507,63 +865,12 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         memcpy(qr, w->q + (int64_t)bh * QK + N, R * sizeof(float));
         rope(qr, w->cs + (bh / H) * (R / 2), w->sn + (bh / H) * (R / 2), R);
     }
-    sync_team(t);
-    /* Scores: the heads' queries against the cached [c^KV ; k^R] rows of their slot, as a matmul.
-     * Row b attends to positions [0, min(pos_b + 1, S)). */
-    const int nsb = (S + BLOCK - 1) / BLOCK;
-    SPLIT(it, B * nsb, t) {
-        int b = it / nsb, s0 = (it % nsb) * BLOCK, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
-        if (s0 >= len) continue;
-        Mat rows = cache_rows(m, L, cache, b * slot_stride, len);
-        mm_rows(&rows, w->qf + (int64_t)b * H * CR, CR, H, w->sc + (int64_t)b * H * S, S, s0,
-                s0 + BLOCK < len ? s0 + BLOCK : len, t->buf);
+    if (t->id == 0) {   /* each token's blocks of cached positions, in order */
+        w->first[0] = 0;
+        for (int b = 0; b < B; b++) w->first[b + 1] = w->first[b] + ((pos[b] + 1 < S ? (int)pos[b] + 1 : S) + CH - 1) / CH;
     }
     sync_team(t);
-    SPLIT(bh, B * H, t) {
-        int b = bh / H, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
-        float *p = w->sc + (int64_t)bh * S, mx = -INFINITY, sum = 0;
-        for (int s = 0; s < len; s++) mx = (p[s] *= m->scale) > mx ? p[s] : mx;
-        for (int s = 0; s < len; s++) sum += (p[s] = expf(p[s] - mx));
-        for (int s = 0; s < len; s++) p[s] /= sum;
-    }
-    sync_team(t);
-    /* o_lat = sum_s p_s c^KV_s. A float32 cache: blocks of 16 columns x 4 heads held in registers.
-     * Narrower ones: blocks of 64 columns, each cached row's block widened once into scratch and
-     * added to every head's sums (64 columns keep a row's scales and codes on few cache lines). */
-    const int OC = m->cache_type == F32 ? 16 : 64, ncb = (C + OC - 1) / OC;
-    SPLIT(it, B * ncb, t) {
-        int b = it / ncb, c0 = (it % ncb) * OC, len = pos[b] + 1 < S ? (int)pos[b] + 1 : S;
-        if (c0 + OC > C || m->cache_type != F32) {   /* ragged edge or a narrower cache: plain loops */
-            int c1 = c0 + OC < C ? c0 + OC : C;
-            float *buf = t->buf;
-            Mat rows = cache_rows(m, L, cache, b * slot_stride, len);
-            for (int hd = 0; hd < H; hd++) memset(w->olat + ((int64_t)b * H + hd) * C + c0, 0, (c1 - c0) * sizeof(float));
-            for (int s = 0; s < len; s++) {
-                kv_cols(&rows, s, c0, c1 - c0, buf);
-                for (int hd = 0; hd < H; hd++) {
-                    float p = w->sc[((int64_t)b * H + hd) * S + s], *ol = w->olat + ((int64_t)b * H + hd) * C + c0;
-                    for (int c = 0; c < c1 - c0; c++) ol[c] += p * buf[c];
-                }
-            }
-            continue;
-        }
-        const float *base = (const float *)cache + b * slot_stride + c0;
-        for (int h0 = 0; h0 < H; h0 += 4) {
-            int nh = H - h0 < 4 ? H - h0 : 4;
-            v8f acc[4][2] = {{{0}}};
-            const float *p = w->sc + ((int64_t)b * H + h0) * S;
-            for (int s = 0; s < len; s++) {
-                v8f r0 = ld(base + (int64_t)s * CR), r1 = ld(base + (int64_t)s * CR + 8);
-                for (int j = 0; j < 4; j++) {
-                    if (j < nh) { float q = p[(int64_t)j * S + s]; acc[j][0] += q * r0; acc[j][1] += q * r1; }
-                }
-            }
-            for (int j = 0; j < nh; j++) {
-                float *ol = w->olat + ((int64_t)b * H + h0 + j) * C + c0;
-                st(ol, acc[j][0]); st(ol + 8, acc[j][1]);
-            }
-        }
-    }
+    attend(m, L, B, pos, S, cache, slot_stride, w, t);
     sync_team(t);
     /* W^UV after the weighted sum (per head, the B tokens' o_lat against its V rows), then W^O. */
     const int VB = (V + BLOCK - 1) / BLOCK;
@@ -720,7 +1027,8 @@ void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *po
     #pragma omp parallel num_threads(threads)
     {
         Team t = {omp_get_thread_num(), omp_get_num_threads(), &bar, 0};
-        t.buf = w.bufs + (int64_t)t.id * BUFW(m);
+        t.buf = w.bufs + (int64_t)t.id * (BUFW(m) + ATTN_BUF(m));
+        t.abuf = t.buf + BUFW(m);
         step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
     }
 }
