@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from dsv2.bench.common import cpu_name
 
 PAPER = (0.003, 0.05, 0.02)
 
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 10.0],
                    help="multiples of the paper's coefficients (default 0 1 10)")
     args = p.parse_args(argv)
+    print(f"CPU: {cpu_name()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = ensure_data(args.data, Path(tmp))
         rows = [run(data_dir, Path(tmp) / f"run_{s:g}", s, args) for s in args.scales]

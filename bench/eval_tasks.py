@@ -48,11 +48,12 @@ def main(argv=None) -> int:
     from lm_eval.models.huggingface import HFLM
 
     import dsv2
-    from dsv2.bench.common import random_checkpoint
+    from dsv2.bench.common import cpu_name, random_checkpoint
     from dsv2.engine.score import Scorer
     from dsv2.eval.harness import DSV2LM
     from dsv2.eval.runner import run_task
     from dsv2.eval.tasks import load_task
+    print(f"CPU: {cpu_name()}", flush=True)
     from dsv2.tokenizer import Tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"{args.preset}-random"

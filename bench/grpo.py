@@ -24,6 +24,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from dsv2.bench.common import cpu_name
 
 
 def triples(seed: int = 0, held_out: int = 200):
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-control", action="store_true")
     p.add_argument("overrides", nargs="*", help="dsv2 grpo overrides for every run")
     args = p.parse_args(argv)
+    print(f"CPU: {cpu_name()}", flush=True)
 
     from dsv2.align.demo import write_jsonl
     from dsv2.align.grpo_trainer import GRPOTrainer, load_grpo_config

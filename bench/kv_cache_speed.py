@@ -38,6 +38,8 @@ def _args(argv=None):
 
 def main(argv=None) -> int:
     args = _args(argv)
+    from dsv2.bench.common import cpu_name
+    print(f"CPU: {cpu_name()}", flush=True)
     torch.set_num_threads(args.threads)
     from dsv2 import DeepseekV2, ModelConfig
     from dsv2.engine.cache import LatentCache

@@ -22,7 +22,8 @@ Reported per length:
 dsv2's decode reads the weights once per step plus the context's latent rows, so its time per
 token grows with context only by those reads. The roofline column is that: bytes of weights a
 batch-1 step reads (common.weight_bytes_per_step) plus the context's cache rows, over the copy
-bandwidth measured at the start, against the measured decode rate.
+bandwidth the same process measured just before decoding (this machine's bandwidth drifts by up to
+1.5x from minute to minute), against the measured decode rate.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     L, n = spec["length"], spec["new_tokens"]
     prompt = random_prompts(1, L, 4096, 0)
-    times, step_bytes = [], None
+    times, step_bytes, bandwidth = [], None, None
     dtype = getattr(torch, spec["dtype"])
     if spec["engine"] == "dsv2":
         from dsv2.checkpoint import load_pretrained
@@ -78,6 +79,7 @@ def _child(spec: dict) -> dict:
         eng.add(Request(prompt[0].tolist(), SamplingParams(max_new_tokens=n + 1, ignore_eos=True)))
         eng.step()
         prefill = time.perf_counter() - t
+        bandwidth = copy_bandwidth()
         for _ in range(n):
             t = time.perf_counter()
             eng.step()
@@ -102,6 +104,7 @@ def _child(spec: dict) -> dict:
                 times.append(time.perf_counter() - t)
         fused = False
     return {"engine": spec["engine"], "dtype": spec["dtype"], "length": L, "step_bytes": step_bytes,
+            "bandwidth": bandwidth,
             "prefill_s": prefill, "decode_tok_s": best_window(times, 1, 4),
             "decode_avg_tok_s": len(times) / sum(times), "cache_bytes": cache, "fused": fused,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB}
@@ -132,10 +135,6 @@ def main() -> int:
         print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
     lengths = [int(x) for x in args.lengths.split(",")]
-    import torch
-    torch.set_num_threads(args.threads)
-    bandwidth = copy_bandwidth()
-    del torch
     runs = [("dsv2", d) for d in args.dtypes.split(",")] + ([] if args.no_peer else [("transformers", args.peer_dtype)])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,13 +151,14 @@ def main() -> int:
                     continue
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\n{cpu_name()}, {args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"\n{cpu_name()}, {args.threads} threads")
     print(f"{'length':>8} {'engine':<13}{'dtype':<10}{'prefill s':>10}{'decode tok/s':>14}{'(avg)':>8}"
-          f"{'roofline':>10}{'cache MB':>10}{'peak GiB':>10}")
+          f"{'roofline (GB/s)':>17}{'cache MB':>10}{'peak GiB':>10}")
     for r in rows:
-        roof = f"{100 * r['decode_tok_s'] * r['step_bytes'] / bandwidth:.0f}%" if r["step_bytes"] else "-"
+        roof = f"{100 * r['decode_tok_s'] * r['step_bytes'] / r['bandwidth']:.0f}% of {r['bandwidth'] / 1e9:.0f}" \
+            if r["step_bytes"] else "-"
         print(f"{r['length']:>8} {r['engine']:<13}{r['dtype']:<10}{r['prefill_s']:>10.1f}{r['decode_tok_s']:>14.2f}"
-              f"{r['decode_avg_tok_s']:>8.2f}{roof:>10}{r['cache_bytes'] / 1e6:>10.1f}{r['peak_rss_gib']:>10.2f}")
+              f"{r['decode_avg_tok_s']:>8.2f}{roof:>17}{r['cache_bytes'] / 1e6:>10.1f}{r['peak_rss_gib']:>10.2f}")
     by = {(r["engine"], r["dtype"], r["length"]): r for r in rows}
     for L in lengths:
         b = by.get(("transformers", args.peer_dtype, L))

@@ -46,7 +46,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dsv2.bench.common import percentile, random_checkpoint
+from dsv2.bench.common import cpu_name, percentile, random_checkpoint
 from dsv2.options import add_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +214,7 @@ def capacity(args, words: list[str]) -> int:
 
 def main(argv=None) -> int:
     args = _args(argv)
+    print(f"CPU: {cpu_name()}", flush=True)
     words = (ROOT / "README.md").read_text().split()
     if args.capacity:
         return capacity(args, words)

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-control", action="store_true")
     p.add_argument("overrides", nargs="*", help="dsv2 sft overrides for every run")
     args = p.parse_args(argv)
+    from dsv2.bench.common import cpu_name
+    print(f"CPU: {cpu_name()}", flush=True)
 
     from dsv2.align.demo import exact_match, write_jsonl
     from dsv2.align.instructions import instruction_set

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto")
     args = p.parse_args(argv)
+    from dsv2.bench.common import cpu_name
+    print(f"CPU: {cpu_name()}", flush=True)
 
     import torch
 

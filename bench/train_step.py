@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from dsv2.bench.common import random_shards, timed
+from dsv2.bench.common import cpu_name, random_shards, timed
 
 
 def ours(args, data_dir: Path):
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    print(f"CPU: {cpu_name()}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -224,6 +224,8 @@ def main() -> int:
     p.add_argument("--passkey-docs", type=int, default=10000,
                    help="passkey documents of L0 tokens in the pretraining data (default 10,000: ~40%% of its tokens)")
     args = p.parse_args()
+    from dsv2.bench.common import cpu_name
+    print(f"CPU: {cpu_name()}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     data, ext_data, held = make_data(args.out, args.passkey_docs)
     all_results = {}

@@ -140,22 +140,26 @@ def test_attention_over_many_blocks_on_any_number_of_threads(variant, kv):
 @needs_cc
 @pytest.mark.parametrize("heads", [4, 9])
 def test_bfloat16_attention_over_many_blocks(heads):
-    """A bfloat16 cache of hundreds of positions (read as bfloat16 pairs where the CPU has
-    AVX512-BF16, widened elsewhere): as close to the float32 computation over the same rounded
-    weights and rows as PyTorch's bfloat16 step, on 1 and 3 threads."""
+    """A bfloat16 model over a bfloat16 cache of hundreds of positions, on 1 and 3 threads, against
+    the float32 computation over the same rounded weights and rows. Where the CPU has AVX512-BF16
+    the fused step multiplies bfloat16 pairs (the attention's query and probabilities, and a batch's
+    matmul inputs, rounded to bfloat16, as PyTorch's bfloat16 kernels round them): within 1.5x of
+    PyTorch's bfloat16 step's error. At batch 1 the weight reads keep float32 inputs: no further
+    off than PyTorch's step."""
     m, ref = bf16_pair(**(HEADS9 if heads == 9 else {}))
-    pos = [299, 130, 5, 257]
-    tokens = torch.randint(2, m.config.vocab_size, (4, 1), generator=torch.Generator().manual_seed(heads))
-    for n in (1, 3):
-        ours, theirs = filled_caches(m.config, 4, torch.bfloat16, seed=heads, max_len=320)
-        exact = float32_copy(m.config, ours)
-        with threads(n), torch.inference_mode():
-            fused = NativeDecoder(m)(tokens, pos, 300, ours)
-            eager = DecodeStep(m, native=False)(tokens, pos, 300, theirs, 4)
-            want = DecodeStep(ref, native=False)(tokens, pos, 300, exact, 4)
-        err_fused, err_eager = (fused - want).abs().max().item(), (eager.float() - want).abs().max().item()
-        assert err_fused < 0.05 * want.std().item(), (n, err_fused)
-        assert err_fused <= err_eager + 1e-3, (n, err_fused, err_eager)
+    for pos, slack in (([299, 130, 5, 257], 1.5), ([299], 1.0)):
+        B = len(pos)
+        tokens = torch.randint(2, m.config.vocab_size, (B, 1), generator=torch.Generator().manual_seed(heads))
+        for n in (1, 3):
+            ours, theirs = filled_caches(m.config, B, torch.bfloat16, seed=heads, max_len=320)
+            exact = float32_copy(m.config, ours)
+            with threads(n), torch.inference_mode():
+                fused = NativeDecoder(m)(tokens, pos, 300, ours)
+                eager = DecodeStep(m, native=False)(tokens, pos, 300, theirs, B)
+                want = DecodeStep(ref, native=False)(tokens, pos, 300, exact, B)
+            err_fused, err_eager = (fused - want).abs().max().item(), (eager.float() - want).abs().max().item()
+            assert err_fused < 0.08 * want.std().item(), (B, n, err_fused)
+            assert err_fused <= slack * err_eager + 1e-3, (B, n, err_fused, err_eager)
 
 
 def widened(q):
@@ -204,8 +208,9 @@ def float32_copy(cfg, cache: LatentCache) -> LatentCache:
 
 @needs_cc
 def test_fused_step_in_bfloat16_is_at_least_as_accurate_as_pytorch():
-    """bfloat16 weights and cache, float32 activations: no further from the float32 computation with
-    the same rounded weights than PyTorch's bfloat16 step, which rounds every activation."""
+    """bfloat16 weights and cache, a batch of 5 (its matmuls multiply bfloat16 pairs where the CPU
+    can): no further from the float32 computation with the same rounded weights than PyTorch's
+    bfloat16 step, which rounds every activation."""
     m, ref = bf16_pair()
     pos = [5, 17, 11, 0, 23]
     tokens = torch.randint(2, m.config.vocab_size, (5, 1), generator=torch.Generator().manual_seed(3))

@@ -42,7 +42,7 @@ import torch
 
 from ..dtypes import KV_CACHE_DTYPES
 from ..options import add_native
-from .common import copy_bandwidth, random_checkpoint, run_child, weight_bytes_per_step
+from .common import copy_bandwidth, cpu_name, random_checkpoint, run_child, weight_bytes_per_step
 
 
 def _args(argv=None):
@@ -83,6 +83,7 @@ def run(args) -> int:
     rows, printed = {}, False
     with tempfile.TemporaryDirectory() as tmp:
         model = random_checkpoint(tmp, args.preset)
+        print(f"CPU: {cpu_name()}", flush=True)
         print(f"dsv2 bench: preset {args.preset} ({model.num_params() / 1e6:.1f}M params, "
               f"{model.active_params() / 1e6:.1f}M active), {args.threads} threads, load avg {load:.2f}, "
               f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)

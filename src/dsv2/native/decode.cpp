@@ -2,13 +2,15 @@
  *
  * Decoding a few tokens on a CPU is bound by per-op overhead and by the bytes of weights
  * read, not by arithmetic. Here a step is one call and one OpenMP parallel region (~20 phases
- * a layer, split across the threads and separated by a spinning barrier), weights are read
- * once per step straight from the model's own tensors (float32, bfloat16, or int8 rows with
- * one float scale each), and activations stay float32 throughout (but for a bfloat16 model's
- * attention over its bfloat16 cache, which multiplies bfloat16 pairs where the CPU can). The
- * math is the absorbed MLA path of model/attention.py and the MoE of model/moe.py;
- * tests/engine/test_native.py holds the two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks
- * the tensors and fills the description in decode.h. Built with -O3 -march=native -fopenmp and
+ * a layer, split across the threads and separated by a spinning barrier), and weights are read
+ * once per step straight from the model's own tensors (float32, bfloat16, int8 rows with one
+ * float scale each, or block-scaled FP8). Activations stay float32, except in a bfloat16
+ * model where the CPU multiplies bfloat16 pairs (AVX512-BF16): there the attention's query and
+ * probabilities and a batch's matmul inputs are rounded to bfloat16, as PyTorch's bfloat16
+ * kernels round them (batch-1 weight reads keep float32 inputs). The math is the absorbed MLA
+ * path of model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds the
+ * two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks the
+ * tensors and fills the description in decode.h. Built with -O3 -march=native -fopenmp and
  * linked to the OpenMP runtime torch already loaded, so both share one thread pool.
  */
 #include <math.h>
@@ -286,49 +288,6 @@ static inline float dot_row(const Mat *W, int64_t r, const float *x) {
     return dot_fp8_row(x, (const uint8_t *)W->w + r * W->stride, fp8_scales(W, r), W->cols, W->bk);
 }
 
-/* 3 inputs x 4 weight rows at once: 12 accumulators, 7 loads per 12 multiply-adds. */
-static void tile34(const float *x, int64_t ldx, const float *const *w, int K, float *y, int64_t ldy) {
-    v8f a[3][4] = {{{0}}};
-    int k = 0;
-    for (; k + 8 <= K; k += 8) {
-        v8f x0 = ld(x + k), x1 = ld(x + ldx + k), x2 = ld(x + 2 * ldx + k);
-        for (int j = 0; j < 4; j++) {
-            v8f wv = ld(w[j] + k);
-            a[0][j] += x0 * wv; a[1][j] += x1 * wv; a[2][j] += x2 * wv;
-        }
-    }
-    for (int i = 0; i < 3; i++)
-        for (int j = 0; j < 4; j++) {
-            float s = hsum(a[i][j]);
-            for (int t = k; t < K; t++) s += x[i * ldx + t] * w[j][t];
-            y[i * ldy + j] = s;
-        }
-}
-
-/* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1). One or two inputs stream each weight
- * row once (memory-bound); more go through 3 x 4 tiles on rows widened to float32 in buf. */
-static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
-                    int n0, int n1, float *buf) {
-    if (M <= 2 && W->type < KV_FP8) {
-        for (int n = n0; n < n1; n++)
-            for (int m = 0; m < M; m++) y[m * ldy + n] = dot_row(W, n, x + m * ldx);
-        return;
-    }
-    const int K = W->cols;
-    for (int n = n0; n < n1; n += 4) {
-        int nr = n1 - n < 4 ? n1 - n : 4;
-        const float *w[4];
-        for (int j = 0; j < nr; j++) w[j] = row_f32(W, n + j, buf + (int64_t)j * K);
-        int m = 0;
-        if (nr == 4)
-            for (; m + 3 <= M; m += 3) tile34(x + m * ldx, ldx, w, K, y + m * ldy + n, ldy);
-        for (; m < M; m++)
-            for (int j = 0; j < nr; j++) y[m * ldy + n + j] = dot_f32(x + m * ldx, w[j], K);
-    }
-}
-
-#define BLOCK 16   /* weight rows per work item */
-#define BUFW(m) (4 * (m)->max_cols + 64)   /* floats of scratch per thread */
 #define CH 64      /* cached positions per attention block */
 #ifndef PF_ROWS
 #define PF_ROWS 4
@@ -341,6 +300,210 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
 #define ATTN_BUF(m) \
     ((int64_t)CH * (m)->H * 2 + (int64_t)((m)->H + CH) * ((m)->C + (m)->R) + 64)
 
+/* ------------------------------------------------------------------ register tiles */
+#ifdef __AVX512F__
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+static inline vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline float hsumv(vf v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    return hsum(v);
+#endif
+}
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define KV_DPBF16 1
+#else
+#define KV_DPBF16 0
+#endif
+
+#ifdef __AVX512F__
+/* The sums of 16 vectors a[4 i + jj] written to y[i * ldy + jj] (a 4 x 4 tile of dot products): a
+ * transpose-and-add tree of 45 shuffles and adds instead of 16 horizontal sums. */
+static inline void store_sums_4x4(const __m512 *a, float *y, int64_t ldy) {
+    __m512 p[8], q[4], r[2];
+    for (int k = 0; k < 8; k++)
+        p[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm512_add_ps(_mm512_shuffle_ps(p[2 * k], p[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(p[2 * k], p[2 * k + 1], 0xEE));
+    for (int k = 0; k < 2; k++)
+        r[k] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * k], q[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(q[2 * k], q[2 * k + 1], 0xEE));
+    const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], 0x88), _mm512_shuffle_f32x4(r[0], r[1], 0xDD));
+    _mm_storeu_ps(y, _mm512_castps512_ps128(d));
+    _mm_storeu_ps(y + ldy, _mm512_extractf32x4_ps(d, 1));
+    _mm_storeu_ps(y + 2 * ldy, _mm512_extractf32x4_ps(d, 2));
+    _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(d, 3));
+}
+#endif
+
+/* y[h * ldy + j] = q_h . row_j over K for H inputs q (stride ldq) and n rows (stride ldr): register
+ * tiles of 4 inputs x 4 rows, the remainders one dot product at a time. The attention's scores
+ * (inputs: heads, rows: cached positions) and the batched matmuls (inputs: tokens, rows: weight
+ * rows) both run here. */
+static void dot_tiles_f32(const float *q, int64_t ldq, int H, const float *rows, int64_t ldr, int n, int K,
+                          float *y, int64_t ldy) {
+    const int KV = K / VW * VW, H4 = H / 4 * 4;
+#ifdef __AVX512F__
+    const int64_t pf = PF_ROWS * ldr;   /* prefetch distance: the rows that come next */
+#endif
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *r0 = rows + j * ldr, *r1 = r0 + ldr, *r2 = r1 + ldr, *r3 = r2 + ldr;
+        for (int h = 0; h < H4; h += 4) {
+            const float *q0 = q + h * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
+#ifdef __AVX512F__
+            if (KV == K) {
+                __m512 a[16];
+                for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+                for (int k = 0; k < K; k += 16) {
+                    const __m512 x0 = _mm512_loadu_ps(r0 + k), x1 = _mm512_loadu_ps(r1 + k);
+                    const __m512 x2 = _mm512_loadu_ps(r2 + k), x3 = _mm512_loadu_ps(r3 + k);
+                    if (h == 0) {   /* the same rows of the next block, on their way from memory */
+                        _mm_prefetch((const char *)(r0 + pf + k), PF_HINT);
+                        _mm_prefetch((const char *)(r1 + pf + k), PF_HINT);
+                        _mm_prefetch((const char *)(r2 + pf + k), PF_HINT);
+                        _mm_prefetch((const char *)(r3 + pf + k), PF_HINT);
+                    }
+                    const float *qs[4] = {q0, q1, q2, q3};
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++) {
+                        const __m512 y = _mm512_loadu_ps(qs[i] + k);
+                        a[4 * i] = _mm512_fmadd_ps(y, x0, a[4 * i]);
+                        a[4 * i + 1] = _mm512_fmadd_ps(y, x1, a[4 * i + 1]);
+                        a[4 * i + 2] = _mm512_fmadd_ps(y, x2, a[4 * i + 2]);
+                        a[4 * i + 3] = _mm512_fmadd_ps(y, x3, a[4 * i + 3]);
+                    }
+                }
+                store_sums_4x4(a, y + h * ldy + j, ldy);
+                continue;
+            }
+#endif
+            vf a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
+            vf a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
+            for (int k = 0; k < KV; k += VW) {
+                vf x0 = ldv(r0 + k), x1 = ldv(r1 + k), x2 = ldv(r2 + k), x3 = ldv(r3 + k), y;
+                y = ldv(q0 + k); a00 += y * x0; a01 += y * x1; a02 += y * x2; a03 += y * x3;
+                y = ldv(q1 + k); a10 += y * x0; a11 += y * x1; a12 += y * x2; a13 += y * x3;
+                y = ldv(q2 + k); a20 += y * x0; a21 += y * x1; a22 += y * x2; a23 += y * x3;
+                y = ldv(q3 + k); a30 += y * x0; a31 += y * x1; a32 += y * x2; a33 += y * x3;
+            }
+            const vf a[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+            for (int i = 0; i < 4; i++)
+                for (int jj = 0; jj < 4; jj++) {
+                    float s = hsumv(a[i][jj]);
+                    for (int k = KV; k < K; k++) s += q[(h + i) * ldq + k] * rows[(j + jj) * ldr + k];
+                    y[(h + i) * ldy + j + jj] = s;
+                }
+        }
+        for (int h = H4; h < H; h++)
+            for (int jj = 0; jj < 4; jj++) y[h * ldy + j + jj] = dot_f32(q + h * ldq, rows + (j + jj) * ldr, K);
+    }
+    for (; j < n; j++)
+        for (int h = 0; h < H; h++) y[h * ldy + j] = dot_f32(q + h * ldq, rows + j * ldr, K);
+}
+
+#if KV_DPBF16
+/* The bfloat16 form: VDPBF16PS multiplies pairs of bfloat16s and adds both products to a float32
+ * lane. q: [H][K] bfloat16; tiles of 4 inputs x 4 rows (a ragged last row tile repeats its first
+ * row, ragged inputs are tiles of one). */
+template <int NH>
+static void dot_tile_bf16(const uint16_t *q, int K, const uint16_t *const *r, int64_t pf, __m512 *acc) {
+    __m512 a[NH][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NH; i++) for (int jj = 0; jj < 4; jj++) a[i][jj] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        const __mmask32 in = K - k >= 32 ? ~0u : (1u << (K - k)) - 1;   /* a ragged last step loads zeros past K */
+        const __m512bh x0 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[0] + k);
+        const __m512bh x1 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[1] + k);
+        const __m512bh x2 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[2] + k);
+        const __m512bh x3 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[3] + k);
+        if (pf) {   /* the same rows a few rows on, on their way from memory */
+            for (int jj = 0; jj < 4; jj++) _mm_prefetch((const char *)(r[jj] + pf + k), PF_HINT);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < NH; i++) {
+            __m512bh y = (__m512bh)_mm512_maskz_loadu_epi16(in, q + i * K + k);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], y, x0); a[i][1] = _mm512_dpbf16_ps(a[i][1], y, x1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], y, x2); a[i][3] = _mm512_dpbf16_ps(a[i][3], y, x3);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NH; i++) for (int jj = 0; jj < 4; jj++) acc[i * 4 + jj] = a[i][jj];
+}
+
+static void dot_tiles_bf16(const uint16_t *q, int H, const uint16_t *rows, int64_t ldr, int n, int K,
+                           float *y, int64_t ldy) {
+    __m512 acc[16];
+    for (int j = 0; j < n; j += 4) {
+        const int nr = n - j < 4 ? n - j : 4;
+        const uint16_t *r[4];
+        for (int jj = 0; jj < 4; jj++) r[jj] = rows + (j + (jj < nr ? jj : 0)) * ldr;
+        for (int h = 0; h < H;) {
+            const int nh = H - h >= 4 ? 4 : 1;
+            if (nh == 4) dot_tile_bf16<4>(q + h * K, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
+            else dot_tile_bf16<1>(q + h * K, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
+            if (nh == 4 && nr == 4) { store_sums_4x4(acc, y + h * ldy + j, ldy); h += 4; continue; }
+            for (int i = 0; i < nh; i++)
+                for (int jj = 0; jj < nr; jj++) y[(h + i) * ldy + j + jj] = _mm512_reduce_add_ps(acc[i * 4 + jj]);
+            h += nh;
+        }
+    }
+}
+#endif
+
+#if KV_DPBF16
+/* n floats -> bfloat16 (round to nearest even), 32 at a time. */
+static void to_bf16(const float *x, uint16_t *out, int n) {
+    int k = 0;
+    for (; k + 32 <= n; k += 32)
+        _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(x + k)));
+    for (; k < n; k++) out[k] = f32_to_bf16(x[k]);
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1). One or two inputs stream each weight
+ * row once (memory-bound); more go through register tiles: float32 rows in place, bfloat16 rows
+ * (where the CPU multiplies bfloat16 pairs) against the inputs rounded to bfloat16 in xb, every
+ * other type widened to float32 four rows at a time in buf. */
+static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
+                    int n0, int n1, float *buf, uint16_t *xb) {
+    if (M <= 2) {
+        for (int n = n0; n < n1; n++)
+            for (int m = 0; m < M; m++) y[m * ldy + n] = dot_row(W, n, x + m * ldx);
+        return;
+    }
+    const int K = W->cols;
+    if (W->type == F32) {
+        dot_tiles_f32(x, ldx, M, (const float *)W->w + n0 * W->stride, W->stride, n1 - n0, K, y + n0, ldy);
+        return;
+    }
+#if KV_DPBF16
+    if (W->type == BF16) {
+        for (int m = 0; m < M; m++) to_bf16(x + m * ldx, xb + (int64_t)m * K, K);
+        dot_tiles_bf16(xb, M, (const uint16_t *)W->w + n0 * W->stride, W->stride, n1 - n0, K, y + n0, ldy);
+        return;
+    }
+#else
+    (void)xb;
+#endif
+    for (int n = n0; n < n1; n += 4) {
+        const int nr = n1 - n < 4 ? n1 - n : 4;
+        for (int j = 0; j < nr; j++) row_f32(W, n + j, buf + (int64_t)j * K);
+        dot_tiles_f32(x, ldx, M, buf, K, nr, K, y + n, ldy);
+    }
+}
+
+#define BLOCK 16   /* weight rows per work item */
+#define BUFW(m) (4 * (m)->max_cols + 64)   /* floats of scratch per thread */
+/* and for M inputs rounded to bfloat16 */
+#define XBUF(m, M) ((int64_t)(M) * (m)->max_cols / 2 + 64)
 /* ------------------------------------------------------------------ the team
  * One OpenMP parallel region per step: every thread runs the whole step, each loop below is
  * split across the team (SPLIT) and phases are separated by a spinning barrier. OpenMP's own
@@ -351,7 +514,7 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
  * faster (it is the same OpenMP region underneath) and does not promise that its chunks run
  * at once, which a barrier between phases needs. */
 struct Barrier { std::atomic<int> count{0}, gen{0}; };
-typedef struct { int id, n; Barrier *bar; float *buf, *abuf; } Team;
+typedef struct { int id, n; Barrier *bar; float *buf, *abuf; uint16_t *xb; } Team;
 
 /* Each thread takes one contiguous share of [0, count): weight rows stream in order, as the
  * hardware prefetcher likes. */
@@ -385,7 +548,7 @@ static void matmul(const Mat *W, const float *x, int64_t ldx, int M, float *y, i
     int nb = (W->rows + BLOCK - 1) / BLOCK;
     SPLIT(b, nb, t) {
         int n0 = b * BLOCK, n1 = n0 + BLOCK < W->rows ? n0 + BLOCK : W->rows;
-        mm_rows(W, x, ldx, M, y, ldy, n0, n1, t->buf);
+        mm_rows(W, x, ldx, M, y, ldy, n0, n1, t->buf, t->xb);
     }
 }
 
@@ -460,7 +623,7 @@ static int64_t carve(const Model *m, int B, int S, int threads, float *base, Wor
     TAKE(olat, (int64_t)B * m->H * m->C); TAKE(o, (int64_t)B * m->H * m->V); TAKE(acc, B * m->D);
     TAKE(g, (int64_t)B * m->I_max); TAKE(u, (int64_t)B * m->I_max);
     TAKE(logit, B * E); TAKE(wk, copies); TAKE(xg, copies * m->D); TAKE(gu, copies * 2 * m->I_moe);
-    TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * (BUFW(m) + ATTN_BUF(m)));
+    TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * (BUFW(m) + ATTN_BUF(m) + XBUF(m, copies)));
     TAKE(cs, B * m->R / 2 + 1); TAKE(sn, B * m->R / 2 + 1);
     TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 4 * E * blocks); TAKEI(first, B + 1);   /* (expert, block) pairs of both passes */
 #undef TAKE
@@ -492,27 +655,6 @@ static Mat cache_rows(const Model *m, const Layer *L, void *cache, int64_t slot_
  * bfloat16 cache on a CPU with AVX512-BF16 stays bfloat16 (VDPBF16PS: the query and p rounded to
  * bfloat16, sums in float32, as PyTorch's bfloat16 matmuls do); every other non-float32 row type
  * (a float32 model's bfloat16 cache included) is widened to float32 block by block. */
-#ifdef __AVX512F__
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vf __attribute__((vector_size(VW * 4)));
-static inline vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline float hsumv(vf v) {
-#ifdef __AVX512F__
-    return _mm512_reduce_add_ps((__m512)v);
-#else
-    return hsum(v);
-#endif
-}
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#define KV_DPBF16 1
-#else
-#define KV_DPBF16 0
-#endif
-
 /* e^x for x <= 0 (the scores less their running max): n = round(x log2 e), e^x = 2^n e^r with
  * |r| <= ln 2 / 2 and e^r from Cephes' degree-6 polynomial; within 2 ulp of expf. */
 static inline vf exp_neg(vf x) {
@@ -525,88 +667,6 @@ static inline vf exp_neg(vf x) {
             + 1.6666665459e-1f) * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.0f;
     return (vf)((vi)y + ((n) << 23));
-}
-
-#ifdef __AVX512F__
-/* The sums of 16 vectors a[4 i + jj] written to sc[i * CH + jj] (4 heads x 4 rows of scores): a
- * transpose-and-add tree of 45 shuffles and adds instead of 16 horizontal sums. */
-static inline void store_sums_4x4(const __m512 *a, float *sc) {
-    __m512 p[8], q[4], r[2];
-    for (int k = 0; k < 8; k++)
-        p[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
-    for (int k = 0; k < 4; k++)
-        q[k] = _mm512_add_ps(_mm512_shuffle_ps(p[2 * k], p[2 * k + 1], 0x44),
-                             _mm512_shuffle_ps(p[2 * k], p[2 * k + 1], 0xEE));
-    for (int k = 0; k < 2; k++)
-        r[k] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * k], q[2 * k + 1], 0x44),
-                             _mm512_shuffle_f32x4(q[2 * k], q[2 * k + 1], 0xEE));
-    const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], 0x88), _mm512_shuffle_f32x4(r[0], r[1], 0xDD));
-    _mm_storeu_ps(sc, _mm512_castps512_ps128(d));
-    _mm_storeu_ps(sc + CH, _mm512_extractf32x4_ps(d, 1));
-    _mm_storeu_ps(sc + 2 * CH, _mm512_extractf32x4_ps(d, 2));
-    _mm_storeu_ps(sc + 3 * CH, _mm512_extractf32x4_ps(d, 3));
-}
-#endif
-
-/* sc[h * CH + j] = q_h . row_j over K, for n rows (row stride ldr) and H heads (query stride ldq):
- * register tiles of 4 heads x 4 rows, the remainders one dot product at a time. */
-static void scores_f32(const float *q, int64_t ldq, int H, const float *rows, int64_t ldr, int n, int K, float *sc) {
-    const int KV = K / VW * VW, H4 = H / 4 * 4;
-    const int64_t pf = PF_ROWS * ldr;
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float *r0 = rows + j * ldr, *r1 = r0 + ldr, *r2 = r1 + ldr, *r3 = r2 + ldr;
-        for (int h = 0; h < H4; h += 4) {
-            const float *q0 = q + h * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
-#ifdef __AVX512F__
-            if (KV == K) {
-                __m512 a[16];
-                for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
-                for (int k = 0; k < K; k += 16) {
-                    const __m512 x0 = _mm512_loadu_ps(r0 + k), x1 = _mm512_loadu_ps(r1 + k);
-                    const __m512 x2 = _mm512_loadu_ps(r2 + k), x3 = _mm512_loadu_ps(r3 + k);
-                    if (h == 0) {   /* the same rows of the next block, on their way from memory */
-                        _mm_prefetch((const char *)(r0 + pf + k), PF_HINT);
-                        _mm_prefetch((const char *)(r1 + pf + k), PF_HINT);
-                        _mm_prefetch((const char *)(r2 + pf + k), PF_HINT);
-                        _mm_prefetch((const char *)(r3 + pf + k), PF_HINT);
-                    }
-                    const float *qs[4] = {q0, q1, q2, q3};
-#pragma GCC unroll 4
-                    for (int i = 0; i < 4; i++) {
-                        const __m512 y = _mm512_loadu_ps(qs[i] + k);
-                        a[4 * i] = _mm512_fmadd_ps(y, x0, a[4 * i]);
-                        a[4 * i + 1] = _mm512_fmadd_ps(y, x1, a[4 * i + 1]);
-                        a[4 * i + 2] = _mm512_fmadd_ps(y, x2, a[4 * i + 2]);
-                        a[4 * i + 3] = _mm512_fmadd_ps(y, x3, a[4 * i + 3]);
-                    }
-                }
-                store_sums_4x4(a, sc + h * CH + j);
-                continue;
-            }
-#endif
-            vf a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
-            vf a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
-            for (int k = 0; k < KV; k += VW) {
-                vf x0 = ldv(r0 + k), x1 = ldv(r1 + k), x2 = ldv(r2 + k), x3 = ldv(r3 + k), y;
-                y = ldv(q0 + k); a00 += y * x0; a01 += y * x1; a02 += y * x2; a03 += y * x3;
-                y = ldv(q1 + k); a10 += y * x0; a11 += y * x1; a12 += y * x2; a13 += y * x3;
-                y = ldv(q2 + k); a20 += y * x0; a21 += y * x1; a22 += y * x2; a23 += y * x3;
-                y = ldv(q3 + k); a30 += y * x0; a31 += y * x1; a32 += y * x2; a33 += y * x3;
-            }
-            const vf a[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-            for (int i = 0; i < 4; i++)
-                for (int jj = 0; jj < 4; jj++) {
-                    float s = hsumv(a[i][jj]);
-                    for (int k = KV; k < K; k++) s += q[(h + i) * ldq + k] * rows[(j + jj) * ldr + k];
-                    sc[(h + i) * CH + j + jj] = s;
-                }
-        }
-        for (int h = H4; h < H; h++)
-            for (int jj = 0; jj < 4; jj++) sc[h * CH + j + jj] = dot_f32(q + h * ldq, rows + (j + jj) * ldr, K);
-    }
-    for (; j < n; j++)
-        for (int h = 0; h < H; h++) sc[h * CH + j] = dot_f32(q + h * ldq, rows + j * ldr, K);
 }
 
 /* o[h * C + c] += sum_j p[h * CH + j] row_j[c] for NH heads and c < C: NH x 2 vectors of sums. */
@@ -643,52 +703,6 @@ static void wsum_f32(const float *p, int H, const float *rows, int64_t ldr, int 
 }
 
 #if KV_DPBF16
-/* The bfloat16 forms of the above: VDPBF16PS multiplies pairs of bfloat16s and adds both products
- * to a float32 lane. q: [H][K] bfloat16; tiles of 4 heads x 4 rows (a ragged last row tile repeats
- * its first row, a ragged head tile is scored as tiles of one). */
-template <int NH>
-static void scores_bf16_tile(const uint16_t *q, int K, const uint16_t *const *r, int64_t pf, __m512 *acc) {
-    __m512 a[NH][4];
-#pragma GCC unroll 4
-    for (int i = 0; i < NH; i++) for (int jj = 0; jj < 4; jj++) a[i][jj] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32) {
-        const __mmask32 in = K - k >= 32 ? ~0u : (1u << (K - k)) - 1;   /* a ragged last step loads zeros past K */
-        const __m512bh x0 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[0] + k);
-        const __m512bh x1 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[1] + k);
-        const __m512bh x2 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[2] + k);
-        const __m512bh x3 = (__m512bh)_mm512_maskz_loadu_epi16(in, r[3] + k);
-        if (pf) {   /* the same rows a few rows on, on their way from memory */
-            for (int jj = 0; jj < 4; jj++) _mm_prefetch((const char *)(r[jj] + pf + k), PF_HINT);
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < NH; i++) {
-            __m512bh y = (__m512bh)_mm512_maskz_loadu_epi16(in, q + i * K + k);
-            a[i][0] = _mm512_dpbf16_ps(a[i][0], y, x0); a[i][1] = _mm512_dpbf16_ps(a[i][1], y, x1);
-            a[i][2] = _mm512_dpbf16_ps(a[i][2], y, x2); a[i][3] = _mm512_dpbf16_ps(a[i][3], y, x3);
-        }
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < NH; i++) for (int jj = 0; jj < 4; jj++) acc[i * 4 + jj] = a[i][jj];
-}
-
-static void scores_bf16(const uint16_t *q, int H, const uint16_t *rows, int64_t ldr, int n, int K, float *sc) {
-    __m512 acc[16];
-    for (int j = 0; j < n; j += 4) {
-        const int nr = n - j < 4 ? n - j : 4;
-        const uint16_t *r[4];
-        for (int jj = 0; jj < 4; jj++) r[jj] = rows + (j + (jj < nr ? jj : 0)) * ldr;
-        for (int h = 0; h < H;) {
-            const int nh = H - h >= 4 ? 4 : 1;
-            if (nh == 4) scores_bf16_tile<4>(q + h * K, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
-            else scores_bf16_tile<1>(q + h * K, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
-            if (nh == 4 && nr == 4) { store_sums_4x4(acc, sc + h * CH + j); h += 4; continue; }
-            for (int i = 0; i < nh; i++)
-                for (int jj = 0; jj < nr; jj++) sc[(h + i) * CH + j + jj] = _mm512_reduce_add_ps(acc[i * 4 + jj]);
-            h += nh;
-        }
-    }
-}
-
 /* o (float32) += p^T rows for NH heads: rows 2i and 2i + 1 interleaved column by column (unpack),
  * each head's (p_2i, p_2i+1) pair broadcast; pp[h * CH / 2 + i] holds that pair as two bfloat16s.
  * The unpacks leave each 128-bit lane's columns 0-3 in one result and 4-7 in the other, put back
@@ -748,7 +762,8 @@ static void attend_blocks(const Model *m, const Layer *L, void *cache, int64_t s
         const int n = s1 - b0 < CH ? s1 - b0 : CH;
 #if KV_DPBF16
         if (dp) {
-            scores_bf16((const uint16_t *)qbf, H, (const uint16_t *)rows.w + b0 * rows.stride, rows.stride, n, K, sc);
+            dot_tiles_bf16((const uint16_t *)qbf, H, (const uint16_t *)rows.w + b0 * rows.stride, rows.stride, n, K,
+                           sc, CH);
         } else
 #endif
         {
@@ -759,7 +774,7 @@ static void attend_blocks(const Model *m, const Layer *L, void *cache, int64_t s
                 for (int j = 0; j < n; j++) row_f32(&rows, b0 + j, wide + (int64_t)j * K);
                 r = wide; ldr = K;
             }
-            scores_f32(qf, K, H, r, ldr, n, K, sc);
+            dot_tiles_f32(qf, K, H, r, ldr, n, K, sc, CH);
         }
         for (int h = 0; h < H; h++) {   /* online softmax: what came before rescaled to the new max */
             float *p = sc + h * CH, bm = -INFINITY;
@@ -858,7 +873,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         int hd = it / QB, n0 = (it % QB) * BLOCK, n1 = n0 + BLOCK < C ? n0 + BLOCK : C;
         Mat wt = rows_of(&L->w_ukt, (int64_t)hd * C, C);
         mm_rows(&wt, w->q + (int64_t)hd * QK, (int64_t)H * QK, B, w->qf + (int64_t)hd * CR, (int64_t)H * CR,
-                n0, n1, t->buf);
+                n0, n1, t->buf, t->xb);
     }
     SPLIT(bh, B * H, t) {
         float *qr = w->qf + (int64_t)bh * CR + C;
@@ -878,7 +893,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         int hd = it / VB, n0 = (it % VB) * BLOCK, n1 = n0 + BLOCK < V ? n0 + BLOCK : V;
         Mat uv = rows_of(&L->kv_b, (int64_t)hd * (N + V) + N, V);
         mm_rows(&uv, w->olat + (int64_t)hd * C, (int64_t)H * C, B, w->o + (int64_t)hd * V, (int64_t)H * V,
-                n0, n1, t->buf);
+                n0, n1, t->buf, t->xb);
     }
     sync_team(t);
     matmul(&L->o, w->o, H * V, B, w->acc, D, t);
@@ -973,10 +988,10 @@ static void moe(const Model *m, const Layer *L, int B, Work *w, const Team *t) {
             int n1 = n0 + BLOCK < rows ? n0 + BLOCK : rows, r0 = cnt[e], M = cnt[e + 1] - cnt[e];
             if (pass == 0) {
                 Mat W = expert_of(&L->gu, e, 2 * I);
-                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, t->buf);
+                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, t->buf, t->xb);
             } else {
                 Mat W = expert_of(&L->dn, e, D);
-                mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, t->buf);
+                mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, t->buf, t->xb);
             }
         }
         sync_team(t);
@@ -1027,8 +1042,10 @@ void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *po
     #pragma omp parallel num_threads(threads)
     {
         Team t = {omp_get_thread_num(), omp_get_num_threads(), &bar, 0};
-        t.buf = w.bufs + (int64_t)t.id * (BUFW(m) + ATTN_BUF(m));
+        const int64_t copies = (int64_t)B * (m->K > 0 ? m->K : 1);
+        t.buf = w.bufs + (int64_t)t.id * (BUFW(m) + ATTN_BUF(m) + XBUF(m, copies));
         t.abuf = t.buf + BUFW(m);
+        t.xb = (uint16_t *)(t.abuf + ATTN_BUF(m));
         step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
     }
 }
