@@ -112,8 +112,12 @@ static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as tor
 }
 
 /* ------------------------------------------------------------------ dot products */
-/* dot_f32 / dot_bf16 / dot_i8: x . w over n elements, w widened to float32 as it is read. */
-#define DOT(NAME, T, LOAD, WIDEN)                                                      \
+/* dot_f32 / dot_bf16 / dot_i8: x . w over n elements, w widened to float32 as it is read. A
+ * batch-1 step reads its weights through these. With AVX-512, bfloat16 and int8 rows are widened
+ * 16 at a time (8 at a time took as many instructions as the memory took to deliver the rows:
+ * batch-1 bfloat16 decode ran ~10% faster this way); float32 rows stay 8-wide, which measured
+ * faster on a Zen 4. */
+#define DOT8(NAME, T, LOAD, WIDEN)                                                     \
 static float NAME(const float *x, const T *w, int n) {                                 \
     v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                        \
     int k = 0;                                                                         \
@@ -126,10 +130,32 @@ static float NAME(const float *x, const T *w, int n) {                          
     for (; k < n; k++) s += x[k] * WIDEN(w[k]);                                        \
     return s;                                                                          \
 }
+#ifdef __AVX512F__
+#define LD16_BF16(p) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define LD16_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define DOT(NAME, T, LOAD, LOAD16, WIDEN)                                                           \
+static float NAME(const float *x, const T *w, int n) {                                              \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                     \
+    int k = 0;                                                                                      \
+    for (; k + 64 <= n; k += 64) {                                                                  \
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), LOAD16(w + k), a0);                            \
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), LOAD16(w + k + 16), a1);                  \
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), LOAD16(w + k + 32), a2);                  \
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), LOAD16(w + k + 48), a3);                  \
+    }                                                                                               \
+    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), LOAD16(w + k), a0);  \
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));    \
+    for (; k < n; k++) s += x[k] * WIDEN(w[k]);                                                     \
+    return s;                                                                                       \
+}
+#else
+#define DOT(NAME, T, LOAD, LOAD16, WIDEN) DOT8(NAME, T, LOAD, WIDEN)
+#endif
 #define AS_FLOAT(v) ((float)(v))
-DOT(dot_f32, float, ld, AS_FLOAT)
-DOT(dot_bf16, uint16_t, ld_bf16, bf16_to_f32)
-DOT(dot_i8, int8_t, ld_i8, AS_FLOAT)
+DOT8(dot_f32, float, ld, AS_FLOAT)
+DOT(dot_bf16, uint16_t, ld_bf16, LD16_BF16, bf16_to_f32)
+DOT(dot_i8, int8_t, ld_i8, LD16_I8, AS_FLOAT)
 
 /* Row r of an FP8 matrix against x: each column block's products summed in vector registers,
  * then scaled (x 256, see E4M3_RAW) into the running total; one horizontal sum at the end. */
