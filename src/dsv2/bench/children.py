@@ -38,6 +38,8 @@ def _child_dsv2(path, dtype, a) -> dict:
     prefill()
     wall, cpu = best_time(prefill)
     res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
+    if a.get("profile"):
+        res["prefill_profile"] = _profile(prefill)
     for B in a["batches"]:
         eng = Engine(llm.model, max_batch_slots=B, max_len=a["prompt_len"] + a["new_tokens"] + 1,
                      compile=a["compile"], native=native, kv_cache_dtype=kv)
@@ -51,6 +53,16 @@ def _child_dsv2(path, dtype, a) -> dict:
         res["fused"] = eng._decode.native is not None
     res["kv_bytes_per_token"] = eng.cache.bytes_per_token()
     return res
+
+
+def _profile(fn, rows: int = 15) -> str:
+    """torch.profiler's table of fn's operators by their own CPU time, with input shapes (the
+    GEMM shapes say which projection each line is)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=50)
 
 
 class _StepClock:
@@ -81,6 +93,8 @@ def _child_peer(path, dtype, a) -> dict:
         prefill()
         wall, cpu = best_time(prefill)
         res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
+    if a.get("profile"):
+        res["prefill_profile"] = _profile(prefill)
         kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
         for B in a["batches"]:
             xs = random_prompts(B, a["prompt_len"], V, 1)

@@ -67,6 +67,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds; best figure per engine (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile dsv2's decode step")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where dsv2's prefill spends its time (torch.profiler, by operator and shape)")
     add_native(p)
     p.add_argument("--json", help="also write the results to this file")
 
@@ -95,7 +97,7 @@ def run(args) -> int:
                     spec = dict(engine=engine, dtype=dtype, path=tmp, threads=args.threads, batches=batches,
                                 prefill_len=args.prefill_len, prompt_len=args.prompt_len,
                                 new_tokens=args.new_tokens, compile=args.compile, native=args.native,
-                                kv_cache_dtype=args.kv_cache_dtype)
+                                kv_cache_dtype=args.kv_cache_dtype, profile=args.profile)
                     res = run_child("dsv2.bench.children", spec)
                     res.update(engine=engine, dtype=dtype, load=os.getloadavg()[0])
                     prev = rows.get((engine, dtype))
@@ -105,6 +107,9 @@ def run(args) -> int:
                     if rnd == args.repeat - 1:
                         _print_row(res, batches, model, bw, header=not printed)
                         printed = True
+                        if res.get("prefill_profile"):
+                            print(f"dsv2 {dtype} prefill of {args.prefill_len} tokens, by operator:\n"
+                                  + res.pop("prefill_profile"), flush=True)
     rows = list(rows.values())
     _print_ratios(rows, batches)
     if args.json:
