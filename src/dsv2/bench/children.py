@@ -93,8 +93,6 @@ def _child_peer(path, dtype, a) -> dict:
         prefill()
         wall, cpu = best_time(prefill)
         res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
-    if a.get("profile"):
-        res["prefill_profile"] = _profile(prefill)
         kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
         for B in a["batches"]:
             xs = random_prompts(B, a["prompt_len"], V, 1)
