@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -198,20 +199,78 @@ def run_seed(seed: int, args, data: Path, ext_data: Path, held: list[Path]) -> d
     return results
 
 
-def tables(all_results: dict) -> str:
+# Two-sided 95% Student t quantiles by degrees of freedom (the normal's 1.96 beyond 10).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval (0 for one value)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
+
+
+def records(out: Path, seed: int, arm: str) -> list[dict]:
+    return json.loads((out / f"seed{seed}" / "niah" / arm / "niah.json").read_text())["results"]
+
+
+def tables(all_results: dict, out: Path) -> str:
+    """Markdown tables: passkey exact match pooled over seeds with its Wilson 95% interval (and
+    each seed's figure), digits in place, and perplexity as the mean over seeds with its 95% t
+    interval (and each seed's figure)."""
     seeds = sorted(all_results)
-    lines = []
-    for metric, fmt in (("passkey", "{:.0%}"), ("digits", "{:.0%}"), ("ppl", "{:.3f}")):
-        lines += [f"\n{metric} (mean over seeds {', '.join(map(str, seeds))}; per seed in brackets)\n",
-                  "| arm | " + " | ".join(f"{n} ({n // L0} L0)" for n in LENGTHS) + " |",
-                  "|---|" + "---|" * len(LENGTHS)]
+    head = "| arm | " + " | ".join(f"{n} ({n // L0} L0)" for n in LENGTHS) + " |\n|---|" + "---|" * len(LENGTHS)
+    lines = [f"\npasskey exact match, pooled over seeds {', '.join(map(str, seeds))} "
+             f"(95% Wilson interval; per seed in brackets)\n", head]
+    for arm in ARMS:
+        recs = [r for s in seeds for r in records(out, s, arm)]
+        cells = []
+        for n in LENGTHS:
+            hits = [r["correct"] for r in recs if r["length"] == n]
+            lo, hi = wilson(sum(hits), len(hits))
+            per = ", ".join(f"{all_results[s][arm]['passkey'][n]:.0%}" for s in seeds)
+            cells.append(f"{sum(hits) / len(hits):.0%} ({lo:.0%}-{hi:.0%}) [{per}]")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    for metric, fmt, title in (("digits", "{:.0%}", "key digits in place"), ("ppl", "{:.1f}", "held-out perplexity")):
+        lines += [f"\n{title}, mean over seeds (+- 95% t interval; per seed in brackets)\n", head]
         for arm in ARMS:
             cells = []
             for n in LENGTHS:
                 vals = [all_results[s][arm][metric][n] for s in seeds]
-                cells.append(fmt.format(sum(vals) / len(vals)) + " [" + ", ".join(fmt.format(v) for v in vals) + "]")
+                m, h = mean_ci(vals)
+                per = ", ".join(fmt.format(v) for v in vals)
+                cells.append(f"{fmt.format(m)} +- {fmt.format(h)} [{per}]")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def pooled_heatmaps(all_results: dict, out: Path) -> list[Path]:
+    """One passkey heat map per arm, length x depth, every seed's prompts pooled."""
+    from dsv2.eval.niah import plot_heatmap
+    seeds = sorted(all_results)
+    paths = []
+    for arm in ARMS:
+        recs = [r for s in seeds for r in records(out, s, arm)]
+        cells = {}
+        for n in LENGTHS:
+            for d in DEPTHS:
+                hits = [r["correct"] for r in recs if r["length"] == n and r["depth"] == d]
+                cells[f"{n}x{d}"] = sum(hits) / len(hits)
+        report = {"lengths": LENGTHS, "depths": DEPTHS, "cells": cells, "mode": "passkey", "results": recs,
+                  "accuracy": sum(r["correct"] for r in recs) / len(recs), "seed": ", ".join(map(str, seeds))}
+        paths.append(plot_heatmap(report, out / "heatmaps" / f"{arm}.png", f"{arm}, seeds pooled"))
+    return paths
 
 
 def main() -> int:
@@ -221,19 +280,29 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2000, help="pretraining steps (default 2000; the demo runs 560)")
     p.add_argument("--extend-steps", type=int, default=120, help="YaRN extension steps (default 120, 6%%)")
     p.add_argument("--trials", type=int, default=4, help="passkey keys per (length, depth)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild the tables and pooled heat maps from OUT/results.json and the saved records")
     p.add_argument("--passkey-docs", type=int, default=10000,
                    help="passkey documents of L0 tokens in the pretraining data (default 10,000: ~40%% of its tokens)")
     args = p.parse_args()
     from dsv2.bench.common import cpu_name
     print(f"CPU: {cpu_name()}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    data, ext_data, held = make_data(args.out, args.passkey_docs)
-    all_results = {}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        all_results[seed] = run_seed(seed, args, data, ext_data, held)
-        (args.out / "results.json").write_text(json.dumps({str(k): v for k, v in all_results.items()}, indent=1))
-    md = tables(all_results)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.report_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        all_results = {int(s): {arm: {k: {int(n): v for n, v in d.items()} for k, d in r.items()}
+                                for arm, r in res.items()}
+                       for s, res in saved.items() if int(s) in seeds}
+    else:
+        data, ext_data, held = make_data(args.out, args.passkey_docs)
+        all_results = {}
+        for seed in seeds:
+            all_results[seed] = run_seed(seed, args, data, ext_data, held)
+            (args.out / "results.json").write_text(json.dumps({str(k): v for k, v in all_results.items()}, indent=1))
+    md = tables(all_results, args.out)
     (args.out / "results.md").write_text(md)
+    pooled_heatmaps(all_results, args.out)
     print(md)
     return 0
 
