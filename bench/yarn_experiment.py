@@ -259,6 +259,7 @@ def pooled_heatmaps(all_results: dict, out: Path) -> list[Path]:
     """One passkey heat map per arm, length x depth, every seed's prompts pooled."""
     from dsv2.eval.niah import plot_heatmap
     seeds = sorted(all_results)
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     paths = []
     for arm in ARMS:
         recs = [r for s in seeds for r in records(out, s, arm)]
