@@ -1,12 +1,12 @@
 """Context extension, measured: no scaling, position interpolation, YaRN, and YaRN with a short
 extension run, each on the same pretrained model, at 1, 2, 4 and 8 times its training length.
 
-    .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp                 # 3 seeds, ~25 min each on 2 cores
+    .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp                 # 3 seeds, ~30 min each on 2 cores
     .venv/bin/python bench/yarn_experiment.py --out runs/yarn-exp --seeds 0 --steps 300   # a quick look
 
 For each seed:
 1. Data (once): a byte-level BPE (4,096) and token shards from this Python's standard library,
-   with a shard of --passkey-docs passkey documents of exactly L0 tokens (~40% of the tokens),
+   with a shard of --passkey-docs passkey documents of exactly L0 tokens (~54% of the tokens),
    so that each is one whole training window (`add_passkey_shard`). They use the format of
    `dsv2 eval niah --passkey`: an instruction, filler sentences, "The pass key is NNNNN.
    Remember it. ..." at a random depth, the question, then the key. The extension's data has
@@ -30,8 +30,11 @@ For each seed:
      share of the key's digits in place (a softer score: the tiny model often copies most of a key);
    - perplexity of the held-out modules' same final 128 tokens with that much context.
 
-Writes OUT/results.json, OUT/results.md (the tables, mean over seeds with the per-seed figures)
-and a passkey heat map per arm and seed. The write-up is docs/long-context.md.
+Writes OUT/results.json; OUT/results.md, the tables: passkey exact match pooled over the seeds
+with its 95% Wilson interval, perplexity as the mean over seeds with its 95% t interval, each with
+the per-seed figures; a passkey heat map per arm and seed (OUT/seedS/niah/ARM/niah.png) and one
+per arm with the seeds pooled (OUT/heatmaps/ARM.png). --report-only rebuilds the tables and the
+pooled heat maps from the saved results. The write-up is docs/long-context.md.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def make_data(out: Path, passkey_docs: int) -> tuple[Path, Path, list[Path]]:
         if not (ext / f.name).exists():
             (ext / f.name).symlink_to(f.resolve())
     shutil.copyfile(data / "card.json", ext / "card.json")
-    # Passkey documents at 4 L0 for the extension: as many tokens as it trains on, ~40% of them.
+    # Passkey documents at 4 L0 for the extension: as many tokens as it trains on, ~37% of them.
     add_passkey_shard(tok, data, passkey_docs, L0, seed=1)
     add_passkey_shard(tok, ext, passkey_docs // 8, 4 * L0, seed=2)
     return data, ext, sorted(held.glob("*.py"))
@@ -280,11 +283,12 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=2000, help="pretraining steps (default 2000; the demo runs 560)")
     p.add_argument("--extend-steps", type=int, default=120, help="YaRN extension steps (default 120, 6%%)")
-    p.add_argument("--trials", type=int, default=4, help="passkey keys per (length, depth)")
+    p.add_argument("--trials", type=int, default=10,
+                   help="passkey keys per (length, depth) (default 10: 50 prompts per length and arm)")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the tables and pooled heat maps from OUT/results.json and the saved records")
     p.add_argument("--passkey-docs", type=int, default=10000,
-                   help="passkey documents of L0 tokens in the pretraining data (default 10,000: ~40%% of its tokens)")
+                   help="passkey documents of L0 tokens in the pretraining data (default 10,000: ~54%% of its tokens)")
     args = p.parse_args()
     from dsv2.bench.common import cpu_name
     print(f"CPU: {cpu_name()}", flush=True)
