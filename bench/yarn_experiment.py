@@ -224,6 +224,13 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return m, T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
 
 
+# The comparisons the write-up makes: the extension against untrained YaRN, PI and the
+# same-compute control, and against no scaling (at L0: what the extension costs there).
+PAIRS = [("d_yarn_trained", "c_yarn"), ("e_yarn_trained_lr3e-4", "c_yarn"), ("d_yarn_trained", "b_pi"),
+         ("e_yarn_trained_lr3e-4", "f_control_then_yarn"), ("d_yarn_trained", "a_none"),
+         ("e_yarn_trained_lr3e-4", "a_none")]
+
+
 def records(out: Path, seed: int, arm: str) -> list[dict]:
     return json.loads((out / f"seed{seed}" / "niah" / arm / "niah.json").read_text())["results"]
 
@@ -234,8 +241,8 @@ def tables(all_results: dict, out: Path) -> str:
     interval (and each seed's figure)."""
     seeds = sorted(all_results)
     head = "| arm | " + " | ".join(f"{n} ({n // L0} L0)" for n in LENGTHS) + " |\n|---|" + "---|" * len(LENGTHS)
-    lines = [f"\npasskey exact match, pooled over seeds {', '.join(map(str, seeds))} "
-             f"(95% Wilson interval; per seed in brackets)\n", head]
+    lines = [f"\npasskey exact match, pooled over seeds {', '.join(map(str, seeds))} (95% Wilson interval of "
+             f"the pooled prompts, which leaves out how much the seeds differ; per seed in brackets)\n", head]
     for arm in ARMS:
         recs = [r for s in seeds for r in records(out, s, arm)]
         cells = []
@@ -245,6 +252,16 @@ def tables(all_results: dict, out: Path) -> str:
             per = ", ".join(f"{all_results[s][arm]['passkey'][n]:.0%}" for s in seeds)
             cells.append(f"{sum(hits) / len(hits):.0%} ({lo:.0%}-{hi:.0%}) [{per}]")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["\npasskey, paired differences within each seed (the arms of a seed share its pretrained "
+              "model): mean over seeds in points, +- 95% t interval, per seed in brackets\n",
+              head.replace("| arm |", "| difference |")]
+    for a, b in PAIRS:
+        cells = []
+        for n in LENGTHS:
+            diffs = [100 * (all_results[s][a]["passkey"][n] - all_results[s][b]["passkey"][n]) for s in seeds]
+            m, h = mean_ci(diffs)
+            cells.append(f"{m:+.0f} +- {h:.0f} [{', '.join(f'{d:+.0f}' for d in diffs)}]")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     for metric, fmt, title in (("digits", "{:.0%}", "key digits in place"), ("ppl", "{:.1f}", "held-out perplexity")):
         lines += [f"\n{title}, mean over seeds (+- 95% t interval; per seed in brackets)\n", head]
         for arm in ARMS:
