@@ -804,9 +804,18 @@ static void attend_blocks(const Model *m, const Layer *L, void *cache, int64_t s
         }
         for (int h = 0; h < H; h++) {   /* online softmax: what came before rescaled to the new max */
             float *p = sc + h * CH, bm = -INFINITY;
-            for (int j = 0; j < n; j++) bm = fmaxf(bm, p[j] *= m->scale);
-            const float nm = fmaxf(mx[h], bm), alpha = expf(mx[h] - nm);
             int j = 0;
+            vf vmax = {};
+            vmax -= INFINITY;
+            for (; j + VW <= n; j += VW) {
+                const vf v = ldv(p + j) * m->scale;
+                stv(p + j, v);
+                vmax = v > vmax ? v : vmax;
+            }
+            for (int i = 0; i < VW; i++) bm = fmaxf(bm, vmax[i]);
+            for (; j < n; j++) bm = fmaxf(bm, p[j] *= m->scale);
+            const float nm = fmaxf(mx[h], bm), alpha = expf(mx[h] - nm);
+            j = 0;
             vf acc = {};
             for (; j + VW <= n; j += VW) { vf e = exp_neg(ldv(p + j) - nm); stv(p + j, e); acc += e; }
             float s = hsumv(acc);
@@ -817,11 +826,12 @@ static void attend_blocks(const Model *m, const Layer *L, void *cache, int64_t s
         }
 #if KV_DPBF16
         if (dp) {
-            uint32_t *pp = (uint32_t *)ppf;
-            for (int h = 0; h < H; h++)
-                for (int j = 0; j < n; j += 2)
-                    pp[h * (CH / 2) + j / 2] = f32_to_bf16(sc[h * CH + j])
-                                               | (uint32_t)(j + 1 < n ? f32_to_bf16(sc[h * CH + j + 1]) : 0) << 16;
+            uint32_t *pp = (uint32_t *)ppf;   /* a head's p in bfloat16 is its (p_2i, p_2i+1) pairs */
+            for (int h = 0; h < H; h++) {
+                uint16_t *ph = (uint16_t *)(pp + h * (CH / 2));
+                to_bf16(sc + h * CH, ph, n);
+                if (n % 2) ph[n] = 0;
+            }
             wsum_bf16(pp, H, (const uint16_t *)rows.w + b0 * rows.stride, rows.stride, n, C, o);
             continue;
         }
