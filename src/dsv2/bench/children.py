@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .common import best_time, best_window, decode_rates, random_prompts, report
+from .common import best_time, best_window, copy_bandwidth, decode_rates, random_prompts, report
 
 
 def _child_dsv2(path, dtype, a) -> dict:
@@ -40,6 +40,7 @@ def _child_dsv2(path, dtype, a) -> dict:
     res["prefill_tok_s"], res["prefill_tok_cpu_s"] = a["prefill_len"] / wall, a["prefill_len"] / cpu
     if a.get("profile"):
         res["prefill_profile"] = _profile(prefill)
+    res["bandwidth"] = copy_bandwidth()   # this machine's drifts: the roofline uses what it was just now
     for B in a["batches"]:
         eng = Engine(llm.model, max_batch_slots=B, max_len=a["prompt_len"] + a["new_tokens"] + 1,
                      compile=a["compile"], native=native, kv_cache_dtype=kv)

@@ -22,8 +22,9 @@ PASSIVE keeps other jobs on the same cores from stalling them. Measured per engi
 - KV-cache bytes per token (theirs: the bytes its cache object holds after 128 tokens).
 - decode as a fraction of the memory-bandwidth roofline: bytes of weights a decode step
   reads (attention, dense and shared weights, the head, and the routed experts the batch
-  is expected to touch under uniform routing, E(1 - (1 - K/E)^B)) over the measured copy
-  bandwidth, times B.
+  is expected to touch under uniform routing, E(1 - (1 - K/E)^B)) over the copy bandwidth,
+  times B. dsv2's child measures the bandwidth just before it decodes (this machine's drifts by
+  up to 1.5x from minute to minute); transformers' rows use the figure printed at the start.
 
 Decode runs through the fused CPU step (native) unless --no-native; the row says which.
 Measured figures, with their date and CPU, and what bounds each of them, are in the README
@@ -124,6 +125,7 @@ def _print_row(r: dict, batches, model, bw: float, header: bool) -> None:
         print(" | ".join(cols) + " | KV bytes/token | peak RSS MB | load")
     esz = {"float32": 4, "bfloat16": 2, "int8": 1, "fp8": 1}[r["dtype"]]  # int8/fp8: the matrices (most bytes)
     cells = [f"{r['engine']:<12}", f"{r['dtype']:<8}", f"{r['prefill_tok_s']:>9,.0f}"]
+    bw = r.get("bandwidth") or bw   # dsv2's child measures it just before decoding
     for b in batches:
         roof = b * bw / (weight_bytes_per_step(model, b) * esz / 4)
         cells.append(f"{r[f'decode_b{b}_tok_s']:>7,.1f}/{r[f'decode_b{b}_avg_tok_s']:<7,.1f} "
