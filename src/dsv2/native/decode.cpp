@@ -376,16 +376,15 @@ static inline void store_sums_4x4(const __m512 *a, float *y, int64_t ldy) {
 static void dot_tiles_f32(const float *q, int64_t ldq, int H, const float *rows, int64_t ldr, int n, int K,
                           float *y, int64_t ldy) {
     const int KV = K / VW * VW, H4 = H / 4 * 4;
-#ifdef __AVX512F__
     const int64_t pf = PF_ROWS * ldr;   /* prefetch distance: the rows that come next */
-#endif
+    (void)pf;   /* (no prefetch without AVX2) */
     int j = 0;
     for (; j + 4 <= n; j += 4) {
-        const float *r0 = rows + j * ldr, *r1 = r0 + ldr, *r2 = r1 + ldr, *r3 = r2 + ldr;
         for (int h = 0; h < H4; h += 4) {
             const float *q0 = q + h * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
 #ifdef __AVX512F__
             if (KV == K) {
+                const float *r0 = rows + j * ldr, *r1 = r0 + ldr, *r2 = r1 + ldr, *r3 = r2 + ldr;
                 __m512 a[16];
                 for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
                 for (int k = 0; k < K; k += 16) {
@@ -411,22 +410,32 @@ static void dot_tiles_f32(const float *q, int64_t ldq, int H, const float *rows,
                 continue;
             }
 #endif
-            vf a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
-            vf a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
-            for (int k = 0; k < KV; k += VW) {
-                vf x0 = ldv(r0 + k), x1 = ldv(r1 + k), x2 = ldv(r2 + k), x3 = ldv(r3 + k), y;
-                y = ldv(q0 + k); a00 += y * x0; a01 += y * x1; a02 += y * x2; a03 += y * x3;
-                y = ldv(q1 + k); a10 += y * x0; a11 += y * x1; a12 += y * x2; a13 += y * x3;
-                y = ldv(q2 + k); a20 += y * x0; a21 += y * x1; a22 += y * x2; a23 += y * x3;
-                y = ldv(q3 + k); a30 += y * x0; a31 += y * x1; a32 += y * x2; a33 += y * x3;
-            }
-            const vf a[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-            for (int i = 0; i < 4; i++)
-                for (int jj = 0; jj < 4; jj++) {
-                    float s = hsumv(a[i][jj]);
-                    for (int k = KV; k < K; k++) s += q[(h + i) * ldq + k] * rows[(j + jj) * ldr + k];
-                    y[(h + i) * ldy + j + jj] = s;
+            /* 8-wide (no AVX-512): 16 registers hold a tile of 4 heads x 2 rows and its operands, so
+             * the 4 x 4 tile runs as two of those. */
+            for (int half = 0; half < 4; half += 2) {
+                const float *ra = rows + (j + half) * ldr, *rb = ra + ldr;
+                vf a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+                for (int k = 0; k < KV; k += VW) {
+                    const vf x0 = ldv(ra + k), x1 = ldv(rb + k);
+#ifdef __AVX2__   /* (immintrin.h) */
+                    if (h == 0 && k % 16 == 0) {   /* a cache line of each row's successor, 4 rows on */
+                        _mm_prefetch((const char *)(ra + pf + k), PF_HINT);
+                        _mm_prefetch((const char *)(rb + pf + k), PF_HINT);
+                    }
+#endif
+                    vf t = ldv(q0 + k); a00 += t * x0; a01 += t * x1;
+                    t = ldv(q1 + k); a10 += t * x0; a11 += t * x1;
+                    t = ldv(q2 + k); a20 += t * x0; a21 += t * x1;
+                    t = ldv(q3 + k); a30 += t * x0; a31 += t * x1;
                 }
+                const vf a[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+                for (int i = 0; i < 4; i++)
+                    for (int jj = 0; jj < 2; jj++) {
+                        float s = hsumv(a[i][jj]);
+                        for (int k = KV; k < K; k++) s += q[(h + i) * ldq + k] * rows[(j + half + jj) * ldr + k];
+                        y[(h + i) * ldy + j + half + jj] = s;
+                    }
+            }
         }
         for (int h = H4; h < H; h++)
             for (int jj = 0; jj < 4; jj++) y[h * ldy + j + jj] = dot_f32(q + h * ldq, rows + (j + jj) * ldr, K);
