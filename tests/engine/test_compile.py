@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dsv2
 from dsv2.engine import Engine, Request, SamplingParams
 from dsv2.engine.optimize import DecodeMoE, RowsHead, prepare_for_decode, prefill_dtype
 from dsv2.quant import fp8, int8
@@ -16,16 +15,8 @@ import _tiny
 
 
 def tiny(dtype=torch.float32, layers=2, **kw):
-    cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=layers,
-                                       moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8,
-                                       num_experts_per_tok=2, **kw)
-    torch.manual_seed(0)
-    m = dsv2.DeepseekV2(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    return m.to(dtype)
+    return _tiny.random_model(num_hidden_layers=layers, moe_intermediate_size=32, intermediate_size=96,
+                              n_routed_experts=8, num_experts_per_tok=2, **kw).to(dtype)
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8"])
