@@ -491,9 +491,7 @@ static void dot_tiles_bf16(const uint16_t *q, int H, const uint16_t *rows, int64
         }
     }
 }
-#endif
 
-#if KV_DPBF16
 /* n floats -> bfloat16 (round to nearest even), 32 at a time. */
 static void to_bf16(const float *x, uint16_t *out, int n) {
     int k = 0;
@@ -643,6 +641,7 @@ static Mat expert_of(const Mat *W, int e, int n) {
 /* ------------------------------------------------------------------ work space */
 typedef struct {
     float *x, *h, *qa, *q, *kva, *qf, *part, *olat, *o, *acc, *g, *u, *logit, *wk, *xg, *gu, *y, *bufs, *cs, *sn;
+    int64_t buf_stride;   /* floats of each thread's scratch in bufs: BUFW, ATTN_BUF, then XBUF */
     int32_t *idx, *order, *slot, *cnt, *item, *first;
     int n_items[2];   /* expert work items of the two expert passes (set by thread 0) */
 } Work;
@@ -658,7 +657,8 @@ static int64_t carve(const Model *m, int B, int S, int threads, float *base, Wor
     TAKE(olat, (int64_t)B * m->H * m->C); TAKE(o, (int64_t)B * m->H * m->V); TAKE(acc, B * m->D);
     TAKE(g, (int64_t)B * m->I_max); TAKE(u, (int64_t)B * m->I_max);
     TAKE(logit, B * E); TAKE(wk, copies); TAKE(xg, copies * m->D); TAKE(gu, copies * 2 * m->I_moe);
-    TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * (BUFW(m) + ATTN_BUF(m) + XBUF(m, copies)));
+    w->buf_stride = BUFW(m) + ATTN_BUF(m) + XBUF(m, copies);
+    TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * w->buf_stride);
     TAKE(cs, B * m->R / 2 + 1); TAKE(sn, B * m->R / 2 + 1);
     TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 4 * E * blocks); TAKEI(first, B + 1);   /* (expert, block) pairs of both passes */
 #undef TAKE
@@ -679,6 +679,9 @@ static Mat cache_rows(const Model *m, const Layer *L, void *cache, int64_t slot_
                 0, 0, 0, m->C};
     return rows;
 }
+
+/* Positions token b attends to: its own and those before it, at most S. */
+static inline int attended(const int64_t *pos, int b, int S) { return pos[b] + 1 < S ? (int)pos[b] + 1 : S; }
 
 /* ------------------------------------------------------------------ attention over the latent cache
  * One pass over the cache per step, split across the team by blocks of CH positions: every
@@ -790,8 +793,7 @@ static void attend_blocks(const Model *m, const Layer *L, void *cache, int64_t s
     const int type = m->cache_type;
 #if KV_DPBF16
     const int dp = type == BF16 && L->kv_b.type == BF16 && C % 32 == 0;   /* bfloat16 weights: bfloat16 arithmetic */
-    if (dp)
-        for (int i = 0; i < H * K; i++) ((uint16_t *)qbf)[i] = f32_to_bf16(qf[i]);
+    if (dp) to_bf16(qf, (uint16_t *)qbf, H * K);
 #endif
     for (int b0 = s0; b0 < s1; b0 += CH) {
         const int n = s1 - b0 < CH ? s1 - b0 : CH;
@@ -860,7 +862,7 @@ static void attend(const Model *m, const Layer *L, int B, const int64_t *pos, in
     int b = 0;
     for (int i = i0; i < i1;) {
         while (first[b + 1] <= i) b++;
-        const int len = pos[b] + 1 < S ? (int)pos[b] + 1 : S, end = first[b + 1] < i1 ? first[b + 1] : i1;
+        const int len = attended(pos, b, S), end = first[b + 1] < i1 ? first[b + 1] : i1;
         float *part = w->part + ((int64_t)b * t->n + t->id) * PART;
         memset(part, 0, H * C * sizeof(float));
         for (int h = 0; h < H; h++) { part[H * C + h] = -INFINITY; part[H * C + H + h] = 0; }
@@ -927,7 +929,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
     }
     if (t->id == 0) {   /* each token's blocks of cached positions, in order */
         w->first[0] = 0;
-        for (int b = 0; b < B; b++) w->first[b + 1] = w->first[b] + ((pos[b] + 1 < S ? (int)pos[b] + 1 : S) + CH - 1) / CH;
+        for (int b = 0; b < B; b++) w->first[b + 1] = w->first[b] + (attended(pos, b, S) + CH - 1) / CH;
     }
     sync_team(t);
     attend(m, L, B, pos, S, cache, slot_stride, w, t);
@@ -1087,8 +1089,7 @@ void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *po
     #pragma omp parallel num_threads(threads)
     {
         Team t = {omp_get_thread_num(), omp_get_num_threads(), &bar, 0};
-        const int64_t copies = (int64_t)B * (m->K > 0 ? m->K : 1);
-        t.buf = w.bufs + (int64_t)t.id * (BUFW(m) + ATTN_BUF(m) + XBUF(m, copies));
+        t.buf = w.bufs + (int64_t)t.id * w.buf_stride;
         t.abuf = t.buf + BUFW(m);
         t.xb = (uint16_t *)(t.abuf + ATTN_BUF(m));
         step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
