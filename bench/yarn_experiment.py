@@ -231,11 +231,13 @@ PAIRS = [("d_yarn_trained", "c_yarn"), ("e_yarn_trained_lr3e-4", "c_yarn"), ("d_
          ("e_yarn_trained_lr3e-4", "a_none")]
 
 
-def records(out: Path, seed: int, arm: str) -> list[dict]:
-    return json.loads((out / f"seed{seed}" / "niah" / arm / "niah.json").read_text())["results"]
+def pooled_records(out: Path, seeds: list[int]) -> dict[str, list[dict]]:
+    """Each arm's passkey records, every seed's in one list (read once for the tables and maps)."""
+    return {arm: [r for s in seeds for r in json.loads((out / f"seed{s}" / "niah" / arm / "niah.json").read_text())
+                  ["results"]] for arm in ARMS}
 
 
-def tables(all_results: dict, out: Path) -> str:
+def tables(all_results: dict, pooled: dict[str, list[dict]]) -> str:
     """Markdown tables: passkey exact match pooled over seeds with its Wilson 95% interval (and
     each seed's figure), digits in place, and perplexity as the mean over seeds with its 95% t
     interval (and each seed's figure)."""
@@ -244,7 +246,7 @@ def tables(all_results: dict, out: Path) -> str:
     lines = [f"\npasskey exact match, pooled over seeds {', '.join(map(str, seeds))} (95% Wilson interval of "
              f"the pooled prompts, which leaves out how much the seeds differ; per seed in brackets)\n", head]
     for arm in ARMS:
-        recs = [r for s in seeds for r in records(out, s, arm)]
+        recs = pooled[arm]
         cells = []
         for n in LENGTHS:
             hits = [r["correct"] for r in recs if r["length"] == n]
@@ -275,14 +277,14 @@ def tables(all_results: dict, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pooled_heatmaps(all_results: dict, out: Path) -> list[Path]:
+def pooled_heatmaps(all_results: dict, pooled: dict[str, list[dict]], out: Path) -> list[Path]:
     """One passkey heat map per arm, length x depth, every seed's prompts pooled."""
     from dsv2.eval.niah import plot_heatmap
     seeds = sorted(all_results)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     paths = []
     for arm in ARMS:
-        recs = [r for s in seeds for r in records(out, s, arm)]
+        recs = pooled[arm]
         cells = {}
         for n in LENGTHS:
             for d in DEPTHS:
@@ -322,9 +324,10 @@ def main() -> int:
         for seed in seeds:
             all_results[seed] = run_seed(seed, args, data, ext_data, held)
             (args.out / "results.json").write_text(json.dumps({str(k): v for k, v in all_results.items()}, indent=1))
-    md = tables(all_results, args.out)
+    pooled = pooled_records(args.out, sorted(all_results))
+    md = tables(all_results, pooled)
     (args.out / "results.md").write_text(md)
-    pooled_heatmaps(all_results, args.out)
+    pooled_heatmaps(all_results, pooled, args.out)
     print(md)
     return 0
 
