@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .common import best_time, best_window, copy_bandwidth, decode_rates, random_prompts, report
+from .common import best_time, best_window, copy_bandwidth, decode_rates, random_prompts, report, weight_bytes_per_step
 
 
 def _child_dsv2(path, dtype, a) -> dict:
@@ -50,6 +50,8 @@ def _child_dsv2(path, dtype, a) -> dict:
         eng.step()  # hands out the prefill tokens
         rates = decode_rates(eng.step, a["new_tokens"] - 1, B)
         res[f"decode_b{B}_tok_s"], res[f"decode_b{B}_avg_tok_s"], res[f"decode_b{B}_tok_cpu_s"] = rates
+        # the bytes this model's step reads, as stored (int8 models keep kv_b_proj and the router float32)
+        res[f"weight_bytes_b{B}"] = weight_bytes_per_step(llm.model, B)
         res["compiled"] = eng._decode.compiled
         res["fused"] = eng._decode.native is not None
     res["kv_bytes_per_token"] = eng.cache.bytes_per_token()

@@ -22,8 +22,9 @@ PASSIVE keeps other jobs on the same cores from stalling them. Measured per engi
 - KV-cache bytes per token (theirs: the bytes its cache object holds after 128 tokens).
 - decode as a fraction of the memory-bandwidth roofline: bytes of weights a decode step
   reads (attention, dense and shared weights, the head, and the routed experts the batch
-  is expected to touch under uniform routing, E(1 - (1 - K/E)^B)) over the copy bandwidth,
-  times B. dsv2's child measures the bandwidth just before it decodes (this machine's drifts by
+  is expected to touch under uniform routing, E(1 - (1 - K/E)^B)), counted as dsv2 stores them
+  (an int8 model's int8 rows and scales, and its float32 kv_b_proj and router), over the copy
+  bandwidth, times B. dsv2's child measures the bandwidth just before it decodes (this machine's drifts by
   up to 1.5x from minute to minute); transformers' rows use the figure printed at the start.
 
 Decode runs through the fused CPU step (native) unless --no-native; the row says which.
@@ -123,11 +124,12 @@ def _print_row(r: dict, batches, model, bw: float, header: bool) -> None:
     if header:
         cols = ["engine", "dtype", "prefill tok/s"] + [f"decode b{b} tok/s best/avg (roofline %)" for b in batches]
         print(" | ".join(cols) + " | KV bytes/token | peak RSS MB | load")
-    esz = {"float32": 4, "bfloat16": 2, "int8": 1, "fp8": 1}[r["dtype"]]  # int8/fp8: the matrices (most bytes)
+    esz = {"float32": 4, "bfloat16": 2, "int8": 1, "fp8": 1}[r["dtype"]]   # peers: every matrix in r's dtype
     cells = [f"{r['engine']:<12}", f"{r['dtype']:<8}", f"{r['prefill_tok_s']:>9,.0f}"]
     bw = r.get("bandwidth") or bw   # dsv2's child measures it just before decoding
     for b in batches:
-        roof = b * bw / (weight_bytes_per_step(model, b) * esz / 4)
+        read = r.get(f"weight_bytes_b{b}") or weight_bytes_per_step(model, b) * esz / 4   # dsv2: as stored
+        roof = b * bw / read
         cells.append(f"{r[f'decode_b{b}_tok_s']:>7,.1f}/{r[f'decode_b{b}_avg_tok_s']:<7,.1f} "
                      f"({100 * r[f'decode_b{b}_tok_s'] / roof:4.1f}%)")
     cells += [f"{r['kv_bytes_per_token']:>8,}", f"{r['peak_rss_mb']:>7,.0f}", f"{r['load']:.1f}"]

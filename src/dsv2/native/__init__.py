@@ -67,15 +67,18 @@ def fp8_block(model) -> tuple[int, int]:
 class NativeDecoder:
     """The model's weights as the operator's flat tensor list: views of its own tensors, so in-place
     updates (an optimizer step) are seen. The few copies (W^UK transposed; in bfloat16 models the
-    norms and the router widened to float32; int8 scales) are retaken when their source changes in
-    place (its version counter moves). Not seen: a parameter replaced by a new tensor, or changed
-    through `.data` (which bypasses the version counter): build a new Engine after those."""
+    norms and the router widened to float32; int8 scales) are retaken when a trainable source (one
+    that requires grad) changes in place: its version counter moves, which each step checks. Not
+    seen: a parameter replaced by a new tensor, one changed through `.data` (which bypasses the
+    version counter), or a buffer edited in place (int8 scales; checking those ~80 counters took
+    ~3% of an int8 batch-1 step): build a new Engine after those."""
 
     def __init__(self, model: nn.Module):
         build.load()
         self._step = torch.ops.dsv2.decode_step.default   # looked up once: the attribute chain costs per step
         self.model = model
-        self._copied: list[tuple[torch.Tensor, int]] = []   # (source, its version) of every copy taken
+        self._sources: list[torch.Tensor] = []   # the source of every copy taken,
+        self._versions: list[int] = []           # and its version then
         cfg = model.config
         dev = model.embed_tokens.weight.device
         if dev.type != "cpu":
@@ -104,13 +107,14 @@ class NativeDecoder:
         for block in model.layers:
             self.weights += _ordered(self._layer(block), layer_slots)
         self._work = torch.empty(0)
-        self._sized = (0, 0, 0)   # (batch, kv_len, threads) the work space is known to fit
+        self._sized = (0, 0)   # (batch, threads) the work space is known to fit
 
     # ---------------------------------------------------------------- weights
     def _own(self, src: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """If t is a copy of src, note src's version to notice in-place changes."""
-        if not src.is_inference() and t.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
-            self._copied.append((src, src._version))
+        """If t is a copy of a trainable src, note src's version to notice in-place changes."""
+        if src.requires_grad and not src.is_inference() and t.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+            self._sources.append(src)
+            self._versions.append(src._version)
         return t
 
     def _f32(self, t: torch.Tensor) -> torch.Tensor:
@@ -182,22 +186,22 @@ class NativeDecoder:
                     **self._mat("dn", dn.contiguous().flatten(0, 1), None if dns is None else dns.reshape(-1), src=dn))
 
     # ------------------------------------------------------------------- step
-    def work_floats(self, batch: int, kv_len: int) -> int:
-        """Floats of work space the operator needs for a step of `batch` tokens over kv_len positions."""
-        return torch.ops.dsv2.work_floats(self.weights, self.ints, self.floats, batch, kv_len)
+    def work_floats(self, batch: int) -> int:
+        """Floats of work space the operator needs for a step of `batch` tokens (at any length)."""
+        return torch.ops.dsv2.work_floats(self.weights, self.ints, self.floats, batch)
 
     def __call__(self, tokens_B1: torch.Tensor, positions: list[int], kv_len: int, cache) -> torch.Tensor:
         """One decode step for cache slots [0, B): token b is written at positions[b] and attends to
         [0, min(positions[b] + 1, kv_len)). -> float32 logits [B, vocab]."""
-        if any(t._version != v for t, v in self._copied):   # a copied weight was changed in place
+        if [t._version for t in self._sources] != self._versions:   # a copied weight was changed in place
             self.__init__(self.model)
         fmt = cache.fmt.code if cache.fmt is not None else _CACHE_CODES.get(cache.dtype)
         if fmt is None:
             raise Unsupported(f"a {cache.kv_cache_dtype} cache is not read by the fused decode step")
-        B, (B0, S0, t0), threads = len(positions), self._sized, torch.get_num_threads()
-        if not (B <= B0 and kv_len <= S0 and threads == t0):   # the need grows with batch and length
-            fit = (max(B, B0), max(kv_len, S0), threads) if threads == t0 else (B, kv_len, threads)
-            need = self.work_floats(*fit[:2])
+        B, (B0, t0), threads = len(positions), self._sized, torch.get_num_threads()
+        if not (B <= B0 and threads == t0):   # the need grows with the batch
+            fit = (max(B, B0), threads) if threads == t0 else (B, threads)
+            need = self.work_floats(fit[0])
             if self._work.numel() < need:
                 self._work = torch.empty(int(need * 1.25) + 1024)
             self._sized = fit

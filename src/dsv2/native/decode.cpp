@@ -1,13 +1,14 @@
 /* dsv2's fused CPU decode step: one call runs every layer of a DeepSeek-V2 for B new tokens.
  *
  * Decoding a few tokens on a CPU is bound by per-op overhead and by the bytes of weights
- * read, not by arithmetic. Here a step is one call and one OpenMP parallel region (~20 phases
+ * read, not by arithmetic. Here a step is one call and one OpenMP parallel region (~15 phases
  * a layer, split across the threads and separated by a spinning barrier), and weights are read
  * once per step straight from the model's own tensors (float32, bfloat16, int8 rows with one
  * float scale each, or block-scaled FP8). Activations stay float32, except in a bfloat16
  * model where the CPU multiplies bfloat16 pairs (AVX512-BF16): there the attention's query and
  * probabilities and a batch's matmul inputs are rounded to bfloat16, as PyTorch's bfloat16
- * kernels round them (batch-1 weight reads keep float32 inputs). The math is the absorbed MLA
+ * kernels round them (batch-1 weight reads keep float32 inputs); and int8 rows, which multiply
+ * their inputs rounded to int16 (integer multiply-adds, see "int8 rows x int16 inputs"). The math is the absorbed MLA
  * path of model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds the
  * two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks the
  * tensors and fills the description in decode.h. Built with -O3 -march=native -fopenmp and
@@ -501,42 +502,198 @@ static void to_bf16(const float *x, uint16_t *out, int n) {
 }
 #endif
 
-/* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1). One or two inputs stream each weight
- * row once (memory-bound); more go through register tiles: float32 rows in place, bfloat16 rows
- * (where the CPU multiplies bfloat16 pairs) against the inputs rounded to bfloat16 in xb, every
- * other type widened to float32 four rows at a time in buf. */
-static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
-                    int n0, int n1, float *buf, uint16_t *xb) {
-    if (M <= 2) {
-        for (int n = n0; n < n1; n++)
-            for (int m = 0; m < M; m++) y[m * ldy + n] = dot_row(W, n, x + m * ldx);
-        return;
-    }
-    const int K = W->cols;
-    if (W->type == F32) {
-        dot_tiles_f32(x, ldx, M, (const float *)W->w + n0 * W->stride, W->stride, n1 - n0, K, y + n0, ldy);
-        return;
-    }
-#if KV_DPBF16
-    if (W->type == BF16) {
-        for (int m = 0; m < M; m++) to_bf16(x + m * ldx, xb + (int64_t)m * K, K);
-        dot_tiles_bf16(xb, M, (const uint16_t *)W->w + n0 * W->stride, W->stride, n1 - n0, K, y + n0, ldy);
-        return;
-    }
+/* ------------------------------------------------------------------ int8 rows x int16 inputs
+ * An int8 matrix multiplies its inputs rounded to int16, each input row with its own scale
+ * (x ~ s q, |q| <= 32767: an error of at most 1/65534 of the row's largest magnitude, far below
+ * bfloat16's rounding, which PyTorch's int8 kernel applies to its inputs). Integer pairs then
+ * do the arithmetic: VPDPWSSD (AVX512-VNNI; VPMADDWD plus an add without it, or on AVX2) adds
+ * two int8 x int16 products to each int32 lane, so a row of 32 (16 on AVX2) weights costs one
+ * widening and one multiply-add per input, where widening to float32 took three instructions
+ * per 16 weights and left batch-1 decode short of the memory's speed. Lane sums are exact; the
+ * bound on |q| below keeps every lane inside int32 whatever the weights, and lanes are summed
+ * in float32. The same rounding on every CPU: the bound assumes 16-wide steps. */
+#if defined(__AVX512BW__) || (defined(__AVX2__) && !defined(__AVX512F__))
+#define I16_DOT 1
+#ifdef __AVX512BW__
+#define IW 32   /* int16 per vector */
+typedef __m512i vi;
+static inline vi vi_zero(void) { return _mm512_setzero_si512(); }
+static inline vi ld_q(const int16_t *p) { return _mm512_loadu_si512(p); }
+static inline vi ld_w(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vi ld_w_tail(const int8_t *p, int n) {   /* n < IW weights, zeros after */
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8((1u << n) - 1, p));
+}
+static inline vi dpw(vi acc, vi a, vi b) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, a, b);
 #else
-    (void)xb;
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
 #endif
-    for (int n = n0; n < n1; n += 4) {
-        const int nr = n1 - n < 4 ? n1 - n : 4;
-        for (int j = 0; j < nr; j++) row_f32(W, n + j, buf + (int64_t)j * K);
-        dot_tiles_f32(x, ldx, M, buf, K, nr, K, y + n, ldy);
+}
+static inline vf vi_float(vi a) { return (vf)_mm512_cvtepi32_ps(a); }
+#else
+#define IW 16
+typedef __m256i vi;
+static inline vi vi_zero(void) { return _mm256_setzero_si256(); }
+static inline vi ld_q(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vi ld_w(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi ld_w_tail(const int8_t *p, int n) {
+    int8_t t[16] = {0};
+    memcpy(t, p, n);
+    return ld_w(t);
+}
+static inline vi dpw(vi acc, vi a, vi b) {
+#ifdef __AVXVNNI__
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+static inline vf vi_float(vi a) { return (vf)_mm256_cvtepi32_ps(a); }
+#endif
+
+/* The largest |q| for rows of K: a lane adds 2 ceil(K / 16) products of |w| <= 127 (int8 rows
+ * are symmetric) and must stay within int32. 32767 up to K = 8,256. */
+static inline int q_max(int K) {
+    int64_t m = 2147483647LL / (127LL * 2 * ((K + 15) / 16));
+    return m < 32767 ? (int)m : 32767;
+}
+static inline int k_pad(int K) { return (K + 31) / 32 * 32; }
+
+/* Rows of x [M, K] (stride ldx) -> q [M, k_pad(K)] int16, zeros past K, and their scales s. */
+static void quantize_i16(const float *x, int64_t ldx, int M, int K, int16_t *q, float *s) {
+    const int KP = k_pad(K), qm = q_max(K);
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + m * ldx;
+        int16_t *qm_row = q + (int64_t)m * KP;
+        vf mx = {};
+        int k = 0;
+        for (; k + VW <= K; k += VW) {
+            vf a = ldv(xm + k);
+            a = a < 0 ? -a : a;
+            mx = a > mx ? a : mx;
+        }
+        float amax = 0;
+        for (int i = 0; i < VW; i++) amax = mx[i] > amax ? mx[i] : amax;
+        for (; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+        if (!(amax <= 3.4e38f)) {   /* inf or NaN: the products become inf or NaN, as float32 ones would */
+            memset(qm_row, 0, KP * sizeof(int16_t));
+            qm_row[0] = 1;
+            s[m] = amax;
+            continue;
+        }
+        s[m] = amax / qm;
+        const float inv = amax > 0 ? qm / amax : 0;
+        k = 0;
+#ifdef __AVX512F__
+        for (; k + 16 <= K; k += 16)
+            _mm256_storeu_si256((__m256i *)(qm_row + k),
+                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), _mm512_set1_ps(inv)))));
+#else
+        for (; k + 16 <= K; k += 16) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + k), _mm256_set1_ps(inv)));
+            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + k + 8), _mm256_set1_ps(inv)));
+            _mm256_storeu_si256((__m256i *)(qm_row + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+        }
+#endif
+        for (; k < K; k++) qm_row[k] = (int16_t)nearbyintf(xm[k] * inv);
+        for (; k < KP; k++) qm_row[k] = 0;
     }
 }
+
+/* q . w over K int8 weights (q padded to a multiple of 32). */
+static float dot_i8_i16(const int16_t *q, const int8_t *w, int K) {
+    vi a0 = vi_zero(), a1 = a0, a2 = a0, a3 = a0;
+    int k = 0;
+    for (; k + 4 * IW <= K; k += 4 * IW) {
+        a0 = dpw(a0, ld_q(q + k), ld_w(w + k));
+        a1 = dpw(a1, ld_q(q + k + IW), ld_w(w + k + IW));
+        a2 = dpw(a2, ld_q(q + k + 2 * IW), ld_w(w + k + 2 * IW));
+        a3 = dpw(a3, ld_q(q + k + 3 * IW), ld_w(w + k + 3 * IW));
+    }
+    for (; k + IW <= K; k += IW) a0 = dpw(a0, ld_q(q + k), ld_w(w + k));
+    if (k < K) a1 = dpw(a1, ld_q(q + k), ld_w_tail(w + k, K - k));
+    return hsumv((vi_float(a0) + vi_float(a1)) + (vi_float(a2) + vi_float(a3)));
+}
+
+/* A tile of NH inputs x NR rows: acc[i * NR + jj] holds the lane sums of q_i . row_jj. */
+template <int NH, int NR>
+static void dot_tile_i16(const int16_t *q, int64_t ldq, int K, const int8_t *const *r, int64_t pf, vi *acc) {
+    vi a[NH][NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < NH; i++)
+#pragma GCC unroll 4
+        for (int jj = 0; jj < NR; jj++) a[i][jj] = vi_zero();
+    for (int k = 0; k < K; k += IW) {
+        vi x[NR];
+        const int tail = K - k < IW;
+#pragma GCC unroll 4
+        for (int jj = 0; jj < NR; jj++) x[jj] = tail ? ld_w_tail(r[jj] + k, K - k) : ld_w(r[jj] + k);
+        if (pf && k % 64 == 0) {   /* the same rows a few rows on, on their way from memory */
+#pragma GCC unroll 4
+            for (int jj = 0; jj < NR; jj++) _mm_prefetch((const char *)(r[jj] + pf + k), PF_HINT);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < NH; i++) {
+            const vi y = ld_q(q + i * ldq + k);
+#pragma GCC unroll 4
+            for (int jj = 0; jj < NR; jj++) a[i][jj] = dpw(a[i][jj], y, x[jj]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NH; i++)
+#pragma GCC unroll 4
+        for (int jj = 0; jj < NR; jj++) acc[i * NR + jj] = a[i][jj];
+}
+
+/* y[h * ldy + j] = sw[j] s[h] (q_h . row_j) for M int16 inputs and n int8 rows: tiles of 4 inputs x
+ * 4 rows (x 2 rows on AVX2, whose 16 registers hold no more); a ragged last row tile repeats
+ * its first row, ragged inputs are tiles of one. */
+#ifdef __AVX512BW__
+#define NR_I16 4
+#else
+#define NR_I16 2
+#endif
+static void dot_tiles_i16(const int16_t *q, const float *s, int M, const int8_t *rows, int64_t ldr, const float *sw,
+                          int n, int K, float *y, int64_t ldy) {
+    const int64_t ldq = k_pad(K);
+    vi acc[4 * NR_I16];
+    for (int j = 0; j < n; j += NR_I16) {
+        const int nr = n - j < NR_I16 ? n - j : NR_I16;
+        const int8_t *r[NR_I16];
+        for (int jj = 0; jj < NR_I16; jj++) r[jj] = rows + (j + (jj < nr ? jj : 0)) * ldr;
+        for (int h = 0; h < M;) {
+            const int nh = M - h >= 4 ? 4 : 1;
+            if (nh == 4) dot_tile_i16<4, NR_I16>(q + h * ldq, ldq, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
+            else dot_tile_i16<1, NR_I16>(q + h * ldq, ldq, K, r, h == 0 ? PF_ROWS * ldr : 0, acc);
+#ifdef __AVX512BW__
+            if (nh == 4 && nr == 4) {
+                __m512 f[16];
+                for (int i = 0; i < 16; i++) f[i] = _mm512_cvtepi32_ps(acc[i]);
+                store_sums_4x4(f, y + h * ldy + j, ldy);
+                for (int i = 0; i < 4; i++)
+                    for (int jj = 0; jj < 4; jj++) y[(h + i) * ldy + j + jj] *= sw[j + jj] * s[h + i];
+                h += 4;
+                continue;
+            }
+#endif
+            for (int i = 0; i < nh; i++)
+                for (int jj = 0; jj < nr; jj++)
+                    y[(h + i) * ldy + j + jj] = sw[j + jj] * s[h + i] * hsumv(vi_float(acc[i * NR_I16 + jj]));
+            h += nh;
+        }
+    }
+}
+#else
+#define I16_DOT 0
+#endif
 
 #define BLOCK 16   /* weight rows per work item */
 #define BUFW(m) (4 * (m)->max_cols + 64)   /* floats of scratch per thread */
 /* and for M inputs rounded to bfloat16 */
 #define XBUF(m, M) ((int64_t)(M) * (m)->max_cols / 2 + 64)
+/* and for M inputs as int16 (rows padded to a multiple of 32) with their scales */
+#define QBUF(m, M) ((int64_t)(M) * (((m)->max_cols + 31) / 32 * 16 + 1) + 64)
 /* ------------------------------------------------------------------ the team
  * One OpenMP parallel region per step: every thread runs the whole step, each loop below is
  * split across the team (SPLIT) and phases are separated by a spinning barrier. OpenMP's own
@@ -547,7 +704,68 @@ static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, 
  * faster (it is the same OpenMP region underneath) and does not promise that its chunks run
  * at once, which a barrier between phases needs. */
 struct Barrier { std::atomic<int> count{0}, gen{0}; };
-typedef struct { int id, n; Barrier *bar; float *buf, *abuf; uint16_t *xb; } Team;
+/* A thread's int16 copy of the inputs it last multiplied by int8 rows, and which inputs (src NULL:
+ * none; every barrier forgets it, as the work buffers are rewritten between phases). */
+typedef struct { const float *src; int64_t ld; int M, K; int16_t *q; float *s; } Quantized;
+typedef struct { int id, n; Barrier *bar; float *buf, *abuf; uint16_t *xb; Quantized *qi; } Team;
+
+#if I16_DOT
+/* The thread's int16 copy of inputs x [M, K] (ldx), made once per phase however many row blocks
+ * it multiplies them by. */
+static const Quantized *quantized(const float *x, int64_t ldx, int M, int K, const Team *t) {
+    Quantized *qi = t->qi;
+    if (qi->src != x || qi->ld != ldx || qi->M != M || qi->K != K) {
+        quantize_i16(x, ldx, M, K, qi->q, qi->s);
+        qi->src = x; qi->ld = ldx; qi->M = M; qi->K = K;
+    }
+    return qi;
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1). int8 rows multiply the inputs rounded to
+ * int16 (above). Otherwise one or two inputs stream each weight row once (memory-bound); more go
+ * through register tiles: float32 rows in place, bfloat16 rows (where the CPU multiplies bfloat16
+ * pairs) against the inputs rounded to bfloat16 in xb, every other type widened to float32 four
+ * rows at a time in buf. */
+static void mm_rows(const Mat *W, const float *x, int64_t ldx, int M, float *y, int64_t ldy,
+                    int n0, int n1, const Team *t) {
+    const int K = W->cols;
+#if I16_DOT
+    if (W->type == I8) {
+        const Quantized *qi = quantized(x, ldx, M, K, t);
+        const int8_t *rows = (const int8_t *)W->w + n0 * W->stride;
+        if (M <= 2) {
+            for (int n = n0; n < n1; n++, rows += W->stride)
+                for (int m = 0; m < M; m++)
+                    y[m * ldy + n] = W->scale[n] * qi->s[m] * dot_i8_i16(qi->q + (int64_t)m * k_pad(K), rows, K);
+        } else {
+            dot_tiles_i16(qi->q, qi->s, M, rows, W->stride, W->scale + n0, n1 - n0, K, y + n0, ldy);
+        }
+        return;
+    }
+#endif
+    if (M <= 2) {
+        for (int n = n0; n < n1; n++)
+            for (int m = 0; m < M; m++) y[m * ldy + n] = dot_row(W, n, x + m * ldx);
+        return;
+    }
+    if (W->type == F32) {
+        dot_tiles_f32(x, ldx, M, (const float *)W->w + n0 * W->stride, W->stride, n1 - n0, K, y + n0, ldy);
+        return;
+    }
+#if KV_DPBF16
+    if (W->type == BF16) {
+        for (int m = 0; m < M; m++) to_bf16(x + m * ldx, t->xb + (int64_t)m * K, K);
+        dot_tiles_bf16(t->xb, M, (const uint16_t *)W->w + n0 * W->stride, W->stride, n1 - n0, K, y + n0, ldy);
+        return;
+    }
+#endif
+    for (int n = n0; n < n1; n += 4) {
+        const int nr = n1 - n < 4 ? n1 - n : 4;
+        for (int j = 0; j < nr; j++) row_f32(W, n + j, t->buf + (int64_t)j * K);
+        dot_tiles_f32(x, ldx, M, t->buf, K, nr, K, y + n, ldy);
+    }
+}
 
 /* Each thread takes one contiguous share of [0, count): weight rows stream in order, as the
  * hardware prefetcher likes. */
@@ -562,6 +780,7 @@ static inline void cpu_relax(void) {
 }
 
 static void sync_team(const Team *t) {
+    t->qi->src = 0;   /* the next phase's inputs are new, wherever they lie */
     if (t->n == 1) return;
     Barrier *b = t->bar;
     int g = b->gen.load(std::memory_order_acquire);
@@ -581,7 +800,7 @@ static void matmul(const Mat *W, const float *x, int64_t ldx, int M, float *y, i
     int nb = (W->rows + BLOCK - 1) / BLOCK;
     SPLIT(b, nb, t) {
         int n0 = b * BLOCK, n1 = n0 + BLOCK < W->rows ? n0 + BLOCK : W->rows;
-        mm_rows(W, x, ldx, M, y, ldy, n0, n1, t->buf, t->xb);
+        mm_rows(W, x, ldx, M, y, ldy, n0, n1, t);
     }
 }
 
@@ -641,12 +860,13 @@ static Mat expert_of(const Mat *W, int e, int n) {
 /* ------------------------------------------------------------------ work space */
 typedef struct {
     float *x, *h, *qa, *q, *kva, *qf, *part, *olat, *o, *acc, *g, *u, *logit, *wk, *xg, *gu, *y, *bufs, *cs, *sn;
-    int64_t buf_stride;   /* floats of each thread's scratch in bufs: BUFW, ATTN_BUF, then XBUF */
+    int64_t buf_stride;   /* floats of each thread's scratch in bufs: BUFW, ATTN_BUF, XBUF, then QBUF */
+    int64_t qbuf_at;      /* where QBUF starts in it */
     int32_t *idx, *order, *slot, *cnt, *item, *first;
     int n_items[2];   /* expert work items of the two expert passes (set by thread 0) */
 } Work;
 
-static int64_t carve(const Model *m, int B, int S, int threads, float *base, Work *w) {
+static int64_t carve(const Model *m, int B, int threads, float *base, Work *w) {
     int64_t at = 0, copies = (int64_t)B * (m->K > 0 ? m->K : 1), E = m->E > 0 ? m->E : 1;
     int64_t blocks = ((m->I_moe * 2 > m->D ? m->I_moe * 2 : m->D) + BLOCK - 1) / BLOCK;
 #define TAKE(field, n) do { w->field = base ? base + at : 0; at += ((int64_t)(n) + 15) / 16 * 16; } while (0)
@@ -657,7 +877,8 @@ static int64_t carve(const Model *m, int B, int S, int threads, float *base, Wor
     TAKE(olat, (int64_t)B * m->H * m->C); TAKE(o, (int64_t)B * m->H * m->V); TAKE(acc, B * m->D);
     TAKE(g, (int64_t)B * m->I_max); TAKE(u, (int64_t)B * m->I_max);
     TAKE(logit, B * E); TAKE(wk, copies); TAKE(xg, copies * m->D); TAKE(gu, copies * 2 * m->I_moe);
-    w->buf_stride = BUFW(m) + ATTN_BUF(m) + XBUF(m, copies);
+    w->qbuf_at = BUFW(m) + ATTN_BUF(m) + XBUF(m, copies);
+    w->buf_stride = BUFW(m) + ATTN_BUF(m) + XBUF(m, copies) + QBUF(m, copies);
     TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * w->buf_stride);
     TAKE(cs, B * m->R / 2 + 1); TAKE(sn, B * m->R / 2 + 1);
     TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 4 * E * blocks); TAKEI(first, B + 1);   /* (expert, block) pairs of both passes */
@@ -666,9 +887,9 @@ static int64_t carve(const Model *m, int B, int S, int threads, float *base, Wor
     return at;
 }
 
-int64_t dsv2_work_floats(const Model *m, int B, int S, int threads) {
+int64_t dsv2_work_floats(const Model *m, int B, int threads) {
     Work w;
-    return carve(m, B, S, threads, 0, &w);
+    return carve(m, B, threads, 0, &w);
 }
 
 /* ------------------------------------------------------------------ one layer */
@@ -893,8 +1114,7 @@ static void attend(const Model *m, const Layer *L, int B, const int64_t *pos, in
 static void attention(const Model *m, const Layer *L, int B, const int64_t *pos, int S,
                       void *cache, int64_t slot_stride, Work *w, const Team *t) {
     const int D = m->D, H = m->H, N = m->N, R = m->R, V = m->V, C = m->C, CR = C + R, QK = N + R;
-    SPLIT(b, B, t) rmsnorm(w->h + b * D, w->x + b * D, L->in_norm, D, m->eps);
-    sync_team(t);
+    /* w->h: x normed by L->in_norm (the phase before did it) */
     if (L->q_a.w) {
         matmul(&L->q_a, w->h, D, B, w->qa, m->QR, t);
         sync_team(t);
@@ -920,7 +1140,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         int hd = it / QB, n0 = (it % QB) * BLOCK, n1 = n0 + BLOCK < C ? n0 + BLOCK : C;
         Mat wt = rows_of(&L->w_ukt, (int64_t)hd * C, C);
         mm_rows(&wt, w->q + (int64_t)hd * QK, (int64_t)H * QK, B, w->qf + (int64_t)hd * CR, (int64_t)H * CR,
-                n0, n1, t->buf, t->xb);
+                n0, n1, t);
     }
     SPLIT(bh, B * H, t) {
         float *qr = w->qf + (int64_t)bh * CR + C;
@@ -940,7 +1160,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         int hd = it / VB, n0 = (it % VB) * BLOCK, n1 = n0 + BLOCK < V ? n0 + BLOCK : V;
         Mat uv = rows_of(&L->kv_b, (int64_t)hd * (N + V) + N, V);
         mm_rows(&uv, w->olat + (int64_t)hd * C, (int64_t)H * C, B, w->o + (int64_t)hd * V, (int64_t)H * V,
-                n0, n1, t->buf, t->xb);
+                n0, n1, t);
     }
     sync_team(t);
     matmul(&L->o, w->o, H * V, B, w->acc, D, t);
@@ -952,27 +1172,44 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
     sync_team(t);
 }
 
-static void swiglu(const Model *m, const Mat *gate, const Mat *up, const Mat *down, int B, Work *w, const Team *t) {
+/* silu(x W_gate^T) * (x W_up^T) into w->g for the B rows of w->h: gate and up a block of rows at a
+ * time, the product taken by the thread that computed the block (no phase of its own). */
+static void gate_up(const Model *m, const Mat *gate, const Mat *up, int B, Work *w, const Team *t) {
     const int I = gate->rows, D = m->D;
-    matmul(gate, w->h, D, B, w->g, I, t);
-    matmul(up, w->h, D, B, w->u, I, t);
+    SPLIT(blk, (I + BLOCK - 1) / BLOCK, t) {
+        const int n0 = blk * BLOCK, n1 = n0 + BLOCK < I ? n0 + BLOCK : I;
+        mm_rows(gate, w->h, D, B, w->g, I, n0, n1, t);
+        mm_rows(up, w->h, D, B, w->u, I, n0, n1, t);
+        for (int b = 0; b < B; b++)
+            for (int i = b * I + n0; i < b * I + n1; i++) w->g[i] = silu(w->g[i]) * w->u[i];
+    }
+}
+
+/* A dense FFN, its residual, and the next norm (the next layer's input norm, or the final one). */
+static void swiglu(const Model *m, const Layer *L, int B, const float *next_norm, Work *w, const Team *t) {
+    const int I = L->gate.rows, D = m->D;
+    gate_up(m, &L->gate, &L->up, B, w, t);
     sync_team(t);
-    SPLIT(b, B, t)
-        for (int i = b * I; i < (b + 1) * I; i++) w->g[i] = silu(w->g[i]) * w->u[i];
+    matmul(&L->down, w->g, I, B, w->acc, D, t);
     sync_team(t);
-    matmul(down, w->g, I, B, w->acc, D, t);
-    sync_team(t);
-    SPLIT(b, B, t)
+    SPLIT(b, B, t) {
         for (int d = 0; d < D; d++) w->x[b * D + d] += w->acc[b * D + d];
+        rmsnorm(w->h + b * D, w->x + b * D, next_norm, D, m->eps);
+    }
     sync_team(t);
 }
 
-static void moe(const Model *m, const Layer *L, int B, Work *w, const Team *t) {
+/* The shared experts (if any) and the routed ones, their sum added to the residual, and the next
+ * norm. Phases: the router's logits beside the shared experts' gate and up; top-K beside their
+ * down; the tokens sorted by expert; the experts' gate and up; their down; the sum. */
+static void moe(const Model *m, const Layer *L, int B, const float *next_norm, Work *w, const Team *t) {
     const int D = m->D, E = m->E, K = m->K, I = m->I_moe, copies = B * K;
-    /* The gate: softmax affinities in float32, (group-limited) top-K. */
+    if (L->gate.w) gate_up(m, &L->gate, &L->up, B, w, t);
     SPLIT(be, B * E, t)
         w->logit[be] = dot_f32(w->h + (be / E) * D, L->router + (int64_t)(be % E) * D, D);
     sync_team(t);
+    if (L->gate.w) matmul(&L->down, w->g, L->gate.rows, B, w->acc, D, t);
+    /* The gate: softmax affinities in float32, (group-limited) top-K. */
     SPLIT(b, B, t) {
         float *s = w->logit + b * E, mx = -INFINITY, sum = 0;
         for (int e = 0; e < E; e++) mx = s[e] > mx ? s[e] : mx;
@@ -1003,7 +1240,9 @@ static void moe(const Model *m, const Layer *L, int B, Work *w, const Team *t) {
     }
     sync_team(t);
     /* Token copies sorted by expert (counting sort), so each chosen expert's weights are read once;
-     * then the work items (expert, block of weight rows) of the two passes. */
+     * then the work items of the two passes: (expert, block of gate rows with the same block of up
+     * rows), then (expert, block of down rows). A small batch's copies are gathered here too. */
+    const int gather_alone = (int64_t)copies * D <= 65536;
     int *cnt = w->cnt;
     if (t->id == 0) {
         memset(cnt, 0, (E + 1) * sizeof(int));
@@ -1018,43 +1257,49 @@ static void moe(const Model *m, const Layer *L, int B, Work *w, const Team *t) {
         }
         int n = 0;
         for (int pass = 0; pass < 2; pass++) {
-            int nb = ((pass ? D : 2 * I) + BLOCK - 1) / BLOCK;
+            int nb = ((pass ? D : I) + BLOCK - 1) / BLOCK;
             w->n_items[pass] = 0;
             for (int e = 0; e < E; e++)
                 if (cnt[e + 1] > cnt[e])
                     for (int blk = 0; blk < nb; blk++) { w->item[2 * n] = e; w->item[2 * n + 1] = blk; n++; w->n_items[pass]++; }
         }
+        if (gather_alone)
+            for (int c = 0; c < copies; c++)
+                memcpy(w->xg + (int64_t)w->slot[c] * D, w->h + (int64_t)(c / K) * D, D * sizeof(float));
     }
     sync_team(t);
-    SPLIT(c, copies, t) memcpy(w->xg + (int64_t)w->slot[c] * D, w->h + (int64_t)(c / K) * D, D * sizeof(float));
-    sync_team(t);
-    for (int pass = 0; pass < 2; pass++) {   /* 0: gate_up [2I, D]; 1: down [D, I] */
-        int rows = pass ? D : 2 * I, first = pass ? w->n_items[0] : 0;
+    if (!gather_alone) {
+        SPLIT(c, copies, t) memcpy(w->xg + (int64_t)w->slot[c] * D, w->h + (int64_t)(c / K) * D, D * sizeof(float));
+        sync_team(t);
+    }
+    for (int pass = 0; pass < 2; pass++) {   /* 0: gate_up [2I, D], silu(gate) * up over the gate half; 1: down [D, I] */
+        int rows = pass ? D : I, first = pass ? w->n_items[0] : 0;
         SPLIT(it, w->n_items[pass], t) {
             int e = w->item[2 * (first + it)], n0 = w->item[2 * (first + it) + 1] * BLOCK;
             int n1 = n0 + BLOCK < rows ? n0 + BLOCK : rows, r0 = cnt[e], M = cnt[e + 1] - cnt[e];
             if (pass == 0) {
                 Mat W = expert_of(&L->gu, e, 2 * I);
-                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, w->gu + (int64_t)r0 * 2 * I, 2 * I, n0, n1, t->buf, t->xb);
+                float *gu = w->gu + (int64_t)r0 * 2 * I;
+                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, gu, 2 * I, n0, n1, t);
+                mm_rows(&W, w->xg + (int64_t)r0 * D, D, M, gu, 2 * I, I + n0, I + n1, t);
+                for (int r = 0; r < M; r++)
+                    for (int i = r * 2 * I + n0; i < r * 2 * I + n1; i++) gu[i] = silu(gu[i]) * gu[I + i];
             } else {
                 Mat W = expert_of(&L->dn, e, D);
-                mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, t->buf, t->xb);
+                mm_rows(&W, w->gu + (int64_t)r0 * 2 * I, 2 * I, M, w->y + (int64_t)r0 * D, D, n0, n1, t);
             }
         }
         sync_team(t);
-        if (pass == 0) {   /* silu(gate) * up, written over the gate half */
-            SPLIT(r, copies, t) {
-                float *gu = w->gu + (int64_t)r * 2 * I;
-                for (int i = 0; i < I; i++) gu[i] = silu(gu[i]) * gu[I + i];
-            }
-            sync_team(t);
-        }
     }
-    SPLIT(b, B, t)
+    SPLIT(b, B, t) {
+        float *x = w->x + (int64_t)b * D;
+        if (L->gate.w) for (int d = 0; d < D; d++) x[d] += w->acc[b * D + d];   /* the shared experts */
         for (int k = 0; k < K; k++) {
-            float wt = w->wk[b * K + k], *y = w->y + (int64_t)w->slot[b * K + k] * D, *x = w->x + (int64_t)b * D;
+            float wt = w->wk[b * K + k], *y = w->y + (int64_t)w->slot[b * K + k] * D;
             for (int d = 0; d < D; d++) x[d] += wt * y[d];
         }
+        rmsnorm(w->h + b * D, x, next_norm, D, m->eps);
+    }
     sync_team(t);
 }
 
@@ -1068,23 +1313,24 @@ static void step(const Model *m, int B, const int64_t *tokens, const int64_t *po
             w->sn[b * R2 + i] = sinf(a) * m->rope_amp;
         }
         memcpy(w->x + (int64_t)b * D, row_f32(&m->embed, tokens[b], t->buf), D * sizeof(float));
+        rmsnorm(w->h + (int64_t)b * D, w->x + (int64_t)b * D, m->layers[0].in_norm, D, m->eps);
     }
     sync_team(t);
+    /* Each layer's last phase ends with the next norm, by the thread that finished the token. */
     for (int l = 0; l < m->n_layers; l++) {
         const Layer *L = m->layers + l;
+        const float *next_norm = l + 1 < m->n_layers ? m->layers[l + 1].in_norm : m->final_norm;
         attention(m, L, B, pos, S, cache[l], slot_stride, w, t);
-        if (L->gate.w) swiglu(m, &L->gate, &L->up, &L->down, B, w, t);   /* dense, or the shared experts */
-        if (L->moe) moe(m, L, B, w, t);
+        if (L->moe) moe(m, L, B, next_norm, w, t);   /* with its shared experts, if any */
+        else swiglu(m, L, B, next_norm, w, t);
     }
-    SPLIT(b, B, t) rmsnorm(w->h + b * D, w->x + b * D, m->final_norm, D, m->eps);
-    sync_team(t);
     matmul(&m->head, w->h, D, B, logits, m->vocab, t);
 }
 
 void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
                  void *const *cache, int64_t slot_stride, float *logits, float *work, int threads) {
     Work w;
-    carve(m, B, S, threads, work, &w);
+    carve(m, B, threads, work, &w);
     Barrier bar;
     #pragma omp parallel num_threads(threads)
     {
@@ -1092,6 +1338,10 @@ void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *po
         t.buf = w.bufs + (int64_t)t.id * w.buf_stride;
         t.abuf = t.buf + BUFW(m);
         t.xb = (uint16_t *)(t.abuf + ATTN_BUF(m));
+        const int64_t copies = (int64_t)B * (m->K > 0 ? m->K : 1);
+        Quantized qi = {0, 0, 0, 0, (int16_t *)(t.buf + w.qbuf_at), 0};
+        qi.s = t.buf + w.qbuf_at + copies * ((m->max_cols + 31) / 32 * 16);
+        t.qi = &qi;
         step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
     }
 }

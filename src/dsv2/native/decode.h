@@ -51,12 +51,12 @@ struct Model {
     int32_t I_max;           /* widest dense / shared / expert hidden size */
 };
 
-/* Floats of work space a step of B tokens attending to at most S positions needs. */
-int64_t dsv2_work_floats(const Model *m, int B, int S, int threads);
+/* Floats of work space a step of B tokens needs (however many positions they attend to). */
+int64_t dsv2_work_floats(const Model *m, int B, int threads);
 
 /* One decode step. tokens/pos: [B], ids already checked to lie in the vocabulary (token b goes
  * to cache slot b at position pos[b] and attends to positions [0, min(pos[b] + 1, S))).
  * cache[l]: layer l's [slots, max_len, C + R] buffer, slot_stride elements between slots.
- * logits: [B, vocab]. work: dsv2_work_floats(m, B, S, threads) floats. */
+ * logits: [B, vocab]. work: dsv2_work_floats(m, B, threads) floats. */
 void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
                  void *const *cache, int64_t slot_stride, float *logits, float *work, int threads);

@@ -3,7 +3,7 @@
 // decode.cpp, so a mismatch is a readable ValueError naming the tensor, never a wild read.
 //
 //   decode_step(weights, ints, floats, tokens, positions, kv_len, cache, work) -> logits [B, vocab]
-//   work_floats(weights, ints, floats, batch, kv_len) -> floats of `work` that step needs
+//   work_floats(weights, ints, floats, batch) -> floats of `work` a step of `batch` tokens needs
 //   layout() -> the names of the weight slots (model-wide, then per layer) and of the numbers
 //   quantize_rows_int8(w) -> (int8 rows, bf16 scales), as quant/int8.py's quantize_rows
 //
@@ -197,10 +197,9 @@ Description describe(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<
     return d;
 }
 
-int64_t work_floats(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<double> fl, int64_t batch,
-                    int64_t kv_len) {
+int64_t work_floats(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<double> fl, int64_t batch) {
     Description d = describe(weights, ints, fl);
-    return dsv2_work_floats(&d.m, (int)batch, (int)kv_len, at::get_num_threads());
+    return dsv2_work_floats(&d.m, (int)batch, at::get_num_threads());
 }
 
 // Bytes of one cached position in each KV_ format (engine/cache.py writes the same layouts).
@@ -256,7 +255,7 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     m.cache_type = (int32_t)cache_format;
     m.cache_row = (int32_t)row;
     const int threads = at::get_num_threads();
-    const int64_t need = dsv2_work_floats(&m, (int)B, (int)kv_len, threads);
+    const int64_t need = dsv2_work_floats(&m, (int)B, threads);
     TORCH_CHECK_VALUE(work.scalar_type() == at::kFloat && work.is_contiguous() && work.device().is_cpu()
                           && work.numel() >= need,
                       "decode_step: the work space must be a contiguous float32 CPU tensor of at least ", need,
@@ -319,7 +318,7 @@ layout() {
 TORCH_LIBRARY(dsv2, m) {
     m.def("decode_step(Tensor?[] weights, int[] ints, float[] floats, Tensor tokens, Tensor positions, int kv_len, "
           "Tensor(a!)[] cache, int cache_format, Tensor? cache_scale, Tensor(b!) work) -> Tensor");
-    m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch, int kv_len) -> int");
+    m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch) -> int");
     m.def("layout() -> (str[], str[], str[], str[])", &layout);
     m.def("quantize_rows_int8(Tensor w) -> (Tensor, Tensor)");
 }

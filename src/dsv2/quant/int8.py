@@ -4,7 +4,9 @@
 
 Decoding a few tokens reads every weight once per step, so its speed is the bytes it reads:
 int8 rows are a quarter of float32's. The fused decode step (native) reads the int8
-rows and their scales directly. On the PyTorch-op path, torch's `_weight_int8pack_mm` multiplies
+rows and their scales directly and multiplies them by its inputs rounded to int16, one scale per
+input row, with integer multiply-adds (VPDPWSSD): an error of at most 1/65534 of the row's
+largest input, ~0.5% of what rounding the weights moves the logits by (tested). On the PyTorch-op path, torch's `_weight_int8pack_mm` multiplies
 bfloat16 activations by int8 rows and their scales without widening the weights first; on
 the project's AVX2 machine a cold matrix-vector product ran 1.6-4.3x faster than float32
 (the 8192-row head the most). Activations are rounded to bfloat16 for that product only and
