@@ -4,6 +4,7 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --clients 16 --max-tokens 64 --dtype bfloat16
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --sequential 64   # replay all 64 one by one (~15 min)
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --engine-baseline # + the bare engine, same prompts
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --quantize int8   # int8 weights (dsv2 serve --quantize)
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_load.py --capacity bfloat16,fp8,mixed --kv-cache-mb 36
                                                 # one cache budget, three formats: slots and tokens/s
 
@@ -61,6 +62,7 @@ def _args(argv=None):
     p.add_argument("--sequential", type=int, default=8,
                    help="how many of the requests to replay one by one (default 8; 0 = all)")
     add_dtype(p, default="float32")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None, help="the server's weights (dsv2 serve --quantize)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
     p.add_argument("--engine-baseline", action="store_true",
                    help="also time the bare engine (dsv2.LLM.generate, no HTTP) on the same 64 prompts")
@@ -81,7 +83,8 @@ def free_port() -> int:
 def start_server(ckpt: Path, port: int, args, max_len: int, extra: tuple = ()) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "dsv2", "serve", str(ckpt), "--port", str(port), "--slots", str(args.clients),
-           "--max-len", str(max_len), "--dtype", args.dtype, "--log-level", "warning", *extra]
+           "--max-len", str(max_len), "--dtype", args.dtype, "--log-level", "warning", *extra,
+           *(("--quantize", args.quantize) if args.quantize else ())]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -103,7 +106,7 @@ def engine_alone(ckpt: Path, prompts: list[str], args) -> float:
 
     from dsv2.engine.llm import LLM
     torch.set_num_threads(args.threads)
-    llm = LLM(ckpt, dtype=args.dtype, max_batch_slots=len(prompts))
+    llm = LLM(ckpt, dtype=args.dtype, max_batch_slots=len(prompts), quantize=args.quantize)
     llm.generate(prompts[:2], max_new_tokens=8, ignore_eos=True)          # warm-up, as the server had
     t0 = time.perf_counter()
     out = llm.generate(prompts, max_new_tokens=args.max_tokens, temperature=1.0, seed=0, ignore_eos=True)
@@ -245,7 +248,8 @@ def main(argv=None) -> int:
     same = sum(a["text"] == b["text"] for a, b in zip(conc, seq))
     s_c, s_s = summarize("concurrent", conc, wall_c), summarize("sequential", seq, wall_s)
     speedup = s_c["tokens_per_s"] / s_s["tokens_per_s"]
-    print(f"dsv2 serve, preset {args.preset} ({args.dtype}, random weights), {args.clients} streaming clients x "
+    weights = args.dtype + (f", {args.quantize} weights" if args.quantize else "")
+    print(f"dsv2 serve, preset {args.preset} ({weights}, random weights), {args.clients} streaming clients x "
           f"{args.max_tokens} tokens, server on {args.threads} threads, {os.cpu_count()} CPUs visible, "
           f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after "
           "(other processes skew both phases)")

@@ -7,7 +7,8 @@ import torch
 
 import dsv2
 from dsv2.engine import Engine, Request, SamplingParams
-from dsv2.quant.int8 import Int8GroupedExperts, Int8Linear, quantize_int8, quantize_rows
+from dsv2.quant import int8
+from dsv2.quant.int8 import Int8GroupedExperts, Int8Linear, integer_products, matmul, quantize_int8, quantize_rows
 
 import _tiny
 
@@ -20,6 +21,47 @@ def test_rows_round_to_int8_with_one_scale_each():
     assert ((back - w).abs().amax(1) <= 0.51 * s.float() * 1.01 + 1e-6).all()  # half a step (+ bf16 scale)
 
 
+needs_integer = pytest.mark.skipif(not integer_products(), reason="dsv2's int8 operator is not built here "
+                                   "(no C++ compiler, or a CPU without AVX2): int8 layers widen their weights")
+
+
+@needs_integer
+@pytest.mark.parametrize("M,N,K", [(1, 40, 64), (5, 17, 60), (37, 100, 100), (300, 70, 512)])
+def test_int8_matmul_rounds_only_the_inputs_to_int16(M, N, K):
+    """torch.ops.dsv2.int8_mm against the product with the widened weights: each input row rounded
+    to int16 with its own scale s = max|x| / 32767 moves an output by at most s/2 times the sum
+    of the row's |weights| (and no further: int8 inputs would be 258x over). Decode widths (1, 5)
+    and prefill widths, ragged rows and columns."""
+    g = torch.Generator().manual_seed(M)
+    x, (q, s) = torch.randn(M, K, generator=g), quantize_rows(torch.randn(N, K, generator=g))
+    w = q.float() * s.float()[:, None]
+    got, want = matmul(x, q, s), x @ w.T
+    bound = 0.5 * (x.abs().amax(1, keepdim=True) / 32767) * w.abs().sum(1)[None] * 1.001 + 1e-5
+    assert got.shape == (M, N) and ((got - want).abs() <= bound).all()
+    assert (got - want).abs().max() > 0   # rounded: not the float32 product itself
+
+
+@needs_integer
+def test_int8_matmul_keeps_every_int32_lane_exact_past_8256_columns():
+    """The worst case for the integer sums: 9,000 columns of weights at +127 against inputs that are
+    all the same positive value. Past 8,256 columns the inputs take fewer int16 levels, so no
+    int32 lane overflows."""
+    x, q, s = torch.full((6, 9000), 0.5), torch.full((20, 9000), 127, dtype=torch.int8), torch.full((20,), 0.01)
+    got, want = matmul(x, q, s.bfloat16()), x @ (q.float() * s.bfloat16().float()[:, None]).T
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_without_the_int8_operator_layers_widen_their_weights(monkeypatch):
+    """The fallback (no compiler, no AVX2): torch's bfloat16 kernel at decode sizes, the widened
+    weights at prefill sizes and at widths it cannot take."""
+    monkeypatch.setattr(int8, "_integer", False)
+    g = torch.Generator().manual_seed(0)
+    for M, K in ((4, 64), (40, 64), (4, 60)):
+        x, (q, s) = torch.randn(M, K, generator=g), quantize_rows(torch.randn(24, K, generator=g))
+        want = x @ (q.float() * s.float()[:, None]).T
+        assert (matmul(x, q, s) - want).abs().max() <= 0.02 * want.abs().max()
+
+
 def model_pair():
     ref = _tiny.random_model(num_hidden_layers=3, moe_intermediate_size=32)
     q = dsv2.DeepseekV2(ref.config).eval()
@@ -28,8 +70,8 @@ def model_pair():
 
 
 def test_quantized_model_logits_close_in_every_path():
-    """Prefill (widened weights), decode at batch 1 (int8 matmuls, one-token experts) and at a
-    batch (padded experts): logits within a small fraction of their spread of float32's."""
+    """Prefill, decode at batch 1 (one-token experts) and at a batch (padded experts): logits within
+    a small fraction of their spread of float32's."""
     ref, q = model_pair()
     assert isinstance(q.lm_head, Int8Linear) and isinstance(q.layers[1].mlp.experts, Int8GroupedExperts)
     assert isinstance(q.layers[0].self_attn.kv_b_proj, torch.nn.Linear)  # absorbed decode reads it
@@ -70,8 +112,9 @@ def test_llm_quantize_option():
 
 
 def test_widths_the_kernel_cannot_take_use_widened_weights(tmp_path):
-    """A layer whose input width is not a multiple of 32 (here the dense FFN's 100) takes the
-    widened-weight path at decode sizes too; the quantized model cannot be saved as a checkpoint."""
+    """A layer whose input width is not a multiple of 32 (here the dense FFN's 100), which torch's
+    int8 kernel cannot take: dsv2's operator takes it (or, without it, the widened weights); the
+    quantized model cannot be saved as a checkpoint."""
     cfg = dsv2.ModelConfig.from_preset("tiny", vocab_size=256, hidden_size=64, num_hidden_layers=2,
                                        intermediate_size=100, moe_intermediate_size=32)
     torch.manual_seed(0)

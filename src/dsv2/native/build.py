@@ -130,9 +130,13 @@ def _build(cxx: str, out: Path) -> None:
 
 
 def _register_fake() -> None:
-    """Shapes for torch.compile's tracing: decode_step returns float32 [B, vocab]."""
+    """Shapes for torch.compile's tracing: decode_step returns float32 [B, vocab], int8_mm [M, N]."""
     vocab = torch.ops.dsv2.layout()[2].index("vocab")
 
     @torch.library.register_fake("dsv2::decode_step")
     def _(weights, ints, floats, tokens, positions, kv_len, cache, cache_format, cache_scale, work):
         return positions.new_empty((positions.numel(), ints[vocab]), dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2::int8_mm")
+    def _(x, q, scale):
+        return x.new_empty((x.shape[0], q.shape[0]))

@@ -1345,3 +1345,45 @@ void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *po
         step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
     }
 }
+
+/* ------------------------------------------------------------------ int8 matmul (prefill)
+ * The same integer products for many rows at once (a prompt through an int8 model): the inputs
+ * rounded to int16 (rows split across the team), then blocks of weight rows across the team, each
+ * block against the inputs MC rows at a time (their int16 copy stays in L2). */
+#define MC 128
+int64_t dsv2_int8_mm_work_floats(int M, int K) {
+#if I16_DOT
+    return (int64_t)M * (k_pad(K) / 2 + 1) + 64;
+#else
+    (void)M; (void)K;
+    return 0;
+#endif
+}
+
+int dsv2_int8_mm(const float *x, int64_t ldx, int M, const int8_t *w, int64_t ldw, const float *scale, int N, int K,
+                 float *y, int64_t ldy, float *work, int threads) {
+#if I16_DOT
+    int16_t *q = (int16_t *)work;
+    float *s = work + (int64_t)M * (k_pad(K) / 2);
+    const int nb = (N + BLOCK - 1) / BLOCK;
+    #pragma omp parallel num_threads(threads)
+    {
+        const Team t = {omp_get_thread_num(), omp_get_num_threads(), 0, 0, 0, 0, 0};
+        SPLIT(m, M, &t) quantize_i16(x + m * ldx, ldx, 1, K, q + (int64_t)m * k_pad(K), s + m);
+        #pragma omp barrier
+        for (int m0 = 0; m0 < M; m0 += MC) {
+            const int mc = M - m0 < MC ? M - m0 : MC;
+            SPLIT(b, nb, &t) {
+                const int n0 = b * BLOCK, n1 = n0 + BLOCK < N ? n0 + BLOCK : N;
+                dot_tiles_i16(q + (int64_t)m0 * k_pad(K), s + m0, mc, w + n0 * ldw, ldw, scale + n0, n1 - n0, K,
+                              y + m0 * ldy + n0, ldy);
+            }
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)ldx; (void)M; (void)w; (void)ldw; (void)scale; (void)N; (void)K; (void)y; (void)ldy; (void)work;
+    (void)threads;
+    return -1;
+#endif
+}

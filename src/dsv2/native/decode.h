@@ -54,6 +54,14 @@ struct Model {
 /* Floats of work space a step of B tokens needs (however many positions they attend to). */
 int64_t dsv2_work_floats(const Model *m, int B, int threads);
 
+/* y [M, N] (row stride ldy) = x [M, K] (float32, stride ldx) times the int8 rows w [N, K] (stride
+ * ldw) and their scales, as the step multiplies them: x rounded to int16 per row, integer
+ * products. work: dsv2_int8_mm_work_floats(M, K) floats. Returns 0, or -1 where this build
+ * has no integer path (no AVX2). */
+int64_t dsv2_int8_mm_work_floats(int M, int K);
+int dsv2_int8_mm(const float *x, int64_t ldx, int M, const int8_t *w, int64_t ldw, const float *scale, int N, int K,
+                 float *y, int64_t ldy, float *work, int threads);
+
 /* One decode step. tokens/pos: [B], ids already checked to lie in the vocabulary (token b goes
  * to cache slot b at position pos[b] and attends to positions [0, min(pos[b] + 1, S))).
  * cache[l]: layer l's [slots, max_len, C + R] buffer, slot_stride elements between slots.

@@ -6,6 +6,7 @@
 //   work_floats(weights, ints, floats, batch) -> floats of `work` a step of `batch` tokens needs
 //   layout() -> the names of the weight slots (model-wide, then per layer) and of the numbers
 //   quantize_rows_int8(w) -> (int8 rows, bf16 scales), as quant/int8.py's quantize_rows
+//   int8_mm(x, q, scale) -> x [M, K] times int8 rows q [N, K] with the step's integer products
 //
 // `weights` is one flat list: the model-wide slots, then each layer's; a matrix slot is followed
 // by its int8 row scales (None for float weights). Python builds the list from layout(), so the
@@ -308,6 +309,31 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor &w) {
     return {q, scale};
 }
 
+// x [M, K] float32 times int8 rows q [N, K] and their float32 scales [N] -> [M, N] float32, with the
+// decode step's integer products (x rounded to int16 per row): quant/int8.py's prefill path.
+at::Tensor int8_mm(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scale) {
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.stride(1) == 1,
+                      "int8_mm: x must be a float32 CPU matrix with contiguous rows, got ", x.scalar_type(), " ",
+                      x.sizes(), " on ", x.device(), ".");
+    TORCH_CHECK_VALUE(q.dim() == 2 && q.scalar_type() == at::kChar && q.device().is_cpu() && q.stride(1) == 1
+                          && q.size(1) == x.size(1),
+                      "int8_mm: q must be int8 rows [N, ", x.size(1), "] with contiguous rows, got ", q.scalar_type(),
+                      " ", q.sizes(), ".");
+    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous()
+                          && scale.size(0) == q.size(0),
+                      "int8_mm: scale must be float32 [", q.size(0), "], got ", scale.scalar_type(), " ",
+                      scale.sizes(), ".");
+    const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+    at::Tensor y = at::empty({M, N}, x.options());
+    if (M == 0 || N == 0) return y;
+    at::Tensor work = at::empty({dsv2_int8_mm_work_floats((int)M, (int)K)}, x.options());
+    const int rc = dsv2_int8_mm(x.const_data_ptr<float>(), x.stride(0), (int)M, q.const_data_ptr<int8_t>(), q.stride(0),
+                                scale.const_data_ptr<float>(), (int)N, (int)K, y.mutable_data_ptr<float>(), N,
+                                work.mutable_data_ptr<float>(), at::get_num_threads());
+    TORCH_CHECK(rc == 0, "int8_mm: this build has no integer path (it needs AVX2).");
+    return y;
+}
+
 std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
 layout() {
     return {GLOBAL_NAMES, SLOT_NAMES, INT_NAMES, FLOAT_NAMES};
@@ -321,11 +347,13 @@ TORCH_LIBRARY(dsv2, m) {
     m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch) -> int");
     m.def("layout() -> (str[], str[], str[], str[])", &layout);
     m.def("quantize_rows_int8(Tensor w) -> (Tensor, Tensor)");
+    m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CPU, m) {
     m.impl("decode_step", &decode_step);
     m.impl("quantize_rows_int8", &quantize_rows_int8);
+    m.impl("int8_mm", &int8_mm);
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CompositeExplicitAutograd, m) {

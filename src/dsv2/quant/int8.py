@@ -3,23 +3,23 @@
     W ~ diag(s) Q,   Q = round(W / s) in [-127, 127],   s_n = max_k |W_nk| / 127   (per output row)
 
 Decoding a few tokens reads every weight once per step, so its speed is the bytes it reads:
-int8 rows are a quarter of float32's. The fused decode step (native) reads the int8
-rows and their scales directly and multiplies them by its inputs rounded to int16, one scale per
-input row, with integer multiply-adds (VPDPWSSD): an error of at most 1/65534 of the row's
-largest input, ~0.5% of what rounding the weights moves the logits by (tested). On the PyTorch-op path, torch's `_weight_int8pack_mm` multiplies
-bfloat16 activations by int8 rows and their scales without widening the weights first; on
-the project's AVX2 machine a cold matrix-vector product ran 1.6-4.3x faster than float32
-(the 8192-row head the most). Activations are rounded to bfloat16 for that product only and
-stay in the model's dtype around it.
+int8 rows are a quarter of float32's. Both the fused decode step (native) and the int8 layers
+here (torch.ops.dsv2.int8_mm, built with it) multiply the int8 rows by their inputs rounded to
+int16, one scale per input row, with integer multiply-adds (VPDPWSSD with AVX512-VNNI,
+VPMADDWD on AVX2), and apply the row scales to the sums: an error of at most 1/65534 of the
+input row's largest magnitude, ~0.5% of what rounding the weights moves the logits by (tested).
+The same operator runs a prompt's rows (prefill) at ~320 GFLOP/s on the project's Zen 4, where
+widening the weights to float32 and multiplying gave 150-190. Without it (no C++ compiler, or a
+CPU without AVX2): torch's `_weight_int8pack_mm` at decode sizes (bfloat16 inputs; it takes
+widths that are a multiple of 32), otherwise the weights widened to the activations' dtype and
+an ordinary matmul.
 
 What is quantized: every nn.Linear except `kv_b_proj` (absorbed decoding uses its rows as
 W^UK and W^UV directly), and the routed experts. What is not: embeddings, norms, the router.
-Where more than INT8_MAX_ROWS rows arrive at once (prefill), or off CPU, a layer widens its
-weights to the activations' dtype and runs the ordinary matmul: the same numbers, at
-prefill's speed rather than decode's. The experts run one by one (float32 batched decode
-runs them all as one padded bmm instead), so int8 pays most at batch 1; `bench/generate.py
---dtypes float32,int8` measures both. The error is that of rounding each weight to
-1/254 of its row's largest magnitude (a fraction of a percent of the logits; tested).
+The experts run one by one (float32 batched decode in PyTorch ops runs them all as one padded
+bmm instead); `bench/generate.py --dtypes float32,int8` measures both. The error is that of
+rounding each weight to 1/254 of its row's largest magnitude (a fraction of a percent of the
+logits; tested).
 """
 
 from __future__ import annotations
@@ -57,11 +57,32 @@ def quantize_rows(w: torch.Tensor, chunk: int = 4096, native: bool | None = None
 
 def matmul(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (int8 rows q [N, K] x their scales s [N])^T, in x's dtype."""
-    # The kernel is taken only at widths that are a multiple of 32: on torch 2.13's AVX2 path
+    if x_MK.device.type == "cpu" and integer_products():
+        return torch.ops.dsv2.int8_mm(x_MK.float().contiguous(), q_NK.contiguous(), s_N.float()).to(x_MK.dtype)
+    # torch's kernel is taken only at widths that are a multiple of 32: on torch 2.13's AVX2 path
     # other widths returned wrong numbers or crashed (a width of 100 or 102, measured).
     if x_MK.device.type == "cpu" and x_MK.shape[0] <= INT8_MAX_ROWS and x_MK.shape[1] % 32 == 0:
         return torch._weight_int8pack_mm(x_MK.to(torch.bfloat16).contiguous(), q_NK, s_N).to(x_MK.dtype)
     return F.linear(x_MK, _widen(q_NK, s_N, x_MK.dtype))
+
+
+_integer: bool | None = None
+
+
+def integer_products() -> bool:
+    """Whether dsv2's int8 operator (torch.ops.dsv2.int8_mm: inputs rounded to int16, integer
+    multiply-adds) runs here: the native operators are built and the CPU has AVX2 or AVX-512."""
+    global _integer
+    if _integer is None:
+        from .. import native as nat
+        _integer = False
+        if nat.available(notice=False):
+            try:
+                torch.ops.dsv2.int8_mm(torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.int8), torch.ones(1))
+                _integer = True
+            except RuntimeError:   # built without an integer path (no AVX2)
+                pass
+    return _integer
 
 
 def _widen(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -89,8 +110,7 @@ class Int8Linear(nn.Module):
 
 
 class Int8GroupedExperts(ExpertLoop):
-    """The routed experts with int8 rows, run expert by expert: each expert's rows multiply in
-    int8 (or, past INT8_MAX_ROWS rows, against that expert's widened weights)."""
+    """The routed experts with int8 rows, run expert by expert, each through `matmul`."""
 
     def __init__(self, experts: GroupedExperts):
         super().__init__()
