@@ -56,7 +56,7 @@ def _args(argv=None):
 def add_arguments(p) -> None:
     p.add_argument("--preset", default="small", help="model preset (default small, the benchmark config)")
     p.add_argument("--dtypes", default="float32,bfloat16,int8",
-                   help="comma list of float32, bfloat16, int8 (dsv2's int8 weights with float32 activations; "
+                   help="comma list of float32, bfloat16, int8 (dsv2's int8 weights, inputs rounded to int16; "
                         "no peer row), fp8 (dsv2's e4m3 block-scaled matrices, the rest bfloat16; no peer row). "
                         "Default: float32,bfloat16,int8")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,

@@ -4,9 +4,12 @@ On a CPU, decoding a few tokens is bound by per-op dispatch and by the bytes of 
 read, not by arithmetic: the eager step issues thousands of aten calls per token. The
 operator torch.ops.dsv2.decode_step (decode.cpp's kernels behind op.cpp's checks) runs the
 same math (absorbed MLA over the latent cache, DeepSeekMoE with greedy or group-limited
-routing) with float32 activations, reading float32, bfloat16, int8 (`quantize_int8`) or
-block-scaled float8 (quant/fp8.py) weights straight from the model's tensors, so nothing is
-copied per step, and a latent cache in any of engine/cache.py's formats, rows read as stored.
+routing) with float32 activations (int8 rows multiply them rounded to int16; a bfloat16
+model's batched matmuls and attention round them to bfloat16), reading float32, bfloat16,
+int8 (`quantize_int8`) or block-scaled float8 (quant/fp8.py) weights straight from the
+model's tensors, so nothing is copied per step, and a latent cache in any of
+engine/cache.py's formats, rows read as stored. op.cpp's int8_mm gives the int8 layers
+(prefill) the same integer products.
 
 It is a registered custom operator, not a foreign-function call: the weights travel as
 tensors, op.cpp checks every shape, dtype and layout against the config (a mismatch is a
