@@ -438,8 +438,17 @@ static void dot_tiles_f32(const float *q, int64_t ldq, int H, const float *rows,
                     }
             }
         }
-        for (int h = H4; h < H; h++)
-            for (int jj = 0; jj < 4; jj++) y[h * ldy + j + jj] = dot_f32(q + h * ldq, rows + (j + jj) * ldr, K);
+        for (int h = H4; h < H; h++) {   /* the last 1-3 inputs: one input x 4 rows */
+            const float *qh = q + h * ldq, *r0 = rows + j * ldr, *r1 = r0 + ldr, *r2 = r1 + ldr, *r3 = r2 + ldr;
+            vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+            for (int k = 0; k < KV; k += VW) {
+                const vf t = ldv(qh + k);
+                a0 += t * ldv(r0 + k); a1 += t * ldv(r1 + k); a2 += t * ldv(r2 + k); a3 += t * ldv(r3 + k);
+            }
+            float s0 = hsumv(a0), s1 = hsumv(a1), s2 = hsumv(a2), s3 = hsumv(a3);
+            for (int k = KV; k < K; k++) { s0 += qh[k] * r0[k]; s1 += qh[k] * r1[k]; s2 += qh[k] * r2[k]; s3 += qh[k] * r3[k]; }
+            y[h * ldy + j] = s0; y[h * ldy + j + 1] = s1; y[h * ldy + j + 2] = s2; y[h * ldy + j + 3] = s3;
+        }
     }
     for (; j < n; j++)
         for (int h = 0; h < H; h++) y[h * ldy + j] = dot_f32(q + h * ldq, rows + j * ldr, K);
