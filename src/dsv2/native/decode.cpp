@@ -8,9 +8,9 @@
  * model where the CPU multiplies bfloat16 pairs (AVX512-BF16): there the attention's query and
  * probabilities and a batch's matmul inputs are rounded to bfloat16, as PyTorch's bfloat16
  * kernels round them (batch-1 weight reads keep float32 inputs); and int8 rows, which multiply
- * their inputs rounded to int16 (integer multiply-adds, see "int8 rows x int16 inputs"). The math is the absorbed MLA
- * path of model/attention.py and the MoE of model/moe.py; tests/engine/test_native.py holds the
- * two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks the
+ * their inputs rounded to int16 (integer multiply-adds, see "int8 rows x int16 inputs"). The
+ * math is the absorbed MLA path of model/attention.py and the MoE of model/moe.py;
+ * tests/engine/test_native.py holds the two equal. Plain C-style C++ with no PyTorch headers (quick to compile): op.cpp checks the
  * tensors and fills the description in decode.h. Built with -O3 -march=native -fopenmp and
  * linked to the OpenMP runtime torch already loaded, so both share one thread pool.
  */
