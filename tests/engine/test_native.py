@@ -397,6 +397,54 @@ def test_switched_off_by_environment_or_argument(monkeypatch):
 
 
 @needs_cc
+def test_fused_step_decodes_the_slots_it_is_given():
+    """Three tokens into slots 1, 4 and 6 of a 7-slot cache: their logits equal the PyTorch step's
+    rows for those slots (it runs all 7), their latents land at their own positions, and nothing
+    else in the cache changes. Repeated or missing slots are refused."""
+    m = model()
+    ours, theirs = filled_caches(m.config, 7, torch.float32, seed=5)
+    before = [c.clone() for c in ours.joint]
+    pos, pick = [9, 3, 12, 5, 7, 2, 11], [1, 4, 6]
+    tokens = torch.randint(2, m.config.vocab_size, (7, 1), generator=torch.Generator().manual_seed(5))
+    dec = NativeDecoder(m)
+    with torch.inference_mode():
+        got = dec(tokens[pick], [pos[s] for s in pick], max(pos) + 1, ours, slots=pick)
+        want = DecodeStep(m, native=False)(tokens, pos, max(pos) + 1, theirs, 7)[pick]
+    assert (got - want).abs().max().item() < 1e-4
+    for x, y, b in zip(ours.joint, theirs.joint, before):
+        for s in range(7):
+            if s in pick:
+                assert (x[s, pos[s]] - y[s, pos[s]]).abs().max() < 1e-4     # its new latent
+                x[s, pos[s]] = b[s, pos[s]]
+            assert torch.equal(x[s], b[s]), s                              # and nothing else
+    for slots in ([4, 4], [7, 0]):   # two tokens for one slot; no slot 7
+        with pytest.raises(ValueError, match="must be distinct slots of a cache of 7"):
+            dec(tokens[:2], [3, 4], 13, ours, slots=slots)
+
+
+@needs_cc
+def test_engine_decodes_a_lone_request_in_a_high_slot_as_one_row():
+    """A request that reuses a cached prefix in slot 5 runs one-row steps (before, every slot below
+    it was decoded too: a lone request in slot 39 of 64 took 6x as long a token), and decodes
+    exactly the tokens it would in slot 0."""
+    m = model()
+    prompts = [[2 + i, 40, 41, 42, 43] for i in range(6)]
+    eng = Engine(m, max_batch_slots=8, max_len=64)
+    eng.add_many([Request(p, SamplingParams(max_new_tokens=2, ignore_eos=True)) for p in prompts])
+    while eng.active:
+        eng.step()
+    rows, native = [], eng._decode.native
+    eng._decode.native = lambda tokens, positions, *a, **kw: rows.append(len(positions)) or native(tokens, positions, *a, **kw)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert eng.add(Request(prompts[5] + [7, 8], params)) == 5   # the slot holding its prefix
+    high = [o.token_id for _ in range(6) for o in eng.step()]
+    fresh = Engine(m, max_batch_slots=8, max_len=64)
+    assert fresh.add(Request(prompts[5] + [7, 8], params)) == 0
+    low = [o.token_id for _ in range(6) for o in fresh.step()]
+    assert rows == [1] * 5 and high == low
+
+
+@needs_cc
 def test_work_space_is_what_the_step_asks_for():
     """The C side carves its buffers from one block whose size it reports: a batch that reaches every
     expert (the most work items) writes nothing past that size."""

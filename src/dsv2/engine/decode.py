@@ -63,9 +63,15 @@ class DecodeStep:
         step = KVStep(positions_B1, kv_len, mask)
         return self.model(tokens_B1, kv=kv, step=step, absorb=True, last_only=True)[:, 0]
 
-    def __call__(self, tokens_B1, pos: list[int], kv_len: int, cache, hi: int) -> torch.Tensor:
+    def __call__(self, tokens_B1, pos: list[int], kv_len: int, cache, hi: int,
+                 decoding: list[int] | None = None) -> torch.Tensor:
+        """Logits [hi, V] for cache slots [0, hi) (tokens_B1 and pos give every slot's), or, with
+        `decoding` (ascending slots), [len(decoding), V] for those. The fused step then runs only
+        those rows, wherever their slots lie; the PyTorch step runs [0, hi) and keeps them."""
         if self.native is not None:
             try:
+                if decoding is not None and len(decoding) < hi:
+                    return self.native(tokens_B1[decoding], [pos[s] for s in decoding], kv_len, cache, slots=decoding)
                 return self.native(tokens_B1, pos, kv_len, cache)
             except nat.Unsupported as e:   # e.g. weights changed to a dtype it does not read: PyTorch ops from now on
                 print(f"dsv2: fused CPU decode step stopped ({e}); decoding with PyTorch ops.", file=sys.stderr)
@@ -75,12 +81,14 @@ class DecodeStep:
         masked = any(p != kv_len - 1 for p in pos)
         args = (tokens_B1, positions_B1, kv_len, cache.layers(slice(0, hi)), masked)
         if not self.compiled:
-            return self.fn(*args)
-        try:
-            return self.fn(*args)
-        except Exception as e:  # noqa: BLE001
-            self._fallback(e)
-            return self.fn(*args)
+            logits = self.fn(*args)
+        else:
+            try:
+                logits = self.fn(*args)
+            except Exception as e:  # noqa: BLE001
+                self._fallback(e)
+                logits = self.fn(*args)
+        return logits[decoding] if decoding is not None and len(decoding) < hi else logits
 
 
 def _native_applies(model) -> bool:

@@ -49,10 +49,12 @@ on this same loop: add while a slot is free, step, collect.
 
 Why slots: a slot is one cache row with its own length, so sequences of different lengths
 decode together with no padding; a decode step writes each slot's new latent at its own
-position and masks each slot to its own length. The decode batch is the contiguous row range
-[0, highest active slot], a view of the cache (no gather), so free slots are taken lowest
-first. Rows in that range that are not decoding this step compute a throwaway token whose
-latent write lands at their own next position, which the next real write overwrites.
+position and masks each slot to its own length. The fused CPU step decodes exactly the active
+slots wherever they lie (it is given their slot numbers), so a lone request that reused a
+cached prefix in a high slot costs one row. The PyTorch-op step decodes the contiguous row
+range [0, highest active slot], a view of the cache (no gather), so free slots are taken lowest
+first; there, rows in that range that are not decoding compute a throwaway token whose latent
+write lands at their own next position, which the next real write overwrites.
 """
 
 from __future__ import annotations
@@ -342,10 +344,9 @@ class Engine:
                 del self.cached_ids[s][p:]
             pos.append(p)
         kv_len = max(lengths[s] for s in decoding) + 1
-        logits = self._decode(self._tokens[:hi], pos, kv_len, self.cache, hi)
+        logits = self._decode(self._tokens[:hi], pos, kv_len, self.cache, hi, decoding)   # the decoding rows' logits
         params = [self.seqs[s].request.params for s in decoding]
         gens = [self.seqs[s].generator for s in decoding]
-        logits = logits[decoding] if len(decoding) < hi else logits
         picked_B = sample(logits, params, gens)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:

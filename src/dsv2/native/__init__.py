@@ -193,9 +193,11 @@ class NativeDecoder:
         """Floats of work space the operator needs for a step of `batch` tokens (at any length)."""
         return torch.ops.dsv2.work_floats(self.weights, self.ints, self.floats, batch)
 
-    def __call__(self, tokens_B1: torch.Tensor, positions: list[int], kv_len: int, cache) -> torch.Tensor:
-        """One decode step for cache slots [0, B): token b is written at positions[b] and attends to
-        [0, min(positions[b] + 1, kv_len)). -> float32 logits [B, vocab]."""
+    def __call__(self, tokens_B1: torch.Tensor, positions: list[int], kv_len: int, cache,
+                 slots: list[int] | None = None) -> torch.Tensor:
+        """One decode step for cache slots [0, B), or the distinct `slots`: token b is written in its
+        slot at positions[b] and attends to [0, min(positions[b] + 1, kv_len)) of it.
+        -> float32 logits [B, vocab]."""
         if [t._version for t in self._sources] != self._versions:   # a copied weight was changed in place
             self.__init__(self.model)
         fmt = cache.fmt.code if cache.fmt is not None else _CACHE_CODES.get(cache.dtype)
@@ -209,7 +211,8 @@ class NativeDecoder:
                 self._work = torch.empty(int(need * 1.25) + 1024)
             self._sized = fit
         return self._step(self.weights, self.ints, self.floats, tokens_B1, torch.tensor(positions, dtype=torch.long),
-                          kv_len, cache.joint, fmt, cache.scales, self._work)
+                          kv_len, cache.joint, fmt, cache.scales, self._work,
+                          None if slots is None else torch.tensor(slots, dtype=torch.long))
 
 
 def _ordered(d: dict, names: list[str]) -> list:

@@ -134,7 +134,7 @@ def _register_fake() -> None:
     vocab = torch.ops.dsv2.layout()[2].index("vocab")
 
     @torch.library.register_fake("dsv2::decode_step")
-    def _(weights, ints, floats, tokens, positions, kv_len, cache, cache_format, cache_scale, work):
+    def _(weights, ints, floats, tokens, positions, kv_len, cache, cache_format, cache_scale, work, slots=None):
         return positions.new_empty((positions.numel(), ints[vocab]), dtype=torch.float32)
 
     @torch.library.register_fake("dsv2::int8_mm")

@@ -872,6 +872,7 @@ typedef struct {
     int64_t buf_stride;   /* floats of each thread's scratch in bufs: BUFW, ATTN_BUF, XBUF, then QBUF */
     int64_t qbuf_at;      /* where QBUF starts in it */
     int32_t *idx, *order, *slot, *cnt, *item, *first;
+    const int64_t *slots;   /* token b's cache slot (NULL: slot b) */
     int n_items[2];   /* expert work items of the two expert passes (set by thread 0) */
 } Work;
 
@@ -909,6 +910,9 @@ static Mat cache_rows(const Model *m, const Layer *L, void *cache, int64_t slot_
                 0, 0, 0, m->C};
     return rows;
 }
+
+/* Token b's cache slot. */
+static inline int64_t slot_of(const Work *w, int b) { return w->slots ? w->slots[b] : b; }
 
 /* Positions token b attends to: its own and those before it, at most S. */
 static inline int attended(const int64_t *pos, int b, int S) { return pos[b] + 1 < S ? (int)pos[b] + 1 : S; }
@@ -1097,7 +1101,7 @@ static void attend(const Model *m, const Layer *L, int B, const int64_t *pos, in
         memset(part, 0, H * C * sizeof(float));
         for (int h = 0; h < H; h++) { part[H * C + h] = -INFINITY; part[H * C + H + h] = 0; }
         const int s0 = (i - first[b]) * CH, s1 = (end - first[b]) * CH < len ? (end - first[b]) * CH : len;
-        attend_blocks(m, L, cache, b * slot_stride, w->qf + (int64_t)b * H * K, s0, s1, part, t->abuf);
+        attend_blocks(m, L, cache, slot_of(w, b) * slot_stride, w->qf + (int64_t)b * H * K, s0, s1, part, t->abuf);
         i = end;
     }
     sync_team(t);
@@ -1139,7 +1143,7 @@ static void attention(const Model *m, const Layer *L, int B, const int64_t *pos,
         float *r = w->kva + b * CR;
         rmsnorm(r, r, L->kv_a_norm, C, m->eps);
         rope(r + C, w->cs + b * (R / 2), w->sn + b * (R / 2), R);
-        int64_t off = (b * slot_stride + pos[b] * m->cache_row) * ELEM_SIZE[m->cache_type];
+        int64_t off = (slot_of(w, b) * slot_stride + pos[b] * m->cache_row) * ELEM_SIZE[m->cache_type];
         kv_store(m->cache_type, (char *)cache + off, r, C, R, m->cache_scale ? m->cache_scale[L - m->layers] : 1.0f);
     }
     /* The absorbed query per (token, head): [q^C W^UK ; rotated q^R]. W^UK^T [H * C, N] is kept
@@ -1336,10 +1340,11 @@ static void step(const Model *m, int B, const int64_t *tokens, const int64_t *po
     matmul(&m->head, w->h, D, B, logits, m->vocab, t);
 }
 
-void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
+void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, const int64_t *slots, int S,
                  void *const *cache, int64_t slot_stride, float *logits, float *work, int threads) {
     Work w;
     carve(m, B, threads, work, &w);
+    w.slots = slots;
     Barrier bar;
     #pragma omp parallel num_threads(threads)
     {

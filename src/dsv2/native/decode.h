@@ -63,8 +63,9 @@ int dsv2_int8_mm(const float *x, int64_t ldx, int M, const int8_t *w, int64_t ld
                  float *y, int64_t ldy, float *work, int threads);
 
 /* One decode step. tokens/pos: [B], ids already checked to lie in the vocabulary (token b goes
- * to cache slot b at position pos[b] and attends to positions [0, min(pos[b] + 1, S))).
+ * to cache slot slots[b] (slots NULL: slot b; distinct, checked) at position pos[b] and attends to
+ * positions [0, min(pos[b] + 1, S)) of it).
  * cache[l]: layer l's [slots, max_len, C + R] buffer, slot_stride elements between slots.
  * logits: [B, vocab]. work: dsv2_work_floats(m, B, threads) floats. */
-void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, int S,
+void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *pos, const int64_t *slots, int S,
                  void *const *cache, int64_t slot_stride, float *logits, float *work, int threads);

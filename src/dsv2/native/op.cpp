@@ -2,7 +2,8 @@
 // here (shape, dtype, layout against the config numbers) and described to the kernels of
 // decode.cpp, so a mismatch is a readable ValueError naming the tensor, never a wild read.
 //
-//   decode_step(weights, ints, floats, tokens, positions, kv_len, cache, work) -> logits [B, vocab]
+//   decode_step(weights, ints, floats, tokens, positions, kv_len, cache, ..., work, slots=None)
+//       -> logits [B, vocab]; token b decodes in cache slot slots[b] (default b)
 //   work_floats(weights, ints, floats, batch) -> floats of `work` a step of `batch` tokens needs
 //   layout() -> the names of the weight slots (model-wide, then per layer) and of the numbers
 //   quantize_rows_int8(w) -> (int8 rows, bf16 scales), as quant/int8.py's quantize_rows
@@ -212,7 +213,8 @@ int64_t kv_row_bytes(int64_t format, int64_t C, int64_t R) {
 
 at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRef<double> fl, const at::Tensor &tokens_in,
                        const at::Tensor &positions_in, int64_t kv_len, at::TensorList cache, int64_t cache_format,
-                       const std::optional<at::Tensor> &cache_scale, const at::Tensor &work) {
+                       const std::optional<at::Tensor> &cache_scale, const at::Tensor &work,
+                       const std::optional<at::Tensor> &slots_in) {
     Description d = describe(weights, ints, fl);
     Model &m = d.m;
     TORCH_CHECK_VALUE(!tokens_in.is_floating_point() && !positions_in.is_floating_point(),
@@ -248,6 +250,22 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     const int64_t *pos = positions.const_data_ptr<int64_t>(), *tok = tokens.const_data_ptr<int64_t>();
     bool fits = 0 < B && B <= slots && 0 < kv_len && kv_len <= max_len;
     for (int64_t b = 0; b < B && fits; b++) fits = 0 <= pos[b] && pos[b] < max_len;
+    at::Tensor slot_ids;
+    const int64_t *slot = nullptr;
+    if (slots_in.has_value()) {   // each token's own slot: distinct slots in the cache
+        TORCH_CHECK_VALUE(!slots_in->is_floating_point() && slots_in->numel() == B,
+                          "decode_step: slots must be ", B, " integer slot indices, one per token.");
+        slot_ids = slots_in->reshape(-1).to(at::kLong).contiguous();
+        slot = slot_ids.const_data_ptr<int64_t>();
+        std::vector<bool> seen(slots, false);
+        bool ok = true;
+        for (int64_t b = 0; b < B && ok; b++) {
+            ok = 0 <= slot[b] && slot[b] < slots && !seen[slot[b]];
+            if (ok) seen[slot[b]] = true;
+        }
+        TORCH_CHECK_VALUE(ok, "decode_step: slots ", at::IntArrayRef(slot, B), " must be distinct slots of a cache of ",
+                          slots, ".");
+    }
     TORCH_CHECK_VALUE(fits, "decode positions ", at::IntArrayRef(pos, B), " / length ", kv_len,
                       " do not fit a cache of ", slots, " slots x ", max_len, " positions.");
     for (int64_t b = 0; b < B; b++)
@@ -264,7 +282,7 @@ at::Tensor decode_step(const Weights &weights, at::IntArrayRef ints, at::ArrayRe
     std::vector<void *> layers;
     for (const at::Tensor &c : cache) layers.push_back(c.data_ptr());
     at::Tensor logits = at::empty({B, (int64_t)m.vocab}, tokens.options().dtype(at::kFloat));
-    dsv2_decode(&m, (int)B, tok, pos, (int)kv_len, layers.data(), c0.stride(0), logits.mutable_data_ptr<float>(),
+    dsv2_decode(&m, (int)B, tok, pos, slot, (int)kv_len, layers.data(), c0.stride(0), logits.mutable_data_ptr<float>(),
                 work.mutable_data_ptr<float>(), threads);
     return logits;
 }
@@ -343,7 +361,7 @@ layout() {
 
 TORCH_LIBRARY(dsv2, m) {
     m.def("decode_step(Tensor?[] weights, int[] ints, float[] floats, Tensor tokens, Tensor positions, int kv_len, "
-          "Tensor(a!)[] cache, int cache_format, Tensor? cache_scale, Tensor(b!) work) -> Tensor");
+          "Tensor(a!)[] cache, int cache_format, Tensor? cache_scale, Tensor(b!) work, Tensor? slots=None) -> Tensor");
     m.def("work_floats(Tensor?[] weights, int[] ints, float[] floats, int batch) -> int");
     m.def("layout() -> (str[], str[], str[], str[])", &layout);
     m.def("quantize_rows_int8(Tensor w) -> (Tensor, Tensor)");
