@@ -389,6 +389,34 @@ def test_without_a_compiler_decoding_falls_back_with_one_notice(tmp_path):
     assert not list((tmp_path / "cache").rglob("*.so"))  # no half-built library left to load
 
 
+def _builds_for(march: str) -> bool:
+    """This machine runs x86 code of that level and the compiler takes -march=march."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if not HAVE_CC or " avx2" not in flags or " fma" not in flags:
+        return False
+    r = subprocess.run([build.compiler(), f"-march={march}", "-x", "c++", "-E", "-"], input="", capture_output=True,
+                       text=True, timeout=60)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _builds_for("x86-64-v3"), reason="needs an x86 CPU with AVX2 and a compiler that takes "
+                                                           "-march=x86-64-v3")
+def test_the_avx2_kernels_on_this_cpu():
+    """The step built for x86-64-v3 (AVX2, no AVX-512), as an AVX2-only CPU gets it, on this CPU:
+    its 8-wide tiles and attention, and the int8 x int16 products by VPMADDWD. On an AVX-512
+    machine nothing else runs them, so the equality tests run again in a child process with
+    DSV2_NATIVE_MARCH=x86-64-v3 (its own build, cached beside the native one)."""
+    env = dict(os.environ, DSV2_NATIVE_MARCH="x86-64-v3")
+    tests = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(tests, "test_native.py"),
+                        os.path.join(tests, "test_engine_int8.py"), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                        "-k", "equals_pytorch_step or int16 or 8256 or many_blocks or slots_it_is_given or "
+                              "int8_matmul or at_least_as_accurate"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-500:]
+
+
 def test_switched_off_by_environment_or_argument(monkeypatch):
     m = model()
     assert Engine(m, max_batch_slots=1, max_len=16, native=False)._decode.native is None
