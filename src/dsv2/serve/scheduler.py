@@ -203,6 +203,7 @@ class Scheduler:
     def _step(self) -> None:
         outs = self.engine.step()
         now = time.perf_counter()
+        batch: list[tuple[Job, dict]] = []   # this step's events, handed to the event loop at once
         for out in outs:
             job = self._running.get(out.request_id)
             if job is None:
@@ -219,9 +220,10 @@ class Scheduler:
                 extra["prompt_lp"] = [(t, lp, top) for t, (lp, top) in zip(job.prompt_ids, out.prompt_logprobs)]
             if out.finished:            # the engine has freed the slot already
                 del self._running[job.id]
-                self._finish(job, out.finish_reason, out.text, extra)
+                self._finish(job, out.finish_reason, out.text, extra, batch)
             elif out.text or extra:
-                self._emit(job, {"index": job.index, "text": out.text} | extra)
+                batch.append((job, {"index": job.index, "text": out.text} | extra))
+        self._emit_all(batch)
 
     def _retire(self, job: Job, reason: str) -> None:
         """End a job early (cancelled): free its slot now."""
@@ -231,11 +233,16 @@ class Scheduler:
             self.engine.cancel(job.id)
         self._finish(job, reason)
 
-    def _finish(self, job: Job, reason: str, text: str = "", extra: dict | None = None) -> None:
+    def _finish(self, job: Job, reason: str, text: str = "", extra: dict | None = None,
+                batch: list | None = None) -> None:
         job.finish_reason = reason
         self.metrics.inc("requests_finished_total", reason=reason)
-        self._emit(job, {"index": job.index, "text": text, "finish_reason": reason,
-                         "completion_tokens": job.n_generated} | (extra or {}))
+        event = {"index": job.index, "text": text, "finish_reason": reason,
+                 "completion_tokens": job.n_generated} | (extra or {})
+        if batch is None:
+            self._emit(job, event)
+        else:
+            batch.append((job, event))
 
     def _fail_all(self) -> None:
         with self._lock:
@@ -245,6 +252,18 @@ class Scheduler:
         for job in jobs:
             job.finish_reason = "error"
             self._emit(job, {"index": job.index, "error": self._error})
+
+    @staticmethod
+    def _emit_all(batch: list[tuple[Job, dict]]) -> None:
+        """One wake-up of each event loop for a step's events (64 streams: one, not 64), in order."""
+        loops: dict = {}
+        for job, event in batch:
+            loops.setdefault(job.loop, []).append((job.events, event))
+        for loop, items in loops.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:   # the event loop is closed (server shutting down)
+                pass
 
     @staticmethod
     def _emit(job: Job, event: dict) -> None:
@@ -270,3 +289,9 @@ class Scheduler:
                 lambda: self.cache_used_tokens)
         m.histogram("time_to_first_token_seconds", "time from arrival to the first generated token")
         m.histogram("inter_token_latency_seconds", "time between consecutive tokens of one request")
+
+
+def _deliver(items: list) -> None:
+    """On the event loop: each event into its request's queue."""
+    for queue, event in items:
+        queue.put_nowait(event)
