@@ -521,6 +521,11 @@ static void to_bf16(const float *x, uint16_t *out, int n) {
  * per 16 weights and left batch-1 decode short of the memory's speed. Lane sums are exact; the
  * bound on |q| below keeps every lane inside int32 whatever the weights, and lanes are summed
  * in float32. The same rounding on every CPU: the bound assumes 16-wide steps. */
+/* An int16 copy of M input rows of K (each padded to k_pad(K) with zeros) and then their M scales:
+ * its size in floats. */
+static inline int k_pad(int K) { return (K + 31) / 32 * 32; }
+static inline int64_t i16_floats(int M, int K) { return (int64_t)M * (k_pad(K) / 2 + 1); }
+
 #if defined(__AVX512BW__) || (defined(__AVX2__) && !defined(__AVX512F__))
 #define I16_DOT 1
 #ifdef __AVX512BW__
@@ -567,7 +572,6 @@ static inline int q_max(int K) {
     int64_t m = 2147483647LL / (127LL * 2 * ((K + 15) / 16));
     return m < 32767 ? (int)m : 32767;
 }
-static inline int k_pad(int K) { return (K + 31) / 32 * 32; }
 
 /* Rows of x [M, K] (stride ldx) -> q [M, k_pad(K)] int16, zeros past K, and their scales s. */
 static void quantize_i16(const float *x, int64_t ldx, int M, int K, int16_t *q, float *s) {
@@ -701,8 +705,8 @@ static void dot_tiles_i16(const int16_t *q, const float *s, int M, const int8_t 
 #define BUFW(m) (4 * (m)->max_cols + 64)   /* floats of scratch per thread */
 /* and for M inputs rounded to bfloat16 */
 #define XBUF(m, M) ((int64_t)(M) * (m)->max_cols / 2 + 64)
-/* and for M inputs as int16 (rows padded to a multiple of 32) with their scales */
-#define QBUF(m, M) ((int64_t)(M) * (((m)->max_cols + 31) / 32 * 16 + 1) + 64)
+/* and for M inputs as int16 with their scales (i16_floats) */
+#define QBUF(m, M) (i16_floats((M), (m)->max_cols) + 64)
 /* ------------------------------------------------------------------ the team
  * One OpenMP parallel region per step: every thread runs the whole step, each loop below is
  * split across the team (SPLIT) and phases are separated by a spinning barrier. OpenMP's own
@@ -716,6 +720,11 @@ struct Barrier { std::atomic<int> count{0}, gen{0}; };
 /* A thread's int16 copy of the inputs it last multiplied by int8 rows, and which inputs (src NULL:
  * none; every barrier forgets it, as the work buffers are rewritten between phases). */
 typedef struct { const float *src; int64_t ld; int M, K; int16_t *q; float *s; } Quantized;
+/* Such a copy for M rows of K laid out at base (i16_floats(M, K) floats), holding nothing yet. */
+static inline Quantized i16_scratch(float *base, int M, int K) {
+    Quantized qi = {0, 0, 0, 0, (int16_t *)base, base + (int64_t)M * (k_pad(K) / 2)};
+    return qi;
+}
 typedef struct { int id, n; Barrier *bar; float *buf, *abuf; uint16_t *xb; Quantized *qi; } Team;
 
 #if I16_DOT
@@ -888,7 +897,7 @@ static int64_t carve(const Model *m, int B, int threads, float *base, Work *w) {
     TAKE(g, (int64_t)B * m->I_max); TAKE(u, (int64_t)B * m->I_max);
     TAKE(logit, B * E); TAKE(wk, copies); TAKE(xg, copies * m->D); TAKE(gu, copies * 2 * m->I_moe);
     w->qbuf_at = BUFW(m) + ATTN_BUF(m) + XBUF(m, copies);
-    w->buf_stride = BUFW(m) + ATTN_BUF(m) + XBUF(m, copies) + QBUF(m, copies);
+    w->buf_stride = w->qbuf_at + QBUF(m, copies);
     TAKE(y, copies * m->D); TAKE(bufs, (int64_t)threads * w->buf_stride);
     TAKE(cs, B * m->R / 2 + 1); TAKE(sn, B * m->R / 2 + 1);
     TAKEI(idx, copies); TAKEI(order, copies); TAKEI(slot, copies); TAKEI(cnt, E + 1); TAKEI(item, 4 * E * blocks); TAKEI(first, B + 1);   /* (expert, block) pairs of both passes */
@@ -1352,9 +1361,7 @@ void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *po
         t.buf = w.bufs + (int64_t)t.id * w.buf_stride;
         t.abuf = t.buf + BUFW(m);
         t.xb = (uint16_t *)(t.abuf + ATTN_BUF(m));
-        const int64_t copies = (int64_t)B * (m->K > 0 ? m->K : 1);
-        Quantized qi = {0, 0, 0, 0, (int16_t *)(t.buf + w.qbuf_at), 0};
-        qi.s = t.buf + w.qbuf_at + copies * ((m->max_cols + 31) / 32 * 16);
+        Quantized qi = i16_scratch(t.buf + w.qbuf_at, B * (m->K > 0 ? m->K : 1), m->max_cols);   /* (carve's copies) */
         t.qi = &qi;
         step(m, B, tokens, pos, S, cache, slot_stride, logits, &w, &t);
     }
@@ -1367,7 +1374,7 @@ void dsv2_decode(const Model *m, int B, const int64_t *tokens, const int64_t *po
 #define MC 128
 int64_t dsv2_int8_mm_work_floats(int M, int K) {
 #if I16_DOT
-    return (int64_t)M * (k_pad(K) / 2 + 1) + 64;
+    return i16_floats(M, K) + 64;
 #else
     (void)M; (void)K;
     return 0;
@@ -1377,8 +1384,9 @@ int64_t dsv2_int8_mm_work_floats(int M, int K) {
 int dsv2_int8_mm(const float *x, int64_t ldx, int M, const int8_t *w, int64_t ldw, const float *scale, int N, int K,
                  float *y, int64_t ldy, float *work, int threads) {
 #if I16_DOT
-    int16_t *q = (int16_t *)work;
-    float *s = work + (int64_t)M * (k_pad(K) / 2);
+    const Quantized qs = i16_scratch(work, M, K);
+    int16_t *q = qs.q;
+    float *s = qs.s;
     const int nb = (N + BLOCK - 1) / BLOCK;
     #pragma omp parallel num_threads(threads)
     {
