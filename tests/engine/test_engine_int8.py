@@ -51,6 +51,20 @@ def test_int8_matmul_keeps_every_int32_lane_exact_past_8256_columns():
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@needs_integer
+def test_int8_matmul_keeps_a_nan_or_infinite_input_from_turning_into_numbers():
+    """An input row holding a NaN or an infinity (in the vector loop or its tail) gives no finite
+    output, as the float32 product would not; the other rows are untouched."""
+    q, s = quantize_rows(torch.randn(20, 100, generator=torch.Generator().manual_seed(0)))
+    for bad in (float("nan"), float("inf")):
+        for at in (3, 97):
+            x = torch.randn(3, 100, generator=torch.Generator().manual_seed(at))
+            x[1, at] = bad
+            got = matmul(x, q, s)
+            assert not torch.isfinite(got[1]).any(), (bad, at)
+            assert torch.isfinite(got[[0, 2]]).all(), (bad, at)
+
+
 def test_without_the_int8_operator_layers_widen_their_weights(monkeypatch):
     """The fallback (no compiler, no AVX2): torch's bfloat16 kernel at decode sizes, the widened
     weights at prefill sizes and at widths it cannot take."""

@@ -579,16 +579,16 @@ static void quantize_i16(const float *x, int64_t ldx, int M, int K, int16_t *q, 
     for (int m = 0; m < M; m++) {
         const float *xm = x + m * ldx;
         int16_t *qm_row = q + (int64_t)m * KP;
-        vf mx = {};
+        vf mx = {};   /* the largest magnitude; a NaN, once seen, stays (a > NaN is false) */
         int k = 0;
         for (; k + VW <= K; k += VW) {
             vf a = ldv(xm + k);
             a = a < 0 ? -a : a;
-            mx = a > mx ? a : mx;
+            mx = (a > mx) | (a != a) ? a : mx;
         }
         float amax = 0;
-        for (int i = 0; i < VW; i++) amax = mx[i] > amax ? mx[i] : amax;
-        for (; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+        for (int i = 0; i < VW; i++) amax = mx[i] > amax || mx[i] != mx[i] ? mx[i] : amax;
+        for (; k < K; k++) amax = fabsf(xm[k]) > amax || xm[k] != xm[k] ? fabsf(xm[k]) : amax;
         if (!(amax <= 3.4e38f)) {   /* inf or NaN: the products become inf or NaN, as float32 ones would */
             memset(qm_row, 0, KP * sizeof(int16_t));
             qm_row[0] = 1;
