@@ -265,12 +265,9 @@ class Scheduler:
             except RuntimeError:   # the event loop is closed (server shutting down)
                 pass
 
-    @staticmethod
-    def _emit(job: Job, event: dict) -> None:
-        try:
-            job.loop.call_soon_threadsafe(job.events.put_nowait, event)
-        except RuntimeError:   # the event loop is closed (server shutting down)
-            pass
+    @classmethod
+    def _emit(cls, job: Job, event: dict) -> None:
+        cls._emit_all([(job, event)])
 
     # ------------------------------------------------------------- metrics
     def _declare_metrics(self) -> None:
