@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "op.cpp", HERE / "decode.cpp"]
-HEADERS = [HERE / "decode.h"]
+SOURCES = [HERE / "op.cpp", HERE / "decode.cpp", HERE / "attention.cpp"]
+HEADERS = [HERE / "decode.h", HERE / "attention.h", HERE / "simd.h"]
 def flags() -> list[str]:
     """-march=native, or $DSV2_NATIVE_MARCH: build for another x86 level, e.g. x86-64-v3 (AVX2,
     no AVX-512) to run, on this machine, the kernels an AVX2-only CPU gets (the tests do)."""
@@ -133,7 +133,7 @@ def _build(cxx: str, out: Path) -> None:
 
 
 def _register_fake() -> None:
-    """Shapes for torch.compile's tracing: decode_step returns float32 [B, vocab], int8_mm [M, N]."""
+    """Shapes for torch.compile's tracing: decode_step returns float32 [B, vocab], int8_mm [M, N], attention [B, T, H, V]."""
     vocab = torch.ops.dsv2.layout()[2].index("vocab")
 
     @torch.library.register_fake("dsv2::decode_step")
@@ -143,3 +143,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("dsv2::int8_mm")
     def _(x, q, scale):
         return x.new_empty((x.shape[0], q.shape[0]))
+
+    @torch.library.register_fake("dsv2::attention")
+    def _(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
+        return q_nope.new_empty((*q_nope.shape[:3], v.shape[-1]))

@@ -26,6 +26,7 @@
 #endif
 
 #include "decode.h"
+#include "simd.h"
 
 static const int ELEM_SIZE[] = {4, 2, 1, 1, 1, 1, 1};   /* bytes, by type */
 
@@ -104,13 +105,6 @@ static inline uint8_t f32_to_e4m3(float f) {
     return sign | (uint8_t)((e << 3) | ((v >> 20) & 7));
 }
 static inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as torch does */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 /* ------------------------------------------------------------------ dot products */
 /* dot_f32 / dot_bf16 / dot_i8: x . w over n elements, w widened to float32 as it is read. A
@@ -328,27 +322,6 @@ static inline float dot_row(const Mat *W, int64_t r, const float *x) {
     ((int64_t)CH * (m)->H * 2 + (int64_t)((m)->H + CH) * ((m)->C + (m)->R) + 64)
 
 /* ------------------------------------------------------------------ register tiles */
-#ifdef __AVX512F__
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vf __attribute__((vector_size(VW * 4)));
-static inline vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline float hsumv(vf v) {
-#ifdef __AVX512F__
-    return _mm512_reduce_add_ps((__m512)v);
-#else
-    return hsum(v);
-#endif
-}
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#define KV_DPBF16 1
-#else
-#define KV_DPBF16 0
-#endif
-
 #ifdef __AVX512F__
 /* The sums of 16 vectors a[4 i + jj] written to y[i * ldy + jj] (a 4 x 4 tile of dot products): a
  * transpose-and-add tree of 45 shuffles and adds instead of 16 horizontal sums. */
@@ -936,19 +909,6 @@ static inline int attended(const int64_t *pos, int b, int S) { return pos[b] + 1
  * bfloat16 cache on a CPU with AVX512-BF16 stays bfloat16 (VDPBF16PS: the query and p rounded to
  * bfloat16, sums in float32, as PyTorch's bfloat16 matmuls do); every other non-float32 row type
  * (a float32 model's bfloat16 cache included) is widened to float32 block by block. */
-/* e^x for x <= 0 (the scores less their running max): n = round(x log2 e), e^x = 2^n e^r with
- * |r| <= ln 2 / 2 and e^r from Cephes' degree-6 polynomial; within 2 ulp of expf. */
-static inline vf exp_neg(vf x) {
-    typedef int32_t vi __attribute__((vector_size(VW * 4)));
-    x = x < -87.0f ? (vf){} - 87.0f : x;
-    vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);   /* x <= 0: truncation rounds */
-    vf nf = __builtin_convertvector(n, vf);
-    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    vf y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
-            + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    return (vf)((vi)y + ((n) << 23));
-}
 
 /* o[h * C + c] += sum_j p[h * CH + j] row_j[c] for NH heads and c < C: NH x 2 vectors of sums. */
 template <int NH>

@@ -8,6 +8,8 @@
 //   layout() -> the names of the weight slots (model-wide, then per layer) and of the numbers
 //   quantize_rows_int8(w) -> (int8 rows, bf16 scales), as quant/int8.py's quantize_rows
 //   int8_mm(x, q, scale) -> x [M, K] times int8 rows q [N, K] with the step's integer products
+//   attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale) -> MLA's naive attention, forward
+//       (attention.cpp): [B, T, H, V]
 //
 // `weights` is one flat list: the model-wide slots, then each layer's; a matrix slot is followed
 // by its int8 row scales (None for float weights). Python builds the list from layout(), so the
@@ -22,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "decode.h"
 
 namespace {
@@ -352,6 +355,57 @@ at::Tensor int8_mm(const at::Tensor &x, const at::Tensor &q, const at::Tensor &s
     return y;
 }
 
+// t as `dims` dimensions with a contiguous last one, its other strides into s.
+void check_attn(const at::Tensor &t, const char *name, int dims, at::ScalarType type, const char *shape, int64_t *s) {
+    TORCH_CHECK_VALUE(t.dim() == dims && t.device().is_cpu() && t.scalar_type() == type && t.stride(dims - 1) == 1,
+                      "attention: ", name, " must be a ", type, " CPU tensor ", shape, " with a contiguous last "
+                      "dimension, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device(), ".");
+    for (int i = 0; i < dims - 1; i++) s[i] = t.stride(i);
+}
+
+at::Tensor attention(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope, const at::Tensor &k_pe,
+                     const at::Tensor &v, const std::optional<at::Tensor> &mask, double scale) {
+    const at::ScalarType type = q_nope.scalar_type();
+    TORCH_CHECK_VALUE(type == at::kFloat || type == at::kBFloat16,
+                      "attention: the inputs must be float32 or bfloat16, got ", type, ".");
+    Attn a = {};
+    check_attn(q_nope, "q_nope", 4, type, "[B, T, H, N]", a.qn_s);
+    const int64_t B = q_nope.size(0), T = q_nope.size(1), H = q_nope.size(2), N = q_nope.size(3);
+    check_attn(q_pe, "q_pe", 4, type, "[B, T, H, R]", a.qr_s);
+    const int64_t R = q_pe.size(3), S = k_pe.dim() == 3 ? k_pe.size(1) : -1, V = v.dim() == 4 ? v.size(3) : -1;
+    check_attn(k_nope, "k_nope", 4, type, "[B, S, H, N]", a.kn_s);
+    check_attn(k_pe, "k_pe", 3, type, "[B, S, R]", a.kr_s);
+    check_attn(v, "v", 4, type, "[B, S, H, V]", a.v_s);
+    TORCH_CHECK_VALUE(q_pe.sizes() == at::IntArrayRef({B, T, H, R}) && k_nope.sizes() == at::IntArrayRef({B, S, H, N})
+                          && k_pe.sizes() == at::IntArrayRef({B, S, R}) && v.sizes() == at::IntArrayRef({B, S, H, V}),
+                      "attention: shapes disagree: q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", k_nope ",
+                      k_nope.sizes(), ", k_pe ", k_pe.sizes(), ", v ", v.sizes(),
+                      " (want [B, T, H, N], [B, T, H, R], [B, S, H, N], [B, S, R], [B, S, H, V]).");
+    if (mask.has_value()) {
+        check_attn(*mask, "mask", 3, at::kBool, "[B, T, S]", a.mask_s);
+        TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef({B, T, S}), "attention: mask must be [B, T, S] = [", B, ", ",
+                          T, ", ", S, "], got ", mask->sizes(), ".");
+        a.mask = (const uint8_t *)mask->const_data_ptr<bool>();
+    } else {
+        TORCH_CHECK_VALUE(T <= S, "attention: without a mask the ", T, " queries are the last of the ", S,
+                          " keys, so there cannot be more queries than keys.");
+    }
+    at::Tensor out = at::empty({B, T, H, V}, q_nope.options());
+    if (out.numel() == 0) return out;
+    a.B = (int32_t)B; a.T = (int32_t)T; a.S = (int32_t)S; a.H = (int32_t)H;
+    a.N = (int32_t)N; a.R = (int32_t)R; a.V = (int32_t)V;
+    a.type = type == at::kFloat ? F32 : BF16;
+    a.qn = q_nope.const_data_ptr(); a.qr = q_pe.const_data_ptr();
+    a.kn = k_nope.const_data_ptr(); a.kr = k_pe.const_data_ptr(); a.v = v.const_data_ptr();
+    a.scale = (float)scale;
+    a.out = out.mutable_data_ptr();
+    for (int i = 0; i < 3; i++) a.out_s[i] = out.stride(i);
+    const int threads = at::get_num_threads();
+    at::Tensor work = at::empty({dsv2_attention_work_floats(&a, threads)}, q_nope.options().dtype(at::kFloat));
+    dsv2_attention(&a, work.mutable_data_ptr<float>(), threads);
+    return out;
+}
+
 std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
 layout() {
     return {GLOBAL_NAMES, SLOT_NAMES, INT_NAMES, FLOAT_NAMES};
@@ -366,12 +420,15 @@ TORCH_LIBRARY(dsv2, m) {
     m.def("layout() -> (str[], str[], str[], str[])", &layout);
     m.def("quantize_rows_int8(Tensor w) -> (Tensor, Tensor)");
     m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+    m.def("attention(Tensor q_nope, Tensor q_pe, Tensor k_nope, Tensor k_pe, Tensor v, Tensor? mask, float scale) "
+          "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CPU, m) {
     m.impl("decode_step", &decode_step);
     m.impl("quantize_rows_int8", &quantize_rows_int8);
     m.impl("int8_mm", &int8_mm);
+    m.impl("attention", &attention);
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CompositeExplicitAutograd, m) {

@@ -1,0 +1,359 @@
+/* Attention over many queries at once (prefill, scoring): MLA's naive path, forward only.
+ *
+ * PyTorch's CPU flash kernel needs equal query and value widths, so MLA's values (V = 32 or 128
+ * against a query of N + R = 96 or 192) were zero-padded to the query's width, a third or half of
+ * its products spent on zeros; the shared k^R was copied to every head, and the causal half of a
+ * short prompt's scores was computed and then masked. Here each head's keys and values are packed
+ * once per call, in the layout the register tiles read, at their own widths; the queries go in
+ * blocks of QB, against blocks of KB keys that any of them may see, with an online softmax
+ * (flash attention) so the work space does not grow with T.
+ *
+ * Both products are outer-product register tiles (MR queries x NC columns, no horizontal sums):
+ * scores = Q K^T against K packed transposed, o += P V against V packed by rows. float32 tiles
+ * multiply-add float32; bfloat16 ones (AVX512-BF16) multiply bfloat16 pairs into float32 sums
+ * (VDPBF16PS), K and V packed as pairs along the summed dimension and p rounded to bfloat16 before
+ * its product, as PyTorch's bfloat16 attention rounds it. The softmax is float32 throughout. */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "attention.h"
+#include "decode.h"
+#include "simd.h"
+
+#define QB 64         /* queries per block */
+#define KB 128        /* keys per block */
+#define NC (2 * VW)   /* columns per register tile */
+#if VW == 16
+#define MR 8          /* queries per register tile: MR x 2 vectors of sums, 2 of the other operand */
+#else
+#define MR 6
+#endif
+
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint8_t vb __attribute__((vector_size(VW)));
+
+static inline int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* A bfloat16 number that converts to float like float32 does (for the packing templates). */
+struct Bf16 {
+    uint16_t bits;
+    explicit operator float() const { return bf16_to_f32(bits); }
+};
+
+static inline float elem(const void *p, int64_t i, int type) {
+    return type == F32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* ------------------------------------------------------------------ register tiles
+ * C[i * ldc + c] (+)= sum_k A[i * lda + k] B[k * ldb + c] for i < M and c < NC. */
+template <int M>
+static void tile_f32(const float *A, int64_t lda, const float *B, int64_t ldb, int K, float *C, int64_t ldc, int add) {
+    vf c[M][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) {
+        c[i][0] = add ? ldv(C + i * ldc) : (vf){};
+        c[i][1] = add ? ldv(C + i * ldc + VW) : (vf){};
+    }
+    for (int k = 0; k < K; k++) {
+        const vf b0 = ldv(B + k * ldb), b1 = ldv(B + k * ldb + VW);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++) {
+            const float a = A[i * lda + k];
+            c[i][0] += a * b0;
+            c[i][1] += a * b1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) { stv(C + i * ldc, c[i][0]); stv(C + i * ldc + VW, c[i][1]); }
+}
+
+#define TILES(NAME, ...)                                                       \
+    switch (m) {                                                               \
+        case 8: NAME<8>(__VA_ARGS__); break;                                \
+        case 7: NAME<7>(__VA_ARGS__); break;                                \
+        case 6: NAME<6>(__VA_ARGS__); break;                                   \
+        case 5: NAME<5>(__VA_ARGS__); break;                                   \
+        case 4: NAME<4>(__VA_ARGS__); break;                                   \
+        case 3: NAME<3>(__VA_ARGS__); break;                                   \
+        case 2: NAME<2>(__VA_ARGS__); break;                                   \
+        default: NAME<1>(__VA_ARGS__); break;                                  \
+    }
+
+/* C [M, cols] (+)= A [M, K] B [K, cols], cols a multiple of NC: B's column blocks outside, so a
+ * block of K x NC stays in L1 while every row of A passes it. */
+static void mm_f32(const float *A, int64_t lda, int M, const float *B, int64_t ldb, int K, int cols,
+                   float *C, int64_t ldc, int add) {
+    for (int c = 0; c < cols; c += NC)
+        for (int i = 0; i < M; i += MR) {
+            const int m = M - i < MR ? M - i : MR;
+            TILES(tile_f32, A + i * lda, lda, B + c, ldb, K, C + i * ldc + c, ldc, add)
+        }
+}
+
+#if KV_DPBF16
+/* The bfloat16 form: B holds pairs along k ([K / 2][cols][2]: ldb bfloat16s from one pair-row to
+ * the next), each pair of A's row broadcast as one 32-bit lane. K2 pairs. */
+template <int M>
+static void tile_bf16(const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb, int K2, float *C, int64_t ldc,
+                      int add) {
+    __m512 c[M][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) {
+        c[i][0] = add ? _mm512_loadu_ps(C + i * ldc) : _mm512_setzero_ps();
+        c[i][1] = add ? _mm512_loadu_ps(C + i * ldc + 16) : _mm512_setzero_ps();
+    }
+    for (int k = 0; k < K2; k++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + k * ldb), b1 = (__m512bh)_mm512_loadu_si512(B + k * ldb + 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++) {
+            int32_t pair;
+            memcpy(&pair, A + i * lda + 2 * k, 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            c[i][0] = _mm512_dpbf16_ps(c[i][0], a, b0);
+            c[i][1] = _mm512_dpbf16_ps(c[i][1], a, b1);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) { _mm512_storeu_ps(C + i * ldc, c[i][0]); _mm512_storeu_ps(C + i * ldc + 16, c[i][1]); }
+}
+
+static void mm_bf16(const uint16_t *A, int64_t lda, int M, const uint16_t *B, int64_t ldb, int K2, int cols,
+                    float *C, int64_t ldc, int add) {
+    for (int c = 0; c < cols; c += NC)
+        for (int i = 0; i < M; i += MR) {
+            const int m = M - i < MR ? M - i : MR;
+            TILES(tile_bf16, A + i * lda, lda, B + 2 * c, ldb, K2, C + i * ldc + c, ldc, add)
+        }
+}
+#endif
+
+/* ------------------------------------------------------------------ work space */
+typedef struct {
+    int QK, QKp, Sp, Vp, dp;   /* query width, padded to pairs; keys and value columns padded to NC; bfloat16 tiles */
+} Dims;
+
+static Dims dims(const Attn *a) {
+    Dims d;
+    d.QK = a->N + a->R;
+    d.QKp = (int)up(d.QK, 2);
+    d.Sp = (int)up(a->S, NC);
+    d.Vp = (int)up(a->V, NC);
+#if KV_DPBF16
+    d.dp = a->type == BF16;
+#else
+    d.dp = 0;
+#endif
+    return d;
+}
+
+/* Per thread: K packed [QKp, Sp], V packed [Sp, Vp], the query block [QB, QKp], scores [QB, KB],
+ * p in bfloat16 [QB, KB], sums [QB, Vp], row max, row sum and each row's key window. */
+static int64_t thread_floats(const Attn *a) {
+    const Dims d = dims(a);
+    return (int64_t)d.QKp * d.Sp + (int64_t)d.Sp * d.Vp + QB * (int64_t)(d.QKp + KB + KB / 2 + d.Vp + 4) + 64;
+}
+
+int64_t dsv2_attention_work_floats(const Attn *a, int threads) { return thread_floats(a) * threads; }
+
+/* ------------------------------------------------------------------ packing
+ * Head h of row b: keys transposed (float32: K[k][j]; bfloat16: K[k / 2][j][k % 2]) and values by
+ * rows (float32: V[j][v]; bfloat16: V[j / 2][v][j % 2]), zeros past S and V so the tiles may read
+ * whole blocks of NC. Keys go 16 at a time, so each store fills one cache line: one key at a time
+ * stored a column of lines Sp apart, which thrashed L1 at power-of-two lengths. */
+#define PK 16
+template <typename T>
+static void pack_keys_f32(const Attn *a, const Dims *d, const T *kn, const T *kr, float *kf) {
+    const int S = a->S, N = a->N, R = a->R;
+    memset(kf, 0, sizeof(float) * d->QKp * d->Sp);
+    for (int j0 = 0; j0 < S; j0 += PK) {
+        const int n = S - j0 < PK ? S - j0 : PK;
+        for (int k = 0; k < N + R; k++) {
+            const T *src = k < N ? kn + j0 * a->kn_s[1] + k : kr + j0 * a->kr_s[1] + (k - N);
+            const int64_t ld = k < N ? a->kn_s[1] : a->kr_s[1];
+            float *dst = kf + (int64_t)k * d->Sp + j0;
+            for (int l = 0; l < n; l++) dst[l] = (float)src[l * ld];
+        }
+    }
+}
+
+static void pack(const Attn *a, const Dims *d, int b, int h, float *kf, float *vf_) {
+    const int S = a->S, N = a->N, R = a->R, V = a->V;
+    const int64_t kn0 = b * a->kn_s[0] + h * a->kn_s[2], kr0 = b * a->kr_s[0], v0 = b * a->v_s[0] + h * a->v_s[2];
+    if (d->dp) {
+        uint16_t *kb = (uint16_t *)kf, *vb = (uint16_t *)vf_;
+        const uint16_t *kn = (const uint16_t *)a->kn + kn0, *kr = (const uint16_t *)a->kr + kr0;
+        const uint16_t *v = (const uint16_t *)a->v + v0;
+        memset(kb, 0, sizeof(uint16_t) * d->QKp * d->Sp);
+        memset(vb, 0, sizeof(uint16_t) * d->Sp * d->Vp);
+        for (int j0 = 0; j0 < S; j0 += PK) {
+            const int n = S - j0 < PK ? S - j0 : PK;
+            for (int k = 0; k < N + R; k++) {
+                const uint16_t *src = k < N ? kn + j0 * a->kn_s[1] + k : kr + j0 * a->kr_s[1] + (k - N);
+                const int64_t ld = k < N ? a->kn_s[1] : a->kr_s[1];
+                uint16_t *dst = kb + (int64_t)(k / 2) * 2 * d->Sp + 2 * j0 + k % 2;
+                for (int l = 0; l < n; l++) dst[2 * l] = src[l * ld];
+            }
+        }
+        for (int j = 0; j < S; j++) {
+            const uint16_t *rv = v + j * a->v_s[1];
+            uint16_t *o = vb + (int64_t)(j / 2) * 2 * d->Vp + j % 2;
+            for (int c = 0; c < V; c++) o[2 * c] = rv[c];
+        }
+        return;
+    }
+    if (a->type == F32) pack_keys_f32(a, d, (const float *)a->kn + kn0, (const float *)a->kr + kr0, kf);
+    else pack_keys_f32(a, d, (const Bf16 *)a->kn + kn0, (const Bf16 *)a->kr + kr0, kf);
+    for (int j = 0; j < S; j++) {
+        const int64_t rv = v0 + j * a->v_s[1];
+        float *o = vf_ + (int64_t)j * d->Vp;
+        if (a->type == F32) memcpy(o, (const float *)a->v + rv, sizeof(float) * V);
+        else for (int c = 0; c < V; c++) o[c] = elem(a->v, rv + c, a->type);
+        memset(o + V, 0, sizeof(float) * (d->Vp - V));
+    }
+    memset(vf_ + (int64_t)S * d->Vp, 0, sizeof(float) * (d->Sp - S) * d->Vp);
+}
+
+/* Queries [t0, t0 + M) of head h: [q^C ; q^R] rows of QKp (float32, or bfloat16 for the pair tiles). */
+static void pack_queries(const Attn *a, const Dims *d, int b, int h, int t0, int M, float *q) {
+    const int N = a->N, R = a->R, t = a->type;
+    for (int i = 0; i < M; i++) {
+        const int64_t rn = b * a->qn_s[0] + (t0 + i) * a->qn_s[1] + h * a->qn_s[2];
+        const int64_t rr = b * a->qr_s[0] + (t0 + i) * a->qr_s[1] + h * a->qr_s[2];
+        if (d->dp) {
+            uint16_t *o = (uint16_t *)q + (int64_t)i * d->QKp;
+            memcpy(o, (const uint16_t *)a->qn + rn, 2 * N);
+            memcpy(o + N, (const uint16_t *)a->qr + rr, 2 * R);
+            if (d->QKp > d->QK) o[d->QK] = 0;
+        } else {
+            float *o = q + (int64_t)i * d->QKp;
+            for (int k = 0; k < N; k++) o[k] = elem(a->qn, rn + k, t);
+            for (int k = 0; k < R; k++) o[N + k] = elem(a->qr, rr + k, t);
+            if (d->QKp > d->QK) o[d->QK] = 0;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ one head, one query block */
+/* Row i's window of keys [lo[i], hi[i]) (empty: lo >= hi); inside it, the mask (if any) decides. */
+static void windows(const Attn *a, int b, int t0, int M, int *lo, int *hi) {
+    for (int i = 0; i < M; i++) {
+        const int t = t0 + i;
+        if (!a->mask) {
+            lo[i] = 0;
+            hi[i] = t + a->S - a->T + 1 < a->S ? t + a->S - a->T + 1 : a->S;
+            continue;
+        }
+        const uint8_t *row = a->mask + b * a->mask_s[0] + t * a->mask_s[1];
+        const uint8_t *first = (const uint8_t *)memchr(row, 1, a->S);
+        if (!first) { lo[i] = hi[i] = 0; continue; }
+        int last = a->S - 1;
+        while (!row[last]) last--;
+        lo[i] = (int)(first - row);
+        hi[i] = last + 1;
+    }
+}
+
+static void block(const Attn *a, const Dims *d, int b, int h, int t0, int M, const float *kp, const float *vp,
+                  float *q, float *sc, uint16_t *pb, float *o, float *mx, float *sum, int *lo, int *hi) {
+    const int QKp = d->QKp, Vp = d->Vp;
+    pack_queries(a, d, b, h, t0, M, q);
+    windows(a, b, t0, M, lo, hi);
+    int first = a->S, last = 0;
+    for (int i = 0; i < M; i++)
+        if (lo[i] < hi[i]) { first = lo[i] < first ? lo[i] : first; last = hi[i] > last ? hi[i] : last; }
+    memset(o, 0, sizeof(float) * M * Vp);
+    for (int i = 0; i < M; i++) { mx[i] = -INFINITY; sum[i] = 0; }
+    for (int k0 = first / NC * NC; k0 < last; k0 += KB) {
+        const int n = last - k0 < KB ? last - k0 : KB, cols = (int)up(n, NC);
+#if KV_DPBF16
+        if (d->dp) mm_bf16((const uint16_t *)q, QKp, M, (const uint16_t *)kp + 2 * (int64_t)k0, 2 * (int64_t)d->Sp,
+                           QKp / 2, cols, sc, KB, 0);
+        else
+#endif
+            mm_f32(q, QKp, M, kp + k0, d->Sp, QKp, cols, sc, KB, 0);
+        int any = 0;
+        for (int i = 0; i < M; i++) {   /* online softmax: what came before rescaled to the new max */
+            float *p = sc + i * KB;
+            const int j0 = lo[i] - k0 > 0 ? lo[i] - k0 : 0, j1 = hi[i] - k0 < n ? hi[i] - k0 : n;
+            for (int j = 0; j < j0; j++) p[j] = -INFINITY;
+            for (int j = j1 > j0 ? j1 : j0; j < cols; j++) p[j] = -INFINITY;
+            const uint8_t *mrow = a->mask ? a->mask + b * a->mask_s[0] + (t0 + i) * a->mask_s[1] + k0 : 0;
+            vf vmax = (vf){} - INFINITY;
+            int j = j0;
+            if (!mrow)
+                for (; j + VW <= j1; j += VW) { const vf s = ldv(p + j) * a->scale; stv(p + j, s); vmax = s > vmax ? s : vmax; }
+            else
+                for (; j + VW <= j1; j += VW) {   /* VW mask bytes as a lane mask */
+                    vb m;
+                    memcpy(&m, mrow + j, VW);
+                    const vf s = __builtin_convertvector(m, vi) != 0 ? ldv(p + j) * a->scale : (vf){} - INFINITY;
+                    stv(p + j, s);
+                    vmax = s > vmax ? s : vmax;
+                }
+            float bm = -INFINITY;
+            for (int l = 0; l < VW; l++) bm = fmaxf(bm, vmax[l]);
+            for (; j < j1; j++) {
+                p[j] = mrow && !mrow[j] ? -INFINITY : p[j] * a->scale;
+                bm = fmaxf(bm, p[j]);
+            }
+            if (bm == -INFINITY) {   /* nothing this row may see in this block */
+                memset(p, 0, sizeof(float) * cols);
+                if (d->dp) memset(pb + i * KB, 0, 2 * cols);
+                continue;
+            }
+            any = 1;
+            const float nm = fmaxf(mx[i], bm), alpha = expf(mx[i] - nm);
+            vf acc = {};
+            for (j = 0; j < cols; j += VW) {
+                const vf s = ldv(p + j), e = exp_neg(s - nm);
+                const vf z = s == (vf){} - INFINITY ? (vf){} : e;
+                stv(p + j, z);
+                acc += z;
+            }
+            if (alpha != 1.0f) for (int c = 0; c < Vp; c++) o[i * Vp + c] *= alpha;
+            sum[i] = sum[i] * alpha + hsumv(acc);
+            mx[i] = nm;
+#if KV_DPBF16
+            if (d->dp) {
+                uint16_t *r = pb + i * KB;
+                for (j = 0; j + 32 <= cols; j += 32)
+                    _mm512_storeu_si512(r + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16), _mm512_loadu_ps(p + j)));
+            }
+#endif
+        }
+        if (!any) continue;
+#if KV_DPBF16
+        if (d->dp) { mm_bf16(pb, KB, M, (const uint16_t *)vp + (int64_t)k0 * Vp, 2 * (int64_t)Vp, cols / 2, Vp, o, Vp, 1); continue; }
+#endif
+        mm_f32(sc, KB, M, vp + (int64_t)k0 * Vp, Vp, n, Vp, o, Vp, 1);
+    }
+    for (int i = 0; i < M; i++) {
+        const float r = sum[i] > 0 ? 1.0f / sum[i] : 0.0f;
+        const int64_t off = b * a->out_s[0] + (t0 + i) * a->out_s[1] + h * a->out_s[2];
+        if (a->type == F32) for (int c = 0; c < a->V; c++) ((float *)a->out)[off + c] = o[i * Vp + c] * r;
+        else for (int c = 0; c < a->V; c++) ((uint16_t *)a->out)[off + c] = f32_to_bf16(o[i * Vp + c] * r);
+    }
+}
+
+void dsv2_attention(const Attn *a, float *work, int threads) {
+    const Dims d = dims(a);
+    const int64_t per = thread_floats(a);
+    const int heads = a->B * a->H;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *base = work + omp_get_thread_num() * per;
+        float *kp = base, *vp = kp + (int64_t)d.QKp * d.Sp, *q = vp + (int64_t)d.Sp * d.Vp, *sc = q + QB * d.QKp;
+        uint16_t *pb = (uint16_t *)(sc + QB * KB);
+        float *o = sc + QB * KB + QB * KB / 2, *mx = o + QB * d.Vp, *sum = mx + QB;
+        int *lo = (int *)(sum + QB), *hi = lo + QB;
+        #pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < heads; bh++) {
+            const int b = bh / a->H, h = bh % a->H;
+            pack(a, &d, b, h, kp, vp);
+            for (int t0 = 0; t0 < a->T; t0 += QB)
+                block(a, &d, b, h, t0, a->T - t0 < QB ? a->T - t0 : QB, kp, vp, q, sc, pb, o, mx, sum, lo, hi);
+        }
+    }
+}
