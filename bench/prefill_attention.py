@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from dsv2.engine.optimize import native_attention
+    from dsv2.native.attention import native_attention
     if not native_attention():
         raise SystemExit("dsv2's native operators are not available here (they need a C++ compiler and ninja).")
     print(f"CPU: {cpu_name()}, {args.threads} threads")

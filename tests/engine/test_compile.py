@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from dsv2.engine import Engine, Request, SamplingParams
 from dsv2.engine.optimize import DecodeMoE, RowsHead, prepare_for_decode, prefill_dtype
+from dsv2.native.attention import use_native_attention
 from dsv2.quant import fp8, int8
 
 import _tiny
@@ -45,9 +46,11 @@ def test_decode_moe_equals_the_reference_loop(fmt, n_tokens):
 
 def test_prepare_keeps_parameters_keys_and_training():
     """Same state-dict keys and tensors, tied weights still tied, idempotent; under autograd the
-    swapped modules run the model's own forward, so losses and gradients are unchanged."""
+    swapped MoE and head run the model's own forward, so losses and gradients are unchanged (the
+    attention's native operator is differentiable, and the trainer takes it too: the reference
+    has it; test_native_attention.py holds it to SDPA's gradients)."""
     m = tiny(tie_word_embeddings=True)
-    ref = tiny(tie_word_embeddings=True)
+    ref = use_native_attention(tiny(tie_word_embeddings=True))
     keys = {k: v for k, v in m.state_dict().items()}
     prepare_for_decode(prepare_for_decode(m))
     assert isinstance(m.lm_head, RowsHead) and m.lm_head.weight is m.embed_tokens.weight

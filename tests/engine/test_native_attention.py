@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import dsv2
 from dsv2.engine import Engine, Request, SamplingParams
-from dsv2.engine.optimize import PrefillMLA, prepare_for_decode
+from dsv2.engine.optimize import prepare_for_decode
+from dsv2.native.attention import NativeMLA
 from dsv2.model.mask import causal_mask
 from dsv2.native import build
 
@@ -156,19 +157,88 @@ def tiny_model(dtype=torch.float32):
     return m.to(dtype)
 
 
-def test_prepare_for_decode_swaps_every_attention_and_training_keeps_sdpa(monkeypatch):
+def test_prepare_for_decode_swaps_every_attention_and_autograd_takes_the_differentiable_pair(monkeypatch):
     m = prepare_for_decode(tiny_model())
     attns = [b.self_attn for b in m.layers]
-    assert all(type(a) is PrefillMLA for a in attns)
+    assert all(type(a) is NativeMLA for a in attns)
     calls = []
-    real = torch.ops.dsv2.attention
-    monkeypatch.setattr(torch.ops.dsv2, "attention", lambda *a: calls.append(1) or real(*a))
+    for name in ("attention", "attention_lse", "attention_backward"):
+        real = getattr(torch.ops.dsv2, name)
+        monkeypatch.setattr(torch.ops.dsv2, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     x = torch.randint(0, m.config.vocab_size, (1, 20))
     with torch.inference_mode():
         m(x)
-    assert len(calls) == len(attns)
-    m(x).sum().backward()   # under autograd: SDPA, which has a backward
-    assert len(calls) == len(attns)
+    assert calls == ["attention"] * len(attns)
+    calls.clear()
+    m(x).sum().backward()
+    assert calls == ["attention_lse"] * len(attns) + ["attention_backward"] * len(attns)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [SHAPES["after_a_prefix"], SHAPES["odd_widths"], (2, 150, 150, 4, 32, 64, 32)],
+                         ids=["after_a_prefix", "odd_widths", "two_query_blocks"])
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "mask"])
+def test_attention_gradients_equal_the_formula(shape, dtype, masked):
+    """attention_backward (float32 inside, whatever the inputs) against autograd through the float64
+    formula: every input's gradient, k^R's summed over the heads that share it. bfloat16: no further
+    from it than autograd through SDPA in bfloat16."""
+    from dsv2.native.attention import attention
+    B, T, S = shape[:3]
+    args = [t.detach().clone().requires_grad_() for t in inputs(*shape, dtype, seed=4)]
+    mask = None
+    if masked:
+        mask = torch.rand(B, T, S, generator=torch.Generator().manual_seed(5)) < 0.3
+        mask[..., 0] = True
+        mask[0, 1] = False   # a row that sees nothing: no gradient through it
+    scale = 1 / math.sqrt(shape[4] + shape[5])
+    out = attention(*args, mask, scale)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    got = torch.autograd.grad(out, args, dout)
+    ref = [a.detach().double().requires_grad_() for a in args]
+    want = torch.autograd.grad(reference(*ref, mask, scale), ref, dout.double())
+    if dtype == torch.bfloat16:
+        low = [a.detach().clone().requires_grad_() for a in args]
+        theirs = torch.autograd.grad(sdpa(*low, mask, scale), low, dout)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == dtype and g.shape == w.shape
+        err = (g.double() - w).abs().max().item()
+        if dtype == torch.float32:
+            assert err < 2e-6 * w.abs().max().item() + 1e-6, (i, err)
+        else:
+            assert err <= 1.5 * (theirs[i].double() - w).abs().max().item() + 1e-3, (i, err)
+
+
+def test_a_training_step_through_the_model_matches_sdpa():
+    """Loss and every parameter's gradient, float32, packed rows (segment masks) and plain causal
+    rows: NativeMLA against the model's SDPA path."""
+    from dsv2.native.attention import use_native_attention
+    ref = tiny_model().train()
+    ours = use_native_attention(tiny_model().train())
+    assert all(type(b.self_attn) is NativeMLA for b in ours.layers)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(2, ref.config.vocab_size, (2, 40), generator=g)
+    seg = torch.tensor([[0] * 25 + [1] * 15, [0] * 40])
+    for kwargs in ({}, {"segment_ids": seg}):
+        losses = []
+        for m in (ref, ours):
+            m.zero_grad()
+            loss = m(x, **kwargs).float().logsumexp(-1).mean()
+            loss.backward()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-5
+        for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+            if a.grad is not None:
+                assert (a.grad - b.grad).abs().max().item() < 1e-5 * a.grad.abs().max().item() + 1e-7, name
+
+
+def test_the_trainer_uses_it_on_cpu(tmp_path):
+    from dsv2.bench.common import random_shards
+    from dsv2.train.config import load_config
+    from dsv2.train.loop import Trainer
+    data = random_shards(tmp_path, 512, 20_000)
+    cfg = load_config("tiny", [f"data.dir={data}", f"out_dir={tmp_path / 'run'}", "export=false", "steps=1"])
+    tr = Trainer(cfg, print_fn=lambda *_: None)
+    assert all(type(b.self_attn) is NativeMLA for b in tr.model.layers)
 
 
 def engine_prefill(m, native: bool, prompts):
@@ -176,9 +246,9 @@ def engine_prefill(m, native: bool, prompts):
     after its own cached positions (no mask: causal over the last T keys) -> its last logits; and a
     padded batch of prompts (an explicit mask) -> every layer's cache rows of each prompt (a layer's
     latents are computed from the attention before it)."""
-    from dsv2.engine import optimize
-    saved = optimize.native_attention
-    optimize.native_attention = lambda: native
+    from dsv2.native import attention
+    saved = attention.native_attention
+    attention.native_attention = lambda: native
     try:
         a = Engine(m, max_batch_slots=1, max_len=200, prefill_chunk=64, native=False)
         logits = a._prefill(0, prompts[0], 0)[0].float()
@@ -188,7 +258,7 @@ def engine_prefill(m, native: bool, prompts):
                           for s, p in enumerate(prompts)])
         return logits, rows
     finally:
-        optimize.native_attention = saved
+        attention.native_attention = saved
 
 
 def test_engine_prefill_in_chunks_and_batches_matches_sdpa():

@@ -9,16 +9,16 @@ swaps modules for ones holding the same parameters (same state-dict keys, tied w
   device (a sort and a `searchsorted` instead of `bincount(...).tolist()`), and the routed
   experts run as one custom operator, `dsv2::routed_experts`, over the sorted rows. A decode
   step then has no host sync and compiles into one graph (`torch.compile(fullgraph=True)`).
-- every MLA -> `PrefillMLA`: on CPU its naive attention (prefill, scoring) is one custom operator,
-  `dsv2::attention` (native/attention.cpp), in place of SDPA: keys and values at their own widths
-  (SDPA's flash kernel wants the value zero-padded to the query's width), the shared k^R never
-  copied per head, and no work on the causal mask's empty half. 1.8-4.4x SDPA's time per call at
-  prefill shapes, measured (bench/prefill_attention.py).
+- every MLA -> `NativeMLA` (native/attention.py): on CPU its naive attention (prefill, scoring)
+  is one custom operator, `dsv2::attention`, in place of SDPA: keys and values at their own
+  widths (SDPA's flash kernel wants the value zero-padded to the query's width), the shared k^R
+  never copied per head, and no work on the causal mask's empty half (bench/prefill_attention.py).
 - `lm_head` (a float one) -> `RowsHead`: on CPU, a few rows against the whole vocabulary are
   computed as (W h^T)^T: MKL's sgemm took 1.5-4x longer for h W^T at 2-128 rows (batched decode).
 
-Under autograd or in training mode the swapped modules run their base class's forward, so a
-policy model that generates its own rollouts (GRPO) trains exactly as before.
+Under autograd or in training mode the swapped MoE and head run their base class's forward, and
+NativeMLA its differentiable operator (as the trainer's model does on CPU), so a policy model
+that generates its own rollouts (GRPO) trains exactly as the trainer's own.
 
 Also here: `prefill_dtype`, the activations' dtype the engine prefills in (float32 for a
 bfloat16 model on a CPU without bfloat16 arithmetic, model/linear.py).
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dtypes import cpu_has_fast_bf16
-from ..model.attention import MLA
 from ..model.linear import Linear
 from ..model.moe import DispatchState, LocalDispatcher, MoE, swiglu
+from ..native.attention import use_native_attention
 from ..quant import fp8, int8
 
 
@@ -121,29 +121,6 @@ class DecodeMoE(MoE):
         return out.view_as(x_BTD)
 
 
-# -------------------------------------------------------------------------------- attention
-def native_attention() -> bool:
-    """Whether torch.ops.dsv2.attention can run here (the native operators are built; DSV2_NATIVE=0
-    switches them off)."""
-    from .. import native
-    return native.available(notice=False)
-
-
-class PrefillMLA(MLA):
-    """MLA whose naive attention runs as `dsv2::attention` on CPU, outside autograd (float32 or
-    bfloat16; the model's mask, or causal over the last T of the S keys when it has none)."""
-
-    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        if (self.training or torch.is_grad_enabled() or q_nope.device.type != "cpu"
-                or q_nope.dtype not in (torch.float32, torch.bfloat16) or not native_attention()):
-            return super()._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
-        kv = self.kv_b_proj(c_kv.to(q_nope.dtype)).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        if mask is not None and mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        return torch.ops.dsv2.attention(q_nope, q_pe, k_nope, k_pe.to(q_nope.dtype), v, mask, self.scale)
-
-
 # ------------------------------------------------------------------------------- the head
 class RowsHead(Linear):
     """The output head; on CPU, 2-128 rows (batched decode) as (W h^T)^T, which MKL runs faster."""
@@ -171,9 +148,7 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is MoE:
                 _swap(parent, name, DecodeMoE)
-            elif type(child) is MLA:
-                _swap(parent, name, PrefillMLA)
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear) and not isinstance(head, RowsHead):
         _swap(model, "lm_head", RowsHead)
-    return model
+    return use_native_attention(model)

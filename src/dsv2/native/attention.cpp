@@ -329,6 +329,9 @@ static void block(const Attn *a, const Dims *d, int b, int h, int t0, int M, con
 #endif
         mm_f32(sc, KB, M, vp + (int64_t)k0 * Vp, Vp, n, Vp, o, Vp, 1);
     }
+    if (a->lse)   /* a row that saw nothing: +inf, so the backward's p = exp(s - lse) is 0 */
+        for (int i = 0; i < M; i++)
+            a->lse[((int64_t)b * a->T + t0 + i) * a->H + h] = sum[i] > 0 ? mx[i] + logf(sum[i]) : INFINITY;
     for (int i = 0; i < M; i++) {
         const float r = sum[i] > 0 ? 1.0f / sum[i] : 0.0f;
         const int64_t off = b * a->out_s[0] + (t0 + i) * a->out_s[1] + h * a->out_s[2];
@@ -355,5 +358,148 @@ void dsv2_attention(const Attn *a, float *work, int threads) {
             for (int t0 = 0; t0 < a->T; t0 += QB)
                 block(a, &d, b, h, t0, a->T - t0 < QB ? a->T - t0 : QB, kp, vp, q, sc, pb, o, mx, sum, lo, hi);
         }
+    }
+}
+
+/* ------------------------------------------------------------------ backward
+ * Per head, flash attention's backward in float32: p recomputed from the saved log-sum-exp,
+ * dp = do v^T and ds = p (dp - delta), then per block of queries x keys
+ *     dq += ds k,   dk^T += q^T ds,   dv^T += do^T p,
+ * dk and dv kept transposed (keys along the rows) and summed over the head's query blocks in the
+ * thread's own buffers. Every product is the forward's outer-product tile, so its second operand
+ * is one with NC columns per row: k by rows and transposed, v transposed, p and ds as they are;
+ * q and do are transposed once per query block. */
+typedef struct {
+    int QK, QKn, Sp, Vp;   /* query width; it padded to NC; keys and value columns padded to NC */
+} GDims;
+
+static GDims gdims(const Attn *a) {
+    GDims d;
+    d.QK = a->N + a->R;
+    d.QKn = (int)up(d.QK, NC);
+    d.Sp = (int)up(a->S, NC);
+    d.Vp = (int)up(a->V, NC);
+    return d;
+}
+
+/* Per thread: k transposed [QK, Sp] and by rows [Sp, QKn], v transposed [V, Sp], dk^T [QK, Sp],
+ * dv^T [V, Sp]; per query block q [QB, QK], q^T [QK, QB], do [QB, V], do^T [V, QB], dq [QB, QKn],
+ * p, dp and ds [QB, KB], the rows' windows. */
+static int64_t grad_floats(const Attn *a) {
+    const GDims d = gdims(a);
+    return (int64_t)d.Sp * (2 * d.QK + d.QKn + 2 * a->V) + QB * (int64_t)(2 * d.QK + 2 * a->V + d.QKn + 3 * KB + 2) + 64;
+}
+
+int64_t dsv2_attention_backward_work_floats(const Attn *a, int threads) { return grad_floats(a) * threads; }
+
+static inline void put(void *dst, int64_t i, float x, int type) {
+    if (type == F32) ((float *)dst)[i] = x;
+    else ((uint16_t *)dst)[i] = f32_to_bf16(x);
+}
+
+/* dst [rows, cols] = src [cols, rows] transposed (leading dimensions lds, ldd). */
+static void transpose(const float *src, int64_t lds, int rows, int cols, float *dst, int64_t ldd) {
+    for (int i0 = 0; i0 < cols; i0 += PK)
+        for (int r = 0; r < rows; r++)
+            for (int i = i0; i < i0 + PK && i < cols; i++) dst[(int64_t)r * ldd + i] = src[(int64_t)i * lds + r];
+}
+
+/* p and ds of row i over cols keys from k0: the scores in p, dp in dp. */
+static void grad_row(const Attn *a, float *p, float *ds, const float *dp, int j0, int j1, int cols, const uint8_t *mrow,
+                     float lse, float delta) {
+    int j = 0;
+    if (j1 <= j0 || lse == INFINITY) j0 = j1 = 0;   /* a row that sees nothing here */
+    for (; j < j0; j++) p[j] = ds[j] = 0;
+    for (; j + VW <= j1; j += VW) {
+        vf e = exp_neg(ldv(p + j) * a->scale - lse);
+        if (mrow) {
+            vb m;
+            memcpy(&m, mrow + j, VW);
+            e = __builtin_convertvector(m, vi) != 0 ? e : (vf){};
+        }
+        stv(p + j, e);
+        stv(ds + j, e * (ldv(dp + j) - delta));
+    }
+    for (; j < j1; j++) {
+        p[j] = mrow && !mrow[j] ? 0.0f : expf(p[j] * a->scale - lse);
+        ds[j] = p[j] * (dp[j] - delta);
+    }
+    for (; j < cols; j++) p[j] = ds[j] = 0;
+}
+
+static void grad_head(const Attn *a, const AttnGrad *g, const GDims *d, int b, int h, float *base) {
+    const int S = a->S, N = a->N, R = a->R, V = a->V, QK = d->QK, QKn = d->QKn, Sp = d->Sp, t = a->type;
+    float *kt = base, *kr = kt + (int64_t)QK * Sp, *vt = kr + (int64_t)Sp * QKn, *dkt = vt + (int64_t)V * Sp;
+    float *dvt = dkt + (int64_t)QK * Sp, *q = dvt + (int64_t)V * Sp, *qt = q + QB * QK, *dout = qt + QK * QB;
+    float *dot = dout + QB * V, *dq = dot + V * QB, *p = dq + QB * QKn, *ds = p + QB * KB, *dp = ds + QB * KB;
+    int *lo = (int *)(dp + QB * KB), *hi = lo + QB;
+    const int64_t kn0 = b * a->kn_s[0] + h * a->kn_s[2], kr0 = b * a->kr_s[0], v0 = b * a->v_s[0] + h * a->v_s[2];
+    memset(kr, 0, sizeof(float) * Sp * QKn);
+    memset(vt, 0, sizeof(float) * V * Sp);
+    for (int j = 0; j < S; j++) {
+        float *row = kr + (int64_t)j * QKn;
+        for (int k = 0; k < N; k++) row[k] = elem(a->kn, kn0 + j * a->kn_s[1] + k, t);
+        for (int k = 0; k < R; k++) row[N + k] = elem(a->kr, kr0 + j * a->kr_s[1] + k, t);
+        for (int c = 0; c < V; c++) vt[(int64_t)c * Sp + j] = elem(a->v, v0 + j * a->v_s[1] + c, t);
+    }
+    memset(kt, 0, sizeof(float) * QK * Sp);
+    transpose(kr, QKn, QK, S, kt, Sp);
+    memset(dkt, 0, sizeof(float) * QK * Sp);
+    memset(dvt, 0, sizeof(float) * V * Sp);
+    for (int t0 = 0; t0 < a->T; t0 += QB) {
+        const int M = a->T - t0 < QB ? a->T - t0 : QB;
+        for (int i = 0; i < M; i++) {
+            const int64_t rn = b * a->qn_s[0] + (t0 + i) * a->qn_s[1] + h * a->qn_s[2];
+            const int64_t rr = b * a->qr_s[0] + (t0 + i) * a->qr_s[1] + h * a->qr_s[2];
+            const int64_t ro = b * g->dout_s[0] + (t0 + i) * g->dout_s[1] + h * g->dout_s[2];
+            for (int k = 0; k < N; k++) q[i * QK + k] = elem(a->qn, rn + k, t);
+            for (int k = 0; k < R; k++) q[i * QK + N + k] = elem(a->qr, rr + k, t);
+            for (int c = 0; c < V; c++) dout[i * V + c] = elem(g->dout, ro + c, t);
+        }
+        transpose(q, QK, QK, M, qt, QB);
+        transpose(dout, V, V, M, dot, QB);
+        memset(dq, 0, sizeof(float) * QB * QKn);
+        windows(a, b, t0, M, lo, hi);
+        int first = a->S, last = 0;
+        for (int i = 0; i < M; i++)
+            if (lo[i] < hi[i]) { first = lo[i] < first ? lo[i] : first; last = hi[i] > last ? hi[i] : last; }
+        const int64_t r0 = ((int64_t)b * a->T + t0) * a->H + h;
+        for (int k0 = first / NC * NC; k0 < last; k0 += KB) {
+            const int n = last - k0 < KB ? last - k0 : KB, cols = (int)up(n, NC);
+            mm_f32(q, QK, M, kt + k0, Sp, QK, cols, p, KB, 0);      /* scores */
+            mm_f32(dout, V, M, vt + k0, Sp, V, cols, dp, KB, 0);    /* dp = do v^T */
+            for (int i = 0; i < M; i++) {
+                const int j0 = lo[i] - k0 > 0 ? lo[i] - k0 : 0, j1 = hi[i] - k0 < n ? hi[i] - k0 : n;
+                const uint8_t *mrow = a->mask ? a->mask + b * a->mask_s[0] + (t0 + i) * a->mask_s[1] + k0 : 0;
+                grad_row(a, p + i * KB, ds + i * KB, dp + i * KB, j0, j1, cols, mrow, g->lse[r0 + (int64_t)i * a->H],
+                         g->delta[r0 + (int64_t)i * a->H]);
+            }
+            mm_f32(dot, QB, V, p, KB, M, cols, dvt + k0, Sp, 1);                    /* dv^T += do^T p */
+            mm_f32(qt, QB, QK, ds, KB, M, cols, dkt + k0, Sp, 1);                   /* dk^T += q^T ds */
+            mm_f32(ds, KB, M, kr + (int64_t)k0 * QKn, QKn, n, QKn, dq, QKn, 1);     /* dq += ds k */
+        }
+        for (int i = 0; i < M; i++) {
+            const int64_t o = r0 + (int64_t)i * a->H;
+            for (int k = 0; k < N; k++) put(g->dq_nope, o * N + k, dq[i * QKn + k] * a->scale, t);
+            for (int k = 0; k < R; k++) put(g->dq_pe, o * R + k, dq[i * QKn + N + k] * a->scale, t);
+        }
+    }
+    for (int j = 0; j < S; j++) {
+        const int64_t o = ((int64_t)b * S + j) * a->H + h;
+        for (int k = 0; k < N; k++) put(g->dk_nope, o * N + k, dkt[(int64_t)k * Sp + j] * a->scale, t);
+        for (int k = 0; k < R; k++) put(g->dk_pe, o * R + k, dkt[(int64_t)(N + k) * Sp + j] * a->scale, t);
+        for (int c = 0; c < V; c++) put(g->dv, o * V + c, dvt[(int64_t)c * Sp + j], t);
+    }
+}
+
+void dsv2_attention_backward(const Attn *a, const AttnGrad *g, float *work, int threads) {
+    const GDims d = gdims(a);
+    const int64_t per = grad_floats(a);
+    const int heads = a->B * a->H;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *base = work + omp_get_thread_num() * per;
+        #pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < heads; bh++) grad_head(a, g, &d, bh / a->H, bh % a->H, base);
     }
 }

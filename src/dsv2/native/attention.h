@@ -20,9 +20,23 @@ struct Attn {
     float scale;
     void *out;                          /* [B, T, H, V] */
     int64_t out_s[3];
+    float *lse;                         /* [B, T, H] contiguous, or NULL: each row's log-sum-exp of its
+                                           scaled scores, written by the forward for the backward */
+};
+
+/* The gradients of dsv2_attention, given dout, the forward's lse and delta [B, T, H] (the row sums
+ * of dout * out), float32 contiguous both. Computed in float32 whatever the inputs' type and written
+ * in it, contiguous: dq_nope [B, T, H, N], dq_pe [B, T, H, R], dk_nope [B, S, H, N], dk_pe per head
+ * [B, S, H, R] (the caller sums the heads: k^R is shared), dv [B, S, H, V]. */
+struct AttnGrad {
+    const void *dout;   int64_t dout_s[3];
+    const float *lse, *delta;
+    void *dq_nope, *dq_pe, *dk_nope, *dk_pe, *dv;
 };
 
 /* Floats of work space dsv2_attention needs with `threads` threads. */
 int64_t dsv2_attention_work_floats(const struct Attn *a, int threads);
 /* out = softmax(q k^T scale, masked) v. A query that may attend to no key gets zeros. */
 void dsv2_attention(const struct Attn *a, float *work, int threads);
+int64_t dsv2_attention_backward_work_floats(const struct Attn *a, int threads);
+void dsv2_attention_backward(const struct Attn *a, const struct AttnGrad *g, float *work, int threads);

@@ -147,3 +147,12 @@ def _register_fake() -> None:
     @torch.library.register_fake("dsv2::attention")
     def _(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
         return q_nope.new_empty((*q_nope.shape[:3], v.shape[-1]))
+
+    @torch.library.register_fake("dsv2::attention_lse")
+    def _(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
+        return q_nope.new_empty((*q_nope.shape[:3], v.shape[-1])), q_nope.new_empty(q_nope.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2::attention_backward")
+    def _(dout, q_nope, q_pe, k_nope, k_pe, v, mask, lse, delta, scale):
+        return (q_nope.new_empty(q_nope.shape), q_pe.new_empty(q_pe.shape), k_nope.new_empty(k_nope.shape),
+                k_pe.new_empty((*k_nope.shape[:3], k_pe.shape[-1])), v.new_empty(v.shape))

@@ -9,7 +9,8 @@
 //   quantize_rows_int8(w) -> (int8 rows, bf16 scales), as quant/int8.py's quantize_rows
 //   int8_mm(x, q, scale) -> x [M, K] times int8 rows q [N, K] with the step's integer products
 //   attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale) -> MLA's naive attention, forward
-//       (attention.cpp): [B, T, H, V]
+//       (attention.cpp): [B, T, H, V]; attention_lse also returns each row's log-sum-exp [B, T, H],
+//       which attention_backward takes (with dout and delta) -> the five inputs' gradients
 //
 // `weights` is one flat list: the model-wide slots, then each layer's; a matrix slot is followed
 // by its int8 row scales (None for float weights). Python builds the list from layout(), so the
@@ -363,8 +364,9 @@ void check_attn(const at::Tensor &t, const char *name, int dims, at::ScalarType 
     for (int i = 0; i < dims - 1; i++) s[i] = t.stride(i);
 }
 
-at::Tensor attention(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope, const at::Tensor &k_pe,
-                     const at::Tensor &v, const std::optional<at::Tensor> &mask, double scale) {
+// The inputs checked and described; out [B, T, H, V] allocated in the inputs' dtype.
+Attn describe_attn(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope, const at::Tensor &k_pe,
+                   const at::Tensor &v, const std::optional<at::Tensor> &mask, double scale, at::Tensor &out) {
     const at::ScalarType type = q_nope.scalar_type();
     TORCH_CHECK_VALUE(type == at::kFloat || type == at::kBFloat16,
                       "attention: the inputs must be float32 or bfloat16, got ", type, ".");
@@ -390,8 +392,7 @@ at::Tensor attention(const at::Tensor &q_nope, const at::Tensor &q_pe, const at:
         TORCH_CHECK_VALUE(T <= S, "attention: without a mask the ", T, " queries are the last of the ", S,
                           " keys, so there cannot be more queries than keys.");
     }
-    at::Tensor out = at::empty({B, T, H, V}, q_nope.options());
-    if (out.numel() == 0) return out;
+    out = at::empty({B, T, H, V}, q_nope.options());
     a.B = (int32_t)B; a.T = (int32_t)T; a.S = (int32_t)S; a.H = (int32_t)H;
     a.N = (int32_t)N; a.R = (int32_t)R; a.V = (int32_t)V;
     a.type = type == at::kFloat ? F32 : BF16;
@@ -400,10 +401,62 @@ at::Tensor attention(const at::Tensor &q_nope, const at::Tensor &q_pe, const at:
     a.scale = (float)scale;
     a.out = out.mutable_data_ptr();
     for (int i = 0; i < 3; i++) a.out_s[i] = out.stride(i);
+    return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor &q_nope, const at::Tensor &q_pe,
+                                                 const at::Tensor &k_nope, const at::Tensor &k_pe, const at::Tensor &v,
+                                                 const std::optional<at::Tensor> &mask, double scale) {
+    at::Tensor out;
+    Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale, out);
+    at::Tensor lse = at::empty({a.B, a.T, a.H}, q_nope.options().dtype(at::kFloat));
+    if (out.numel() == 0) return {out, lse};
+    a.lse = lse.mutable_data_ptr<float>();
+    const int threads = at::get_num_threads();
+    at::Tensor work = at::empty({dsv2_attention_work_floats(&a, threads)}, lse.options());
+    dsv2_attention(&a, work.mutable_data_ptr<float>(), threads);
+    return {out, lse};
+}
+
+at::Tensor attention(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope, const at::Tensor &k_pe,
+                     const at::Tensor &v, const std::optional<at::Tensor> &mask, double scale) {
+    at::Tensor out;
+    Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale, out);
+    if (out.numel() == 0) return out;
     const int threads = at::get_num_threads();
     at::Tensor work = at::empty({dsv2_attention_work_floats(&a, threads)}, q_nope.options().dtype(at::kFloat));
     dsv2_attention(&a, work.mutable_data_ptr<float>(), threads);
     return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_backward(const at::Tensor &dout, const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope,
+                   const at::Tensor &k_pe, const at::Tensor &v, const std::optional<at::Tensor> &mask,
+                   const at::Tensor &lse, const at::Tensor &delta, double scale) {
+    at::Tensor out;
+    Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale, out);
+    AttnGrad g = {};
+    check_attn(dout, "dout", 4, q_nope.scalar_type(), "[B, T, H, V]", g.dout_s);
+    TORCH_CHECK_VALUE(dout.sizes() == out.sizes(), "attention_backward: dout must be ", out.sizes(), ", got ",
+                      dout.sizes(), ".");
+    for (const at::Tensor *t : {&lse, &delta})
+        TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous()
+                              && t->sizes() == at::IntArrayRef({a.B, a.T, a.H}),
+                          "attention_backward: lse and delta must be contiguous float32 [B, T, H], got ",
+                          t->scalar_type(), " ", t->sizes(), ".");
+    const auto opt = q_nope.options();
+    at::Tensor dqn = at::empty(q_nope.sizes(), opt), dqr = at::empty(q_pe.sizes(), opt);
+    at::Tensor dkn = at::empty(k_nope.sizes(), opt), dkr = at::empty({a.B, a.S, a.H, a.R}, opt);
+    at::Tensor dv = at::empty(v.sizes(), opt);
+    if (a.B * a.H == 0 || a.S == 0) return {dqn.zero_(), dqr.zero_(), dkn.zero_(), dkr.zero_(), dv.zero_()};
+    g.dout = dout.const_data_ptr();
+    g.lse = lse.const_data_ptr<float>(); g.delta = delta.const_data_ptr<float>();
+    g.dq_nope = dqn.mutable_data_ptr(); g.dq_pe = dqr.mutable_data_ptr(); g.dk_nope = dkn.mutable_data_ptr();
+    g.dk_pe = dkr.mutable_data_ptr(); g.dv = dv.mutable_data_ptr();
+    const int threads = at::get_num_threads();
+    at::Tensor work = at::empty({dsv2_attention_backward_work_floats(&a, threads)}, opt.dtype(at::kFloat));
+    dsv2_attention_backward(&a, &g, work.mutable_data_ptr<float>(), threads);
+    return {dqn, dqr, dkn, dkr, dv};
 }
 
 std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
@@ -422,6 +475,10 @@ TORCH_LIBRARY(dsv2, m) {
     m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
     m.def("attention(Tensor q_nope, Tensor q_pe, Tensor k_nope, Tensor k_pe, Tensor v, Tensor? mask, float scale) "
           "-> Tensor");
+    m.def("attention_lse(Tensor q_nope, Tensor q_pe, Tensor k_nope, Tensor k_pe, Tensor v, Tensor? mask, float scale) "
+          "-> (Tensor, Tensor)");
+    m.def("attention_backward(Tensor dout, Tensor q_nope, Tensor q_pe, Tensor k_nope, Tensor k_pe, Tensor v, "
+          "Tensor? mask, Tensor lse, Tensor delta, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CPU, m) {
@@ -429,6 +486,8 @@ TORCH_LIBRARY_IMPL(dsv2, CPU, m) {
     m.impl("quantize_rows_int8", &quantize_rows_int8);
     m.impl("int8_mm", &int8_mm);
     m.impl("attention", &attention);
+    m.impl("attention_lse", &attention_lse);
+    m.impl("attention_backward", &attention_backward);
 }
 
 TORCH_LIBRARY_IMPL(dsv2, CompositeExplicitAutograd, m) {
