@@ -111,15 +111,29 @@ def test_rows_that_may_see_no_key_get_zeros_and_the_rest_are_untouched():
     assert (got.double() - want).abs().max().item() < 1e-5
 
 
-def test_a_mask_window_far_from_the_first_key_skips_nothing_it_needs():
-    """Segment-style masks (a packed row's later document): each query sees only keys in
-    [start, itself], so whole leading blocks of keys are skipped; the result is the formula's."""
-    T = S = 300
-    args = inputs(1, T, S, 2, 16, 8, 16, torch.float32, seed=3)
-    seg = (torch.arange(T) >= 170).long() + (torch.arange(T) >= 260).long()
-    mask = causal_mask(torch.arange(T)[None], S, segment_ids_BT=seg[None])
-    got = torch.ops.dsv2.attention(*args, mask, 0.25)
-    assert (got.double() - reference(*args, mask, 0.25)).abs().max().item() < 1e-5
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_windows_far_from_the_block_start_skip_nothing_and_touch_no_other_row(dtype):
+    """Segment-style masks (a packed row's later documents, as the trainer packs them): a query
+    sees only keys in [its document's start, itself], so whole leading blocks of keys are skipped,
+    and a block of queries can straddle documents, its rows' windows starting hundreds of keys
+    apart. Also one row that sees only the last of 300 keys beside one that sees them all. The
+    results are the formula's (a window start past a block's end once spilled into the next
+    rows' scores: NaN in bfloat16, a wrong row in float32)."""
+    T = S = 400
+    args = inputs(1, T, S, 2, 16, 8, 16, dtype, seed=3)
+    seg = (torch.arange(T) >= 170).long() + (torch.arange(T) >= 300).long()
+    masks = [causal_mask(torch.arange(T)[None], S, segment_ids_BT=seg[None])]
+    far = torch.zeros(1, 2, 300, dtype=torch.bool)
+    far[0, 0, -1] = True
+    far[0, 1] = True
+    masks.append(far)
+    for mask in masks:
+        a = [t[:, : mask.shape[1]] for t in args[:2]] + [t[:, : mask.shape[2]] for t in args[2:]]
+        got = torch.ops.dsv2.attention(*a, mask, 0.25)
+        want = reference(*a, mask, 0.25)
+        err = (got.double() - want).abs().max().item()
+        assert not got.isnan().any()
+        assert err < (1e-5 if dtype == torch.float32 else 1.5 * (sdpa(*a, mask, 0.25).double() - want).abs().max().item() + 1e-3)
 
 
 def test_bad_inputs_are_refused_with_one_sentence():
@@ -134,6 +148,8 @@ def test_bad_inputs_are_refused_with_one_sentence():
         torch.ops.dsv2.attention(*(t.half() for t in (qn, qr, kn, kr, v)), None, 1.0)
     with pytest.raises(ValueError, match="k_pe must be"):
         torch.ops.dsv2.attention(qn, qr, kn, kr.bfloat16(), v, None, 1.0)
+    with pytest.raises(ValueError, match="at least one column"):
+        torch.ops.dsv2.attention(qn, qr, kn, kr, v[..., :0], None, 1.0)
 
 
 def test_the_operator_passes_opcheck():

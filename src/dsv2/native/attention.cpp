@@ -246,11 +246,11 @@ static void windows(const Attn *a, int b, int t0, int M, int *lo, int *hi) {
             continue;
         }
         const uint8_t *row = a->mask + b * a->mask_s[0] + t * a->mask_s[1];
-        const uint8_t *first = (const uint8_t *)memchr(row, 1, a->S);
-        if (!first) { lo[i] = hi[i] = 0; continue; }
-        int last = a->S - 1;
+        int first = 0, last = a->S - 1;   /* any non-zero byte is true, as in the blocks */
+        while (first < a->S && !row[first]) first++;
+        if (first == a->S) { lo[i] = hi[i] = 0; continue; }
         while (!row[last]) last--;
-        lo[i] = (int)(first - row);
+        lo[i] = first;
         hi[i] = last + 1;
     }
 }
@@ -276,7 +276,8 @@ static void block(const Attn *a, const Dims *d, int b, int h, int t0, int M, con
         int any = 0;
         for (int i = 0; i < M; i++) {   /* online softmax: what came before rescaled to the new max */
             float *p = sc + i * KB;
-            const int j0 = lo[i] - k0 > 0 ? lo[i] - k0 : 0, j1 = hi[i] - k0 < n ? hi[i] - k0 : n;
+            /* the row's window inside this block: [j0, j1), empty where it starts past the block */
+            const int j0 = lo[i] - k0 <= 0 ? 0 : lo[i] - k0 < n ? lo[i] - k0 : n, j1 = hi[i] - k0 < n ? hi[i] - k0 : n;
             for (int j = 0; j < j0; j++) p[j] = -INFINITY;
             for (int j = j1 > j0 ? j1 : j0; j < cols; j++) p[j] = -INFINITY;
             const uint8_t *mrow = a->mask ? a->mask + b * a->mask_s[0] + (t0 + i) * a->mask_s[1] + k0 : 0;

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..model.attention import MLA
 
@@ -30,16 +31,17 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_nope, q_pe, k_nope, k_pe, v, mask, scale):
         out, lse = torch.ops.dsv2.attention_lse(q_nope, q_pe, k_nope, k_pe, v, mask, scale)
-        ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, out, lse)
-        ctx.mask, ctx.scale = mask, scale
+        ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, out, lse, mask)
+        ctx.scale = scale
         return out
 
     @staticmethod
+    @once_differentiable   # the backward is one operator: no second derivatives through it
     def backward(ctx, dout):
-        q_nope, q_pe, k_nope, k_pe, v, out, lse = ctx.saved_tensors
+        q_nope, q_pe, k_nope, k_pe, v, out, lse, mask = ctx.saved_tensors
         delta = (dout.float() * out.float()).sum(-1).contiguous()
         dq_nope, dq_pe, dk_nope, dk_pe_heads, dv = torch.ops.dsv2.attention_backward(
-            dout.contiguous(), q_nope, q_pe, k_nope, k_pe, v, ctx.mask, lse, delta, ctx.scale)
+            dout.contiguous(), q_nope, q_pe, k_nope, k_pe, v, mask, lse, delta, ctx.scale)
         dk_pe = dk_pe_heads.sum(2, dtype=torch.float32).to(k_pe.dtype)   # k^R is every head's
         return dq_nope, dq_pe, dk_nope, dk_pe, dv, None, None
 

@@ -358,7 +358,8 @@ at::Tensor int8_mm(const at::Tensor &x, const at::Tensor &q, const at::Tensor &s
 
 // t as `dims` dimensions with a contiguous last one, its other strides into s.
 void check_attn(const at::Tensor &t, const char *name, int dims, at::ScalarType type, const char *shape, int64_t *s) {
-    TORCH_CHECK_VALUE(t.dim() == dims && t.device().is_cpu() && t.scalar_type() == type && t.stride(dims - 1) == 1,
+    TORCH_CHECK_VALUE(t.dim() == dims && t.device().is_cpu() && t.scalar_type() == type
+                          && (t.stride(dims - 1) == 1 || t.size(dims - 1) <= 1),
                       "attention: ", name, " must be a ", type, " CPU tensor ", shape, " with a contiguous last "
                       "dimension, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device(), ".");
     for (int i = 0; i < dims - 1; i++) s[i] = t.stride(i);
@@ -383,6 +384,8 @@ Attn describe_attn(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::T
                       "attention: shapes disagree: q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", k_nope ",
                       k_nope.sizes(), ", k_pe ", k_pe.sizes(), ", v ", v.sizes(),
                       " (want [B, T, H, N], [B, T, H, R], [B, S, H, N], [B, S, R], [B, S, H, V]).");
+    TORCH_CHECK_VALUE(V > 0 && N + R > 0, "attention: queries, keys and values need at least one column, got N + R = ",
+                      N + R, " and V = ", V, ".");
     if (mask.has_value()) {
         check_attn(*mask, "mask", 3, at::kBool, "[B, T, S]", a.mask_s);
         TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef({B, T, S}), "attention: mask must be [B, T, S] = [", B, ", ",
