@@ -1,4 +1,5 @@
-/* Attention over many queries at once (prefill, scoring): MLA's naive path, forward only.
+/* Attention over many queries at once (prefill, scoring, training): MLA's naive path, forward and
+ * backward (the backward at the end of this file).
  *
  * PyTorch's CPU flash kernel needs equal query and value widths, so MLA's values (V = 32 or 128
  * against a query of N + R = 96 or 192) were zero-padded to the query's width, a third or half of
