@@ -14,23 +14,11 @@ magnitude. One input row is decode; hundreds are a prompt's prefill.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from dsv2.bench.common import cpu_name
+from dsv2.bench.common import best_time, cpu_name
 from dsv2.quant.int8 import integer_products, quantize_rows
-
-
-def best_time(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -66,7 +54,8 @@ def main() -> None:
                 cells.append(f"{'(width not % 32)':>22}")
                 continue
             err = (fn(x) - want).abs().max().item() / want.abs().max().item()
-            gflops = 2 * M * N * K / best_time(lambda: fn(x), args.repeat) / 1e9
+            fn(x), fn(x)   # warm-up, with the call above
+            gflops = 2 * M * N * K / best_time(lambda: fn(x), args.repeat)[0] / 1e9
             cells.append(f"{gflops:>8.1f} ({err:9.1e})")
         print(f"{M:>6} | " + " | ".join(f"{c:>22}" for c in cells), flush=True)
 

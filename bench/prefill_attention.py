@@ -16,26 +16,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
-from dsv2.bench.common import cpu_name
+from dsv2.bench.common import best_time, cpu_name
 from dsv2.model.mask import causal_mask
 
 SHAPES = ("1x512x512x8x32x64x32,1x2048x2048x8x32x64x32,1x64x2048x8x32x64x32,"   # small: prompt, long prompt, chunk
           "1x512x512x16x128x64x128,1x2048x2048x16x128x64x128")                    # V2-Lite's heads
-
-
-def best_ms(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
 
 
 def main() -> None:
@@ -85,7 +74,8 @@ def main() -> None:
                                     kv[..., N:].double())
             cells, times = [], {}
             for name, fn in ways.items():
-                times[name] = best_ms(fn, args.repeat)
+                fn()   # warm-up
+                times[name] = best_time(fn, args.repeat)[0] * 1e3
                 err = (fn().double() - want).abs().max().item() / want.abs().max().item()
                 cells.append(f"{times[name]:7.2f} ms {flop / times[name] / 1e6:4.0f} GF {err:7.1e}")
             best_peer = min(times["padded"], times["unpadded"])

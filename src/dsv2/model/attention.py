@@ -151,11 +151,15 @@ class MLA(nn.Module):
             out = torch.take_along_dim(out, rows[..., None, None], dim=1)
         return self.o_proj(out.flatten(2))
 
+    def _decompress(self, c_kv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[k^C ; v^C] = W^UK c^KV ; W^UV c^KV in dtype -> k_nope [B, S, H, N], v [B, S, H, V] (views of one tensor)."""
+        kv = self.kv_b_proj(c_kv.to(dtype)).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))
+        return kv.split([self.nope_dim, self.v_dim], dim=-1)
+
     def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Decompress keys/values per head, then scaled dot-product attention. -> [B, T, H, V]"""
         B, S = c_kv.shape[:2]
-        kv = self.kv_b_proj(c_kv.to(q_nope.dtype)).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_nope, v = self._decompress(c_kv, q_nope.dtype)
         k = torch.cat([k_nope, k_pe.to(q_nope.dtype)[:, :, None].expand(B, S, self.n_heads, self.rope_dim)], -1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         V = self.v_dim

@@ -132,13 +132,15 @@ static void mm_bf16(const uint16_t *A, int64_t lda, int M, const uint16_t *B, in
 
 /* ------------------------------------------------------------------ work space */
 typedef struct {
-    int QK, QKp, Sp, Vp, dp;   /* query width, padded to pairs; keys and value columns padded to NC; bfloat16 tiles */
+    /* query width, padded to pairs and to NC; keys and value columns padded to NC; bfloat16 tiles */
+    int QK, QKp, QKn, Sp, Vp, dp;
 } Dims;
 
 static Dims dims(const Attn *a) {
     Dims d;
     d.QK = a->N + a->R;
     d.QKp = (int)up(d.QK, 2);
+    d.QKn = (int)up(d.QK, NC);
     d.Sp = (int)up(a->S, NC);
     d.Vp = (int)up(a->V, NC);
 #if KV_DPBF16
@@ -164,39 +166,32 @@ int64_t dsv2_attention_work_floats(const Attn *a, int threads) { return thread_f
  * whole blocks of NC. Keys go 16 at a time, so each store fills one cache line: one key at a time
  * stored a column of lines Sp apart, which thrashed L1 at power-of-two lengths. */
 #define PK 16
-template <typename T>
-static void pack_keys_f32(const Attn *a, const Dims *d, const T *kn, const T *kr, float *kf) {
-    const int S = a->S, N = a->N, R = a->R;
-    memset(kf, 0, sizeof(float) * d->QKp * d->Sp);
+/* Keys [N + R, S] of head h into out: transposed (K[k][j]), or as pairs along k (K[k / 2][j][k % 2])
+ * for the bfloat16 tiles. Src -> Dst: float -> float, Bf16 -> float (widened), uint16_t -> uint16_t. */
+template <typename Src, typename Dst>
+static void pack_keys(const Attn *a, const Dims *d, const Src *kn, const Src *kr, Dst *out, int pairs) {
+    const int S = a->S, N = a->N, R = a->R, step = pairs ? 2 : 1;
+    memset(out, 0, sizeof(Dst) * d->QKp * d->Sp);
     for (int j0 = 0; j0 < S; j0 += PK) {
         const int n = S - j0 < PK ? S - j0 : PK;
         for (int k = 0; k < N + R; k++) {
-            const T *src = k < N ? kn + j0 * a->kn_s[1] + k : kr + j0 * a->kr_s[1] + (k - N);
+            const Src *src = k < N ? kn + j0 * a->kn_s[1] + k : kr + j0 * a->kr_s[1] + (k - N);
             const int64_t ld = k < N ? a->kn_s[1] : a->kr_s[1];
-            float *dst = kf + (int64_t)k * d->Sp + j0;
-            for (int l = 0; l < n; l++) dst[l] = (float)src[l * ld];
+            Dst *dst = out + (pairs ? (int64_t)(k / 2) * 2 * d->Sp + k % 2 : (int64_t)k * d->Sp) + step * j0;
+            for (int l = 0; l < n; l++) dst[step * l] = static_cast<Dst>(src[l * ld]);
         }
     }
 }
 
 static void pack(const Attn *a, const Dims *d, int b, int h, float *kf, float *vf_) {
-    const int S = a->S, N = a->N, R = a->R, V = a->V;
+    const int S = a->S, V = a->V;
     const int64_t kn0 = b * a->kn_s[0] + h * a->kn_s[2], kr0 = b * a->kr_s[0], v0 = b * a->v_s[0] + h * a->v_s[2];
     if (d->dp) {
-        uint16_t *kb = (uint16_t *)kf, *vb = (uint16_t *)vf_;
         const uint16_t *kn = (const uint16_t *)a->kn + kn0, *kr = (const uint16_t *)a->kr + kr0;
         const uint16_t *v = (const uint16_t *)a->v + v0;
-        memset(kb, 0, sizeof(uint16_t) * d->QKp * d->Sp);
+        uint16_t *vb = (uint16_t *)vf_;
+        pack_keys(a, d, kn, kr, (uint16_t *)kf, 1);
         memset(vb, 0, sizeof(uint16_t) * d->Sp * d->Vp);
-        for (int j0 = 0; j0 < S; j0 += PK) {
-            const int n = S - j0 < PK ? S - j0 : PK;
-            for (int k = 0; k < N + R; k++) {
-                const uint16_t *src = k < N ? kn + j0 * a->kn_s[1] + k : kr + j0 * a->kr_s[1] + (k - N);
-                const int64_t ld = k < N ? a->kn_s[1] : a->kr_s[1];
-                uint16_t *dst = kb + (int64_t)(k / 2) * 2 * d->Sp + 2 * j0 + k % 2;
-                for (int l = 0; l < n; l++) dst[2 * l] = src[l * ld];
-            }
-        }
         for (int j = 0; j < S; j++) {
             const uint16_t *rv = v + j * a->v_s[1];
             uint16_t *o = vb + (int64_t)(j / 2) * 2 * d->Vp + j % 2;
@@ -204,8 +199,8 @@ static void pack(const Attn *a, const Dims *d, int b, int h, float *kf, float *v
         }
         return;
     }
-    if (a->type == F32) pack_keys_f32(a, d, (const float *)a->kn + kn0, (const float *)a->kr + kr0, kf);
-    else pack_keys_f32(a, d, (const Bf16 *)a->kn + kn0, (const Bf16 *)a->kr + kr0, kf);
+    if (a->type == F32) pack_keys(a, d, (const float *)a->kn + kn0, (const float *)a->kr + kr0, kf, 0);
+    else pack_keys(a, d, (const Bf16 *)a->kn + kn0, (const Bf16 *)a->kr + kr0, kf, 0);
     for (int j = 0; j < S; j++) {
         const int64_t rv = v0 + j * a->v_s[1];
         float *o = vf_ + (int64_t)j * d->Vp;
@@ -237,8 +232,9 @@ static void pack_queries(const Attn *a, const Dims *d, int b, int h, int t0, int
 }
 
 /* ------------------------------------------------------------------ one head, one query block */
-/* Row i's window of keys [lo[i], hi[i]) (empty: lo >= hi); inside it, the mask (if any) decides. */
-static void windows(const Attn *a, int b, int t0, int M, int *lo, int *hi) {
+/* Row i's window of keys [lo[i], hi[i]) (empty: lo >= hi); inside it, the mask (if any) decides.
+ * -> [*first, *last): the keys some row of the block may see (empty: first >= last). */
+static void windows(const Attn *a, int b, int t0, int M, int *lo, int *hi, int *first, int *last) {
     for (int i = 0; i < M; i++) {
         const int t = t0 + i;
         if (!a->mask) {
@@ -254,16 +250,25 @@ static void windows(const Attn *a, int b, int t0, int M, int *lo, int *hi) {
         lo[i] = first;
         hi[i] = last + 1;
     }
+    *first = a->S, *last = 0;
+    for (int i = 0; i < M; i++)
+        if (lo[i] < hi[i]) { *first = lo[i] < *first ? lo[i] : *first; *last = hi[i] > *last ? hi[i] : *last; }
+}
+
+/* The part [*j0, *j1) of the window [lo, hi) inside the block of n keys from k0, relative to k0:
+ * empty (j0 == j1) where the window starts past the block or ends before it. */
+static inline void in_block(int lo, int hi, int k0, int n, int *j0, int *j1) {
+    *j0 = lo - k0 <= 0 ? 0 : lo - k0 < n ? lo - k0 : n;
+    *j1 = hi - k0 < n ? hi - k0 : n;
+    if (*j1 < *j0) *j1 = *j0;
 }
 
 static void block(const Attn *a, const Dims *d, int b, int h, int t0, int M, const float *kp, const float *vp,
                   float *q, float *sc, uint16_t *pb, float *o, float *mx, float *sum, int *lo, int *hi) {
     const int QKp = d->QKp, Vp = d->Vp;
     pack_queries(a, d, b, h, t0, M, q);
-    windows(a, b, t0, M, lo, hi);
-    int first = a->S, last = 0;
-    for (int i = 0; i < M; i++)
-        if (lo[i] < hi[i]) { first = lo[i] < first ? lo[i] : first; last = hi[i] > last ? hi[i] : last; }
+    int first, last;
+    windows(a, b, t0, M, lo, hi, &first, &last);
     memset(o, 0, sizeof(float) * M * Vp);
     for (int i = 0; i < M; i++) { mx[i] = -INFINITY; sum[i] = 0; }
     for (int k0 = first / NC * NC; k0 < last; k0 += KB) {
@@ -277,10 +282,10 @@ static void block(const Attn *a, const Dims *d, int b, int h, int t0, int M, con
         int any = 0;
         for (int i = 0; i < M; i++) {   /* online softmax: what came before rescaled to the new max */
             float *p = sc + i * KB;
-            /* the row's window inside this block: [j0, j1), empty where it starts past the block */
-            const int j0 = lo[i] - k0 <= 0 ? 0 : lo[i] - k0 < n ? lo[i] - k0 : n, j1 = hi[i] - k0 < n ? hi[i] - k0 : n;
+            int j0, j1;
+            in_block(lo[i], hi[i], k0, n, &j0, &j1);
             for (int j = 0; j < j0; j++) p[j] = -INFINITY;
-            for (int j = j1 > j0 ? j1 : j0; j < cols; j++) p[j] = -INFINITY;
+            for (int j = j1; j < cols; j++) p[j] = -INFINITY;
             const uint8_t *mrow = a->mask ? a->mask + b * a->mask_s[0] + (t0 + i) * a->mask_s[1] + k0 : 0;
             vf vmax = (vf){} - INFINITY;
             int j = j0;
@@ -371,25 +376,20 @@ void dsv2_attention(const Attn *a, float *work, int threads) {
  * thread's own buffers. Every product is the forward's outer-product tile, so its second operand
  * is one with NC columns per row: k by rows and transposed, v transposed, p and ds as they are;
  * q and do are transposed once per query block. */
-typedef struct {
-    int QK, QKn, Sp, Vp;   /* query width; it padded to NC; keys and value columns padded to NC */
-} GDims;
-
-static GDims gdims(const Attn *a) {
-    GDims d;
-    d.QK = a->N + a->R;
-    d.QKn = (int)up(d.QK, NC);
-    d.Sp = (int)up(a->S, NC);
-    d.Vp = (int)up(a->V, NC);
+/* The backward's dimensions: dims(), always float32 tiles. */
+static Dims gdims(const Attn *a) {
+    Dims d = dims(a);
+    d.dp = 0;
     return d;
 }
 
 /* Per thread: k transposed [QK, Sp] and by rows [Sp, QKn], v transposed [V, Sp], dk^T [QK, Sp],
- * dv^T [V, Sp]; per query block q [QB, QK], q^T [QK, QB], do [QB, V], do^T [V, QB], dq [QB, QKn],
+ * dv^T [V, Sp]; per query block q [QB, QKp], q^T [QK, QB], do [QB, V], do^T [V, QB], dq [QB, QKn],
  * p, dp and ds [QB, KB], the rows' windows. */
 static int64_t grad_floats(const Attn *a) {
-    const GDims d = gdims(a);
-    return (int64_t)d.Sp * (2 * d.QK + d.QKn + 2 * a->V) + QB * (int64_t)(2 * d.QK + 2 * a->V + d.QKn + 3 * KB + 2) + 64;
+    const Dims d = gdims(a);
+    return (int64_t)d.Sp * (2 * d.QK + d.QKn + 2 * a->V) + QB * (int64_t)(d.QKp + d.QK + 2 * a->V + d.QKn + 3 * KB + 2)
+           + 64;
 }
 
 int64_t dsv2_attention_backward_work_floats(const Attn *a, int threads) { return grad_floats(a) * threads; }
@@ -406,11 +406,11 @@ static void transpose(const float *src, int64_t lds, int rows, int cols, float *
             for (int i = i0; i < i0 + PK && i < cols; i++) dst[(int64_t)r * ldd + i] = src[(int64_t)i * lds + r];
 }
 
-/* p and ds of row i over cols keys from k0: the scores in p, dp in dp. */
+/* p and ds of row i over cols keys from k0, [j0, j1) its window there: the scores in p, dp in dp. */
 static void grad_row(const Attn *a, float *p, float *ds, const float *dp, int j0, int j1, int cols, const uint8_t *mrow,
                      float lse, float delta) {
     int j = 0;
-    if (j1 <= j0 || lse == INFINITY) j0 = j1 = 0;   /* a row that sees nothing here */
+    if (lse == INFINITY) j0 = j1 = 0;   /* a row that sees nothing at all */
     for (; j < j0; j++) p[j] = ds[j] = 0;
     for (; j + VW <= j1; j += VW) {
         vf e = exp_neg(ldv(p + j) * a->scale - lse);
@@ -429,10 +429,10 @@ static void grad_row(const Attn *a, float *p, float *ds, const float *dp, int j0
     for (; j < cols; j++) p[j] = ds[j] = 0;
 }
 
-static void grad_head(const Attn *a, const AttnGrad *g, const GDims *d, int b, int h, float *base) {
-    const int S = a->S, N = a->N, R = a->R, V = a->V, QK = d->QK, QKn = d->QKn, Sp = d->Sp, t = a->type;
+static void grad_head(const Attn *a, const AttnGrad *g, const Dims *d, int b, int h, float *base) {
+    const int S = a->S, N = a->N, R = a->R, V = a->V, QK = d->QK, QKp = d->QKp, QKn = d->QKn, Sp = d->Sp, t = a->type;
     float *kt = base, *kr = kt + (int64_t)QK * Sp, *vt = kr + (int64_t)Sp * QKn, *dkt = vt + (int64_t)V * Sp;
-    float *dvt = dkt + (int64_t)QK * Sp, *q = dvt + (int64_t)V * Sp, *qt = q + QB * QK, *dout = qt + QK * QB;
+    float *dvt = dkt + (int64_t)QK * Sp, *q = dvt + (int64_t)V * Sp, *qt = q + QB * QKp, *dout = qt + QK * QB;
     float *dot = dout + QB * V, *dq = dot + V * QB, *p = dq + QB * QKn, *ds = p + QB * KB, *dp = ds + QB * KB;
     int *lo = (int *)(dp + QB * KB), *hi = lo + QB;
     const int64_t kn0 = b * a->kn_s[0] + h * a->kn_s[2], kr0 = b * a->kr_s[0], v0 = b * a->v_s[0] + h * a->v_s[2];
@@ -450,28 +450,24 @@ static void grad_head(const Attn *a, const AttnGrad *g, const GDims *d, int b, i
     memset(dvt, 0, sizeof(float) * V * Sp);
     for (int t0 = 0; t0 < a->T; t0 += QB) {
         const int M = a->T - t0 < QB ? a->T - t0 : QB;
+        pack_queries(a, d, b, h, t0, M, q);
         for (int i = 0; i < M; i++) {
-            const int64_t rn = b * a->qn_s[0] + (t0 + i) * a->qn_s[1] + h * a->qn_s[2];
-            const int64_t rr = b * a->qr_s[0] + (t0 + i) * a->qr_s[1] + h * a->qr_s[2];
             const int64_t ro = b * g->dout_s[0] + (t0 + i) * g->dout_s[1] + h * g->dout_s[2];
-            for (int k = 0; k < N; k++) q[i * QK + k] = elem(a->qn, rn + k, t);
-            for (int k = 0; k < R; k++) q[i * QK + N + k] = elem(a->qr, rr + k, t);
             for (int c = 0; c < V; c++) dout[i * V + c] = elem(g->dout, ro + c, t);
         }
-        transpose(q, QK, QK, M, qt, QB);
+        transpose(q, QKp, QK, M, qt, QB);
         transpose(dout, V, V, M, dot, QB);
         memset(dq, 0, sizeof(float) * QB * QKn);
-        windows(a, b, t0, M, lo, hi);
-        int first = a->S, last = 0;
-        for (int i = 0; i < M; i++)
-            if (lo[i] < hi[i]) { first = lo[i] < first ? lo[i] : first; last = hi[i] > last ? hi[i] : last; }
+        int first, last;
+        windows(a, b, t0, M, lo, hi, &first, &last);
         const int64_t r0 = ((int64_t)b * a->T + t0) * a->H + h;
         for (int k0 = first / NC * NC; k0 < last; k0 += KB) {
             const int n = last - k0 < KB ? last - k0 : KB, cols = (int)up(n, NC);
-            mm_f32(q, QK, M, kt + k0, Sp, QK, cols, p, KB, 0);      /* scores */
+            mm_f32(q, QKp, M, kt + k0, Sp, QK, cols, p, KB, 0);     /* scores */
             mm_f32(dout, V, M, vt + k0, Sp, V, cols, dp, KB, 0);    /* dp = do v^T */
             for (int i = 0; i < M; i++) {
-                const int j0 = lo[i] - k0 > 0 ? lo[i] - k0 : 0, j1 = hi[i] - k0 < n ? hi[i] - k0 : n;
+                int j0, j1;
+                in_block(lo[i], hi[i], k0, n, &j0, &j1);
                 const uint8_t *mrow = a->mask ? a->mask + b * a->mask_s[0] + (t0 + i) * a->mask_s[1] + k0 : 0;
                 grad_row(a, p + i * KB, ds + i * KB, dp + i * KB, j0, j1, cols, mrow, g->lse[r0 + (int64_t)i * a->H],
                          g->delta[r0 + (int64_t)i * a->H]);
@@ -495,7 +491,7 @@ static void grad_head(const Attn *a, const AttnGrad *g, const GDims *d, int b, i
 }
 
 void dsv2_attention_backward(const Attn *a, const AttnGrad *g, float *work, int threads) {
-    const GDims d = gdims(a);
+    const Dims d = gdims(a);
     const int64_t per = grad_floats(a);
     const int heads = a->B * a->H;
     #pragma omp parallel num_threads(threads)

@@ -68,8 +68,7 @@ class NativeMLA(MLA):
         if (not cpu or dt not in (torch.float32, torch.bfloat16) or (self.training and self.dropout > 0)
                 or not native_attention()):
             return super()._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
-        kv = self.kv_b_proj(c_kv.to(dt)).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_nope, v = self._decompress(c_kv, dt)
         return attention(q_nope.to(dt), q_pe.to(dt), k_nope.to(dt), k_pe.to(dt), v.to(dt), mask, self.scale)
 
 

@@ -365,9 +365,9 @@ void check_attn(const at::Tensor &t, const char *name, int dims, at::ScalarType 
     for (int i = 0; i < dims - 1; i++) s[i] = t.stride(i);
 }
 
-// The inputs checked and described; out [B, T, H, V] allocated in the inputs' dtype.
+// The inputs checked and described (no output yet).
 Attn describe_attn(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope, const at::Tensor &k_pe,
-                   const at::Tensor &v, const std::optional<at::Tensor> &mask, double scale, at::Tensor &out) {
+                   const at::Tensor &v, const std::optional<at::Tensor> &mask, double scale) {
     const at::ScalarType type = q_nope.scalar_type();
     TORCH_CHECK_VALUE(type == at::kFloat || type == at::kBFloat16,
                       "attention: the inputs must be float32 or bfloat16, got ", type, ".");
@@ -395,53 +395,55 @@ Attn describe_attn(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::T
         TORCH_CHECK_VALUE(T <= S, "attention: without a mask the ", T, " queries are the last of the ", S,
                           " keys, so there cannot be more queries than keys.");
     }
-    out = at::empty({B, T, H, V}, q_nope.options());
     a.B = (int32_t)B; a.T = (int32_t)T; a.S = (int32_t)S; a.H = (int32_t)H;
     a.N = (int32_t)N; a.R = (int32_t)R; a.V = (int32_t)V;
     a.type = type == at::kFloat ? F32 : BF16;
     a.qn = q_nope.const_data_ptr(); a.qr = q_pe.const_data_ptr();
     a.kn = k_nope.const_data_ptr(); a.kr = k_pe.const_data_ptr(); a.v = v.const_data_ptr();
     a.scale = (float)scale;
+    return a;
+}
+
+// The forward -> out [B, T, H, V] in the inputs' dtype, and with_lse each row's log-sum-exp [B, T, H].
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor &q_nope, const at::Tensor &q_pe,
+                                                     const at::Tensor &k_nope, const at::Tensor &k_pe,
+                                                     const at::Tensor &v, const std::optional<at::Tensor> &mask,
+                                                     double scale, bool with_lse) {
+    Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale);
+    at::Tensor out = at::empty({a.B, a.T, a.H, a.V}, q_nope.options()), lse;
+    if (with_lse) {
+        lse = at::empty({a.B, a.T, a.H}, q_nope.options().dtype(at::kFloat));
+        a.lse = lse.mutable_data_ptr<float>();
+    }
+    if (out.numel() == 0) return {out, lse};
     a.out = out.mutable_data_ptr();
     for (int i = 0; i < 3; i++) a.out_s[i] = out.stride(i);
-    return a;
+    const int threads = at::get_num_threads();
+    at::Tensor work = at::empty({dsv2_attention_work_floats(&a, threads)}, q_nope.options().dtype(at::kFloat));
+    dsv2_attention(&a, work.mutable_data_ptr<float>(), threads);
+    return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor &q_nope, const at::Tensor &q_pe,
                                                  const at::Tensor &k_nope, const at::Tensor &k_pe, const at::Tensor &v,
                                                  const std::optional<at::Tensor> &mask, double scale) {
-    at::Tensor out;
-    Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale, out);
-    at::Tensor lse = at::empty({a.B, a.T, a.H}, q_nope.options().dtype(at::kFloat));
-    if (out.numel() == 0) return {out, lse};
-    a.lse = lse.mutable_data_ptr<float>();
-    const int threads = at::get_num_threads();
-    at::Tensor work = at::empty({dsv2_attention_work_floats(&a, threads)}, lse.options());
-    dsv2_attention(&a, work.mutable_data_ptr<float>(), threads);
-    return {out, lse};
+    return attention_forward(q_nope, q_pe, k_nope, k_pe, v, mask, scale, true);
 }
 
 at::Tensor attention(const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope, const at::Tensor &k_pe,
                      const at::Tensor &v, const std::optional<at::Tensor> &mask, double scale) {
-    at::Tensor out;
-    Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale, out);
-    if (out.numel() == 0) return out;
-    const int threads = at::get_num_threads();
-    at::Tensor work = at::empty({dsv2_attention_work_floats(&a, threads)}, q_nope.options().dtype(at::kFloat));
-    dsv2_attention(&a, work.mutable_data_ptr<float>(), threads);
-    return out;
+    return std::get<0>(attention_forward(q_nope, q_pe, k_nope, k_pe, v, mask, scale, false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 attention_backward(const at::Tensor &dout, const at::Tensor &q_nope, const at::Tensor &q_pe, const at::Tensor &k_nope,
                    const at::Tensor &k_pe, const at::Tensor &v, const std::optional<at::Tensor> &mask,
                    const at::Tensor &lse, const at::Tensor &delta, double scale) {
-    at::Tensor out;
-    Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale, out);
+    const Attn a = describe_attn(q_nope, q_pe, k_nope, k_pe, v, mask, scale);
     AttnGrad g = {};
     check_attn(dout, "dout", 4, q_nope.scalar_type(), "[B, T, H, V]", g.dout_s);
-    TORCH_CHECK_VALUE(dout.sizes() == out.sizes(), "attention_backward: dout must be ", out.sizes(), ", got ",
-                      dout.sizes(), ".");
+    TORCH_CHECK_VALUE(dout.sizes() == at::IntArrayRef({a.B, a.T, a.H, a.V}), "attention_backward: dout must be [",
+                      a.B, ", ", a.T, ", ", a.H, ", ", a.V, "], got ", dout.sizes(), ".");
     for (const at::Tensor *t : {&lse, &delta})
         TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous()
                               && t->sizes() == at::IntArrayRef({a.B, a.T, a.H}),
