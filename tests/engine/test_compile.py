@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dsv2.engine import Engine, Request, SamplingParams
 from dsv2.engine.optimize import DecodeMoE, RowsHead, prepare_for_decode, prefill_dtype
-from dsv2.native.attention import use_native_attention
+from dsv2.native.swap import use_native
 from dsv2.quant import fp8, int8
 
 import _tiny
@@ -50,7 +50,7 @@ def test_prepare_keeps_parameters_keys_and_training():
     attention's native operator is differentiable, and the trainer takes it too: the reference
     has it; test_native_attention.py holds it to SDPA's gradients)."""
     m = tiny(tie_word_embeddings=True)
-    ref = use_native_attention(tiny(tie_word_embeddings=True))
+    ref = use_native(tiny(tie_word_embeddings=True))
     keys = {k: v for k, v in m.state_dict().items()}
     prepare_for_decode(prepare_for_decode(m))
     assert isinstance(m.lm_head, RowsHead) and m.lm_head.weight is m.embed_tokens.weight
@@ -168,8 +168,10 @@ def test_generate_compile_on_cpu(capsys):
 
 def test_routed_experts_fall_back_to_the_loop_where_grouped_gemm_fails(monkeypatch):
     """A torch whose grouped GEMM raises for these weights (e.g. a GPU without its kernels): the
-    operator runs expert by expert from then on, with the same numbers."""
+    operator runs expert by expert from then on, with the same numbers. (On CPU the native
+    experts operator comes first: switched off here, as where it is not built.)"""
     import dsv2.engine.optimize as opt
+    monkeypatch.setattr(opt.native_experts, "can_run", lambda *a: False)
     m = prepare_for_decode(tiny())
     x = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

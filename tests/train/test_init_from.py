@@ -51,10 +51,10 @@ def test_init_from_loads_exactly_the_weights_and_changes_only_the_overrides(base
     assert not torch.equal(tr.model.rotary.inv_freq, ref.rotary.inv_freq)
     # without a rope override, the same logits as the checkpoint (through the same attention
     # operator as the trainer's model)
-    from dsv2.native.attention import use_native_attention
+    from dsv2.native.swap import use_native
     plain = _quiet(_extend(data_dir, out / "hf", tmp_path / "y", **{"model": "{}"}))
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(_logits(plain.model, ids), _logits(use_native_attention(ref), ids))
+    assert torch.equal(_logits(plain.model, ids), _logits(use_native(ref), ids))
     assert plain.state.step == 0 and tr.optimizer.state_dict()["state"] == {}
 
 

@@ -9,6 +9,9 @@ swaps modules for ones holding the same parameters (same state-dict keys, tied w
   device (a sort and a `searchsorted` instead of `bincount(...).tolist()`), and the routed
   experts run as one custom operator, `dsv2::routed_experts`, over the sorted rows. A decode
   step then has no host sync and compiles into one graph (`torch.compile(fullgraph=True)`).
+- every GroupedExperts -> `NativeGroupedExperts` (native/experts.py): on CPU the routed experts
+  of a prefill or a training step run as `dsv2::experts_forward` / `experts_backward`, the experts
+  shared out between the threads instead of each expert's matmul split across them.
 - every MLA -> `NativeMLA` (native/attention.py): on CPU its naive attention (prefill, scoring)
   is one custom operator, `dsv2::attention`, in place of SDPA: keys and values at their own
   widths (SDPA's flash kernel wants the value zero-padded to the query's width), the shared k^R
@@ -17,8 +20,9 @@ swaps modules for ones holding the same parameters (same state-dict keys, tied w
   computed as (W h^T)^T: MKL's sgemm took 1.5-4x longer for h W^T at 2-128 rows (batched decode).
 
 Under autograd or in training mode the swapped MoE and head run their base class's forward, and
-NativeMLA its differentiable operator (as the trainer's model does on CPU), so a policy model
-that generates its own rollouts (GRPO) trains exactly as the trainer's own.
+NativeMLA and NativeGroupedExperts their differentiable operators (native/swap.py: the trainer's
+model takes the same swaps on CPU), so a policy model that generates its own rollouts (GRPO)
+trains exactly as the trainer's own.
 
 Also here: `prefill_dtype`, the activations' dtype the engine prefills in (float32 for a
 bfloat16 model on a CPU without bfloat16 arithmetic, model/linear.py).
@@ -33,7 +37,8 @@ from torch import nn
 from ..dtypes import cpu_has_fast_bf16
 from ..model.linear import Linear
 from ..model.moe import DispatchState, LocalDispatcher, MoE, swiglu
-from ..native.attention import use_native_attention
+from ..native import experts as native_experts
+from ..native.swap import use_native
 from ..quant import fp8, int8
 
 
@@ -53,10 +58,15 @@ def routed_experts(x_MD: torch.Tensor, ends_E: torch.Tensor, w13: torch.Tensor, 
 
     w13 [E, 2I, D] and w2 [E, D, I] are float (cast to x's dtype expert by expert where they
     differ), int8 rows with row scales s13 / s2 (quant/int8.py), or e4m3 with block scales
-    (quant/fp8.py, `block` its block shape). Float weights in x's dtype take torch's grouped
-    matmul, which reads the offsets on the device; the others run expert by expert here, inside
-    the operator, where reading the offsets on the host costs one sync that the graph around the
-    call never sees."""
+    (quant/fp8.py, `block` its block shape). On CPU, float weights in x's dtype and int8 ones take
+    the native experts operators (native/experts.py: the experts shared out between the threads).
+    Elsewhere float weights in x's dtype take torch's grouped matmul, which reads the offsets on
+    the device; the others run expert by expert here, inside the operator, where reading the
+    offsets on the host costs one sync that the graph around the call never sees."""
+    if s13 is None and native_experts.can_run(x_MD, w13, w2):
+        return native_experts.routed(x_MD, w13, w2, ends_E)
+    if w13.dtype == torch.int8 and native_experts.can_run_int8(x_MD):
+        return native_experts.routed_int8(x_MD, w13, s13, w2, s2, ends_E)
     if (s13 is None and w13.dtype == x_MD.dtype and hasattr(torch, "_grouped_mm")
             and x_MD.device.type not in _no_grouped_mm):
         try:
@@ -151,4 +161,4 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear) and not isinstance(head, RowsHead):
         _swap(model, "lm_head", RowsHead)
-    return use_native_attention(model)
+    return use_native(model)

@@ -125,13 +125,18 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x_MD.device.type):  # a Function is not autocast: cast as F.linear would
             dt = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w13, w2 = x_MD.to(dt), w13.to(dt), w2.to(dt)
-        out = _SwiGLUExperts.apply(x_MD, w13, w2, tuple(counts))
+        out = self._run(x_MD, w13, w2, counts)
         if sharded and x_MD.shape[0] == 0:
             # No rows reached this rank's experts. Keep the output attached to the input and the
             # weights anyway (a zero term), so this rank's backward runs the same nodes, and the
             # experts' gradient reduce-scatter fires at the same point, as on every other rank.
             out = out + 0.0 * (x_MD.sum() + w13.sum() + w2.sum())
         return out
+
+
+    def _run(self, x_MD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The experts over their sorted rows (native/experts.py overrides it on CPU)."""
+        return _SwiGLUExperts.apply(x_MD, w13, w2, tuple(counts))
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

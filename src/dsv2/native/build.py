@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "op.cpp", HERE / "decode.cpp", HERE / "attention.cpp"]
+SOURCES = [HERE / "op.cpp", HERE / "decode.cpp", HERE / "attention.cpp", HERE / "experts.cpp"]
 HEADERS = [HERE / "decode.h", HERE / "attention.h", HERE / "simd.h"]
 def flags() -> list[str]:
     """-march=native, or $DSV2_NATIVE_MARCH: build for another x86 level, e.g. x86-64-v3 (AVX2,
@@ -151,6 +151,18 @@ def _register_fake() -> None:
     @torch.library.register_fake("dsv2::attention_lse")
     def _(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
         return q_nope.new_empty((*q_nope.shape[:3], v.shape[-1])), q_nope.new_empty(q_nope.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2::experts_forward")
+    def _(x, w13, w2, ends, keep):
+        return x.new_empty(x.shape), x.new_empty((x.shape[0], w13.shape[1]) if keep else (0,))
+
+    @torch.library.register_fake("dsv2::experts_int8")
+    def _(x, q13, s13, q2, s2, ends):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("dsv2::experts_backward")
+    def _(dy, x, w13, w2, h, ends, need_dx):
+        return x.new_empty(x.shape if need_dx else (0,)), w13.new_empty(w13.shape), w2.new_empty(w2.shape)
 
     @torch.library.register_fake("dsv2::attention_backward")
     def _(dout, q_nope, q_pe, k_nope, k_pe, v, mask, lse, delta, scale):

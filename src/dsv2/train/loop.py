@@ -35,7 +35,7 @@ from ..data.loader import Batch, TokenLoader
 from ..data.shards import read_card
 from ..model import DeepseekV2
 from ..dtypes import cpu_has_fast_bf16
-from ..native.attention import use_native_attention
+from ..native.swap import use_native
 from .checkpoint import Checkpointer, LocalCheckpointer, RNGState
 from .config import TrainConfig
 from .metrics import MetricsWriter, peak_flops, step_line
@@ -116,8 +116,8 @@ class Trainer:
         mcfg = self.model_config()
         # init_device="meta" builds without memory; `parallelize` then shards and materialises
         self.model = self.build_model(mcfg, init_device or self.device)
-        if self.device.type == "cpu" and not cfg.compile:   # MLA's attention as one native operator
-            use_native_attention(self.model)
+        if self.device.type == "cpu" and not cfg.compile:   # MLA's attention and the experts as native operators
+            use_native(self.model)
         self.build_data(dp_rank, dp_size)
         self.rules = MoERules(self.model, cfg.moe, cfg.seed)
         self.step_model = parallelize(self.model) if parallelize else self.model
