@@ -235,3 +235,20 @@ def test_int8_experts_equal_the_int8_loop():
         torch.ops.dsv2.experts_int8(x, q13, s13[:, :-1], q2, s2, ends)
     with pytest.raises(ValueError, match="int8 q13"):
         torch.ops.dsv2.experts_int8(x, w13, s13, q2, s2, ends)
+
+
+def test_float32_weights_for_bfloat16_rows_are_autocasts_cast():
+    """Under autocast the float32 weights go in as they are: the same numbers as casting the stacks
+    to bfloat16 first, and weight gradients that are the bfloat16 ones widened (what autocast's
+    cast gives autograd), in float32."""
+    x, w13, w2, ends = case("one_large", torch.float32, seed=8)
+    xb = x.bfloat16()
+    y, h = torch.ops.dsv2.experts_forward(xb, w13, w2, ends, True)
+    yb, hb = torch.ops.dsv2.experts_forward(xb, w13.bfloat16(), w2.bfloat16(), ends, True)
+    assert torch.equal(y, yb) and torch.equal(h, hb)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).bfloat16()
+    got = torch.ops.dsv2.experts_backward(dy, xb, w13, w2, h, ends, True)
+    want = torch.ops.dsv2.experts_backward(dy, xb, w13.bfloat16(), w2.bfloat16(), h, ends, True)
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))

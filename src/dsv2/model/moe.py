@@ -122,9 +122,6 @@ class GroupedExperts(nn.Module):
         sharded = _is_dtensor(w13)
         if sharded:
             w13, w2 = w13.to_local(), w2.to_local()
-        if torch.is_autocast_enabled(x_MD.device.type):  # a Function is not autocast: cast as F.linear would
-            dt = torch.get_autocast_dtype(x_MD.device.type)
-            x_MD, w13, w2 = x_MD.to(dt), w13.to(dt), w2.to(dt)
         out = self._run(x_MD, w13, w2, counts)
         if sharded and x_MD.shape[0] == 0:
             # No rows reached this rank's experts. Keep the output attached to the input and the
@@ -136,6 +133,9 @@ class GroupedExperts(nn.Module):
 
     def _run(self, x_MD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The experts over their sorted rows (native/experts.py overrides it on CPU)."""
+        if torch.is_autocast_enabled(x_MD.device.type):  # a Function is not autocast: cast as F.linear would
+            dt = torch.get_autocast_dtype(x_MD.device.type)
+            x_MD, w13, w2 = x_MD.to(dt), w13.to(dt), w2.to(dt)
         return _SwiGLUExperts.apply(x_MD, w13, w2, tuple(counts))
 
 

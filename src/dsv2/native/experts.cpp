@@ -118,17 +118,32 @@ struct Job {
 /* Rows [r0, r1) of 2-D t. */
 static inline at::Tensor rows_of(const at::Tensor &t, const Job &j) { return t.narrow(0, j.r0, j.r1 - j.r0); }
 
+/* Expert e's weights in x's dtype: as they are, or (float32 weights under bfloat16 autocast) rounded
+ * here, by the thread that uses them, in place of a cast of the whole stack before the call. */
+static inline at::Tensor weight(const at::Tensor &w, int64_t e, at::ScalarType type) {
+    return w.scalar_type() == type ? w[e] : w[e].to(type);
+}
+
+/* out (= g[e], in the weights' dtype) = a^T b, through a product in a's dtype where they differ. */
+static inline void weight_grad(at::Tensor out, const at::Tensor &a, const at::Tensor &b) {
+    if (out.scalar_type() == a.scalar_type()) {
+        at::mm_out(out, a.t(), b);
+    } else {
+        out.copy_(at::mm(a.t(), b));
+    }
+}
+
 template <typename T>
 static void forward_one(const Job &j, const at::Tensor &x, const at::Tensor &w13, const at::Tensor &w2, at::Tensor &h,
                         at::Tensor &a, at::Tensor &y) {
     at::Tensor hj = rows_of(h, j), aj = rows_of(a, j), yj = rows_of(y, j);
-    at::mm_out(hj, rows_of(x, j), w13[j.e].t());
+    at::mm_out(hj, rows_of(x, j), weight(w13, j.e, x.scalar_type()).t());
     const int64_t I = w2.size(2);
     const T *hp = hj.const_data_ptr<T>();
     T *ap = aj.mutable_data_ptr<T>();
     // across the threads for an expert run alone; on the calling thread inside the shared loop
     at::parallel_for(0, j.r1 - j.r0, 16, [&](int64_t r0, int64_t r1) { swiglu_rows<T>(hp, ap, r0, r1, I); });
-    at::mm_out(yj, aj, w2[j.e].t());
+    at::mm_out(yj, aj, weight(w2, j.e, x.scalar_type()).t());
 }
 
 struct Grads {
@@ -141,18 +156,17 @@ static void backward_one(const Job &j, const at::Tensor &dy, const at::Tensor &x
                          Grads &g) {
     at::Tensor dyj = rows_of(dy, j), daj = rows_of(da, j), aj = rows_of(a, j), dhj = rows_of(dh, j);
     const int64_t I = w2.size(2);
-    at::mm_out(daj, dyj, w2[j.e]);
+    at::mm_out(daj, dyj, weight(w2, j.e, x.scalar_type()));
     const T *hp = rows_of(h, j).const_data_ptr<T>(), *dap = daj.const_data_ptr<T>();
     T *dhp = dhj.mutable_data_ptr<T>(), *ap = aj.mutable_data_ptr<T>();
     at::parallel_for(0, j.r1 - j.r0, 16, [&](int64_t r0, int64_t r1) {
         swiglu_backward_rows<T>(hp, dap, dhp, ap, r0, r1, I);
     });
-    at::Tensor g2e = g.g2[j.e], g13e = g.g13[j.e];
-    at::mm_out(g2e, dyj.t(), aj);
-    at::mm_out(g13e, dhj.t(), rows_of(x, j));
+    weight_grad(g.g2[j.e], dyj, aj);
+    weight_grad(g.g13[j.e], dhj, rows_of(x, j));
     if (g.dx.defined()) {
         at::Tensor dxj = rows_of(g.dx, j);
-        at::mm_out(dxj, dhj, w13[j.e]);
+        at::mm_out(dxj, dhj, weight(w13, j.e, x.scalar_type()));
     }
 }
 
@@ -221,9 +235,10 @@ void check(const at::Tensor &x, const at::Tensor &w13, const at::Tensor &w2, con
     const auto type = x.scalar_type();
     TORCH_CHECK_VALUE(type == at::kFloat || type == at::kBFloat16,
                       "experts: x must be float32 or bfloat16, got ", type, ".");
-    TORCH_CHECK_VALUE(w13.scalar_type() == type && w2.scalar_type() == type,
-                      "experts: x, w13 and w2 must be of one dtype, got ", type, ", ", w13.scalar_type(), ", ",
-                      w2.scalar_type(), ".");
+    const auto wtype = w13.scalar_type();
+    TORCH_CHECK_VALUE(w2.scalar_type() == wtype && (wtype == type || (wtype == at::kFloat && type == at::kBFloat16)),
+                      "experts: x, w13 and w2 must be of one dtype (or float32 weights for bfloat16 x, as under "
+                      "autocast), got ", type, ", ", w13.scalar_type(), ", ", w2.scalar_type(), ".");
     check_shapes("experts", x, w13, w2, ends);
 }
 

@@ -4,7 +4,10 @@ torch ran one matmul per expert across all the cores, and at these sizes each wa
 16 experts get ~128 rows each from a 512-token prompt. torch.ops.dsv2.experts_forward shares the
 experts out between the threads instead, each running its experts' two products whole with the
 SwiGLU between them while the rows are in its cache; experts_backward does the same for the
-gradients. Both round as PyTorch's bfloat16 ops round.
+gradients. Both round as PyTorch's bfloat16 ops round. Under bfloat16 autocast the float32 weights
+go in as they are: each thread rounds its expert's weights where it uses them and widens its weight
+gradients into the float32 ones, where autocast cast the whole stacks before (and autograd the
+gradients after) in separate passes.
 
     use_native_experts(model)   # every GroupedExperts -> NativeGroupedExperts (same parameters);
                                 # the engine's prepare_for_decode and the trainer call it on CPU
@@ -23,10 +26,13 @@ _TYPES = (torch.float32, torch.bfloat16)
 
 
 def can_run(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether the operators take these: CPU tensors of one dtype, float32 or bfloat16, weights
-    contiguous, and the native operators built here."""
+    """Whether the operators take these: CPU tensors of one dtype, float32 or bfloat16 (or float32
+    weights for bfloat16 rows: autocast's, rounded per expert inside), weights contiguous, and the
+    native operators built here."""
     from . import available
-    return (x.device.type == "cpu" and x.dtype in _TYPES and w13.dtype == x.dtype and w2.dtype == x.dtype
+    wt = w13.dtype
+    return (x.device.type == "cpu" and x.dtype in _TYPES and w2.dtype == wt
+            and (wt == x.dtype or (wt == torch.float32 and x.dtype == torch.bfloat16))
             and w13.is_contiguous() and w2.is_contiguous() and available(notice=False))
 
 
@@ -69,11 +75,13 @@ class NativeGroupedExperts(GroupedExperts):
     elsewhere (CUDA, mixed dtypes, sharded weights' local shards included) the model's own."""
 
     def _run(self, x_MD, w13, w2, counts):
-        w13, w2 = w13.contiguous(), w2.contiguous()
-        if not can_run(x_MD, w13, w2):
+        x = x_MD
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            x = x.to(torch.get_autocast_dtype("cpu"))   # the float32 weights are rounded per expert inside
+        if not can_run(x, w13, w2):
             return super()._run(x_MD, w13, w2, counts)
         ends = torch.tensor(counts, dtype=torch.int64).cumsum(0)
-        return _Experts.apply(x_MD.contiguous(), w13, w2, ends)
+        return _Experts.apply(x.contiguous(), w13, w2, ends)
 
 
 def use_native_experts(model: nn.Module) -> nn.Module:
