@@ -47,8 +47,9 @@ def test_decode_moe_equals_the_reference_loop(fmt, n_tokens):
 def test_prepare_keeps_parameters_keys_and_training():
     """Same state-dict keys and tensors, tied weights still tied, idempotent; under autograd the
     swapped MoE and head run the model's own forward, so losses and gradients are unchanged (the
-    attention's native operator is differentiable, and the trainer takes it too: the reference
-    has it; test_native_attention.py holds it to SDPA's gradients)."""
+    attention's and the layers' native operators are differentiable, and the trainer takes them too:
+    the reference has them; test_native_attention.py and test_native_layers.py hold them to the
+    model's gradients)."""
     m = tiny(tie_word_embeddings=True)
     ref = use_native(tiny(tie_word_embeddings=True))
     keys = {k: v for k, v in m.state_dict().items()}

@@ -404,14 +404,15 @@ def _builds_for(march: str) -> bool:
 def test_the_avx2_kernels_on_this_cpu():
     """The step built for x86-64-v3 (AVX2, no AVX-512), as an AVX2-only CPU gets it, on this CPU:
     its 8-wide tiles and attention, the int8 x int16 products by VPMADDWD, the prefill
-    attention's 6-row float32 tiles (bfloat16 widened, test_native_attention.py) and the experts'
-    8-wide SwiGLU (test_native_experts.py). On an AVX-512
+    attention's 6-row float32 tiles (bfloat16 widened, test_native_attention.py), the experts'
+    8-wide SwiGLU (test_native_experts.py) and the layers' 8-wide rows with their generic bfloat16
+    conversions (test_native_layers.py). On an AVX-512
     machine nothing else runs them, so the equality tests run again in a child process with
     DSV2_NATIVE_MARCH=x86-64-v3 (its own build, cached beside the native one)."""
     env = dict(os.environ, DSV2_NATIVE_MARCH="x86-64-v3")
     tests = os.path.dirname(__file__)
     files = [os.path.join(tests, f) for f in ("test_native.py", "test_engine_int8.py", "test_native_attention.py",
-                                              "test_native_experts.py")]
+                                              "test_native_experts.py", "test_native_layers.py")]
     r = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                         "-k", "equals_pytorch_step or int16 or 8256 or many_blocks or slots_it_is_given or "
                               "int8_matmul or at_least_as_accurate or the_formula or matches_sdpa or "

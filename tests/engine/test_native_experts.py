@@ -12,6 +12,7 @@ from dsv2.engine.optimize import prepare_for_decode
 from dsv2.model.moe import GroupedExperts, _SwiGLUExperts
 from dsv2.native import build
 from dsv2.native.attention import use_native_attention
+from dsv2.native.layers import use_native_layers
 from dsv2.native.experts import NativeGroupedExperts, routed
 from dsv2.native.swap import use_native
 
@@ -161,9 +162,9 @@ def test_the_operators_pass_opcheck():
 
 def test_a_training_step_through_the_model_matches_the_loop():
     """Loss and every parameter's gradient of a model whose experts are native against the same
-    model's per-expert loop (both with the native attention): float32, and bfloat16 autocast (the
-    trainer's CPU precision)."""
-    ref = use_native_attention(tiny_model().train())
+    model's per-expert loop (both with the native attention and layers): float32, and bfloat16
+    autocast (the trainer's CPU precision)."""
+    ref = use_native_layers(use_native_attention(tiny_model().train()))
     ours = use_native(tiny_model().train())
     assert all(type(b.mlp.experts) is NativeGroupedExperts for b in ours.layers if hasattr(b.mlp, "experts"))
     assert any(hasattr(b.mlp, "experts") for b in ours.layers)

@@ -49,8 +49,8 @@ def test_init_from_loads_exactly_the_weights_and_changes_only_the_overrides(base
     assert all(torch.equal(p, theirs[n]) for n, p in tr.model.named_parameters())
     assert torch.equal(tr.model.rotary.inv_freq, RotaryEmbedding(cfg).inv_freq)
     assert not torch.equal(tr.model.rotary.inv_freq, ref.rotary.inv_freq)
-    # without a rope override, the same logits as the checkpoint (through the same attention
-    # operator as the trainer's model)
+    # without a rope override, the same logits as the checkpoint (through the same native
+    # operators as the trainer's model)
     from dsv2.native.swap import use_native
     plain = _quiet(_extend(data_dir, out / "hf", tmp_path / "y", **{"model": "{}"}))
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))

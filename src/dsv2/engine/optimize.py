@@ -16,6 +16,7 @@ swaps modules for ones holding the same parameters (same state-dict keys, tied w
   is one custom operator, `dsv2::attention`, in place of SDPA: keys and values at their own
   widths (SDPA's flash kernel wants the value zero-padded to the query's width), the shared k^R
   never copied per head, and no work on the causal mask's empty half (bench/prefill_attention.py).
+  Its RoPE, every RMSNorm and the MoE layers' combine are native operators too (native/layers.py).
 - `lm_head` (a float one) -> `RowsHead`: on CPU, a few rows against the whole vocabulary are
   computed as (W h^T)^T: MKL's sgemm took 1.5-4x longer for h W^T at 2-128 rows (batched decode).
 
@@ -115,7 +116,7 @@ class DecodeMoE(MoE):
 
     def forward(self, x_BTD: torch.Tensor, hooks=None) -> torch.Tensor:
         if (hooks is not None or self.training or torch.is_grad_enabled()
-                or type(self.dispatcher) is not LocalDispatcher):
+                or not isinstance(self.dispatcher, LocalDispatcher)):   # expert parallel: the model's path
             return super().forward(x_BTD, hooks)
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         route = self.gate(x_ND)

@@ -96,12 +96,19 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
         q = q.unflatten(-1, (self.n_heads, self.nope_dim + self.rope_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None]) if rotate else q_pe
+        return q_nope, self._rope(q_pe, cos, sin) if rotate else q_pe
 
     def latent(self, x_BTD: torch.Tensor, cos, sin, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache stores: c^KV [B, T, C] (normed) and k^R [B, T, R] (rotated unless rotate=False)."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin) if rotate else k_pe
+        return self.kv_a_layernorm(c_kv), self._rope(k_pe, cos, sin) if rotate else k_pe
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on x [B, T, R] or [B, T, H, R] (every head alike), cos/sin [B, T, R / 2]; a subclass may
+        compute it another way (native/attention.py)."""
+        if x.dim() == 4:
+            cos, sin = cos[:, :, None], sin[:, :, None]
+        return apply_rope(x, cos, sin)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W^UK [H, N, C] and W^UV [H, V, C], views of kv_b_proj's weight."""
@@ -125,7 +132,7 @@ class MLA(nn.Module):
         q_nope, q_pe = self._query(x_BTD, cos, sin, rotate=False)
         c_kv, k_pe = self.latent(x_BTD, cos, sin, rotate=False)
         # One rotation for the H query parts and the shared key part: half the small ops per step.
-        pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos[:, :, None], sin[:, :, None])
+        pe = self._rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos, sin)
         q_pe, k_pe = pe[:, :, :-1], pe[:, :, -1]
         mask = None if step is None else step.mask
         latent = None

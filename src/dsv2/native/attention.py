@@ -9,6 +9,8 @@ from the saved log-sum-exp), in float32 whatever the inputs' dtype.
 
     use_native_attention(model)   # every MLA -> NativeMLA (same parameters); the engine and the
                                   # trainer call it on CPU
+
+NativeMLA also rotates with layers.py's RoPE operator.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..model.attention import MLA
+from .layers import rope, rope_applies
 
 
 def native_attention() -> bool:
@@ -60,7 +63,12 @@ def attention(q_nope, q_pe, k_nope, k_pe, v, mask: torch.Tensor | None, scale: f
 class NativeMLA(MLA):
     """MLA whose naive attention is `attention` above on CPU, in float32 or bfloat16 (under
     autocast, the autocast dtype, as SDPA would run); elsewhere, or with attention dropout in
-    training, the model's SDPA path."""
+    training, the model's SDPA path. Its RoPE is layers.py's operator where that applies."""
+
+    def _rope(self, x, cos, sin) -> torch.Tensor:
+        if not rope_applies(x, cos, sin):
+            return super()._rope(x, cos, sin)
+        return rope(x, cos, sin)
 
     def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         cpu = q_nope.device.type == "cpu"

@@ -1,9 +1,9 @@
 """Building and loading the fused decode step's operators (torch.ops.dsv2.*), once per machine.
 
-torch.utils.cpp_extension compiles op.cpp and decode.cpp with the system C++ compiler (and
-ninja) into ~/.cache/dsv2 (or $DSV2_CACHE_DIR), in a folder keyed by the sources, the
-compiler, the flags, torch's version and this CPU's flags. Each build happens in a private
-temporary folder renamed into place when complete, so an interrupted or concurrent build
+torch.utils.cpp_extension compiles op.cpp, decode.cpp, attention.cpp, experts.cpp and layers.cpp
+with the system C++ compiler (and ninja) into ~/.cache/dsv2 (or $DSV2_CACHE_DIR), in a folder keyed
+by the sources, the compiler, the flags, torch's version and this CPU's flags. Each build happens in a
+private temporary folder renamed into place when complete, so an interrupted or concurrent build
 never leaves a half-written library or a stale lock behind. The OpenMP runtime is the one
 torch already loaded, so the step and torch share one thread pool.
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "op.cpp", HERE / "decode.cpp", HERE / "attention.cpp", HERE / "experts.cpp"]
+SOURCES = [HERE / "op.cpp", HERE / "decode.cpp", HERE / "attention.cpp", HERE / "experts.cpp",
+           HERE / "layers.cpp"]
 HEADERS = [HERE / "decode.h", HERE / "attention.h", HERE / "simd.h"]
 def flags() -> list[str]:
     """-march=native, or $DSV2_NATIVE_MARCH: build for another x86 level, e.g. x86-64-v3 (AVX2,
@@ -133,7 +134,8 @@ def _build(cxx: str, out: Path) -> None:
 
 
 def _register_fake() -> None:
-    """Shapes for torch.compile's tracing: decode_step returns float32 [B, vocab], int8_mm [M, N], attention [B, T, H, V]."""
+    """Shapes for torch.compile's tracing: decode_step returns float32 [B, vocab], int8_mm [M, N], attention
+    [B, T, H, V]; layers.cpp's operators return their inputs' shapes (contiguous)."""
     vocab = torch.ops.dsv2.layout()[2].index("vocab")
 
     @torch.library.register_fake("dsv2::decode_step")
@@ -168,3 +170,23 @@ def _register_fake() -> None:
     def _(dout, q_nope, q_pe, k_nope, k_pe, v, mask, lse, delta, scale):
         return (q_nope.new_empty(q_nope.shape), q_pe.new_empty(q_pe.shape), k_nope.new_empty(k_nope.shape),
                 k_pe.new_empty((*k_nope.shape[:3], k_pe.shape[-1])), v.new_empty(v.shape))
+
+    @torch.library.register_fake("dsv2::rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2::rms_norm_backward")
+    def _(dy, x, weight, rstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2::rope")
+    def _(x, cos, sin, inverse=False):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("dsv2::moe_combine")
+    def _(y, order, weight):
+        return y.new_empty((weight.shape[0], y.shape[1]))
+
+    @torch.library.register_fake("dsv2::moe_combine_backward")
+    def _(dout, y, order, weight):
+        return y.new_empty(y.shape), weight.new_empty(weight.shape, dtype=torch.float32)

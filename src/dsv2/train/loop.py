@@ -116,7 +116,7 @@ class Trainer:
         mcfg = self.model_config()
         # init_device="meta" builds without memory; `parallelize` then shards and materialises
         self.model = self.build_model(mcfg, init_device or self.device)
-        if self.device.type == "cpu" and not cfg.compile:   # MLA's attention and the experts as native operators
+        if self.device.type == "cpu" and not cfg.compile:   # attention, experts, norms, RoPE, combine: native operators
             use_native(self.model)
         self.build_data(dp_rank, dp_size)
         self.rules = MoERules(self.model, cfg.moe, cfg.seed)
