@@ -66,7 +66,7 @@ def routed_experts(x_MD: torch.Tensor, ends_E: torch.Tensor, w13: torch.Tensor, 
     offsets on the host costs one sync that the graph around the call never sees."""
     if s13 is None and native_experts.can_run(x_MD, w13, w2):
         return native_experts.routed(x_MD, w13, w2, ends_E)
-    if w13.dtype == torch.int8 and native_experts.can_run_int8(x_MD):
+    if w13.dtype == torch.int8 and x_MD.device.type == "cpu" and int8.integer_products():
         return native_experts.routed_int8(x_MD, w13, s13, w2, s2, ends_E)
     if (s13 is None and w13.dtype == x_MD.dtype and hasattr(torch, "_grouped_mm")
             and x_MD.device.type not in _no_grouped_mm):

@@ -30,29 +30,13 @@
 namespace {
 
 /* ------------------------------------------------------------------ the SwiGLU, elementwise */
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef int32_t vm __attribute__((vector_size(VW * 4)));
-
 static inline vf load(const float *p) { return ldv(p); }
-static inline vf load(const c10::BFloat16 *p) {
-    vh h;
-    memcpy(&h, p, sizeof h);
-    return (vf)(__builtin_convertvector(h, vu) << 16);
-}
+static inline vf load(const c10::BFloat16 *p) { return ldv_bf16((const uint16_t *)p); }
 static inline void store(float *p, vf x) { stv(p, x); }
-static inline vu to_bf16_bits(vf x) {   /* round to nearest even, as torch does; NaN stays NaN */
-    vu u = (vu)x;
-    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (vu)(x != x ? (vm)((u >> 16) | 0x40u) : (vm)r);
-}
-static inline void store(c10::BFloat16 *p, vf x) {
-    vh h = __builtin_convertvector(to_bf16_bits(x), vh);
-    memcpy(p, &h, sizeof h);
-}
+static inline void store(c10::BFloat16 *p, vf x) { stv_bf16((uint16_t *)p, x); }
 /* x as the type T would hold it (a bfloat16 op's rounded result). */
 template <typename T> static inline vf held(vf x) { return x; }
-template <> inline vf held<c10::BFloat16>(vf x) { return (vf)(to_bf16_bits(x) << 16); }
+template <> inline vf held<c10::BFloat16>(vf x) { return round_bf16(x); }
 
 static inline vf sigmoid(vf g) {   /* 1 / (1 + e^-g) from e^-|g| <= 1: no overflow either side */
     vf t = exp_neg(g < 0 ? g : -g), one = (vf){} + 1.0f;

@@ -41,15 +41,9 @@ def routed(x_MD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ends_E: torc
     return torch.ops.dsv2.experts_forward(x_MD.contiguous(), w13, w2, ends_E, False)[0]
 
 
-def can_run_int8(x: torch.Tensor) -> bool:
-    """Whether `routed_int8` runs here: x on the CPU, and the int8 layers' integer products built."""
-    from ..quant import int8
-    return x.device.type == "cpu" and int8.integer_products()
-
-
 def routed_int8(x_MD, q13, s13, q2, s2, ends_E) -> torch.Tensor:
     """As `routed` for int8 experts (quant/int8.py's rows and row scales), in float32 inside, with
-    the int8 layers' integer products; y in x's dtype."""
+    the int8 layers' integer products (where `quant.int8.integer_products()`); y in x's dtype."""
     y = torch.ops.dsv2.experts_int8(x_MD.float().contiguous(), q13.contiguous(), s13, q2.contiguous(), s2, ends_E)
     return y.to(x_MD.dtype)
 
