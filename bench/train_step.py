@@ -30,9 +30,10 @@ forward + backward 8%, addmm 2%), at the 110-160 GFLOP/s this CPU reaches in fp3
 (bf16 runs ~100x slower than fp32 here: no AVX512-BF16 or AMX).
 
 On an AMD EPYC Zen 4 (AVX-512 with AVX512-BF16, no AMX), 2026-12-07, small, batch 4 x 256,
---steps 6, bf16 autocast: dsv2 953 tok/s, transformers sdpa 801 / eager 768 -> 1.19x (1.01x
-before MLA's attention became one native operator with its own backward, native/attention.py);
---precision fp32: 752 against 724 -> 1.04x. 65% of our step is GEMMs at ~400 GFLOP/s.
+--steps 6, bf16 autocast: dsv2 1006 tok/s, transformers eager 786 / sdpa 748 -> 1.28x (00:35,
+before the native experts, norms, RoPE and combine: 953 against 801 sdpa, 1.19x; 1.01x before
+MLA's attention became one native operator, native/attention.py); --precision fp32: 759 against
+650 sdpa -> 1.17x. 65% of our step is GEMMs at 380-400 GFLOP/s (84% of this CPU's bf16 peak).
 """
 
 from __future__ import annotations

@@ -110,9 +110,12 @@ def _child_peer(path, dtype, a) -> dict:
             res[f"decode_b{B}_tok_s"] = best_window(times, B)
             res[f"decode_b{B}_avg_tok_s"] = B * len(times) / sum(times)
             res[f"decode_b{B}_tok_cpu_s"] = B * len(times) / max(cpu_t[-1] - cpu_t[0], 1e-9)
-        cache = out.past_key_values
-        held = sum(t.numel() * t.element_size() for t in _tensors(cache))
-        res["kv_bytes_per_token"] = held // (B * (a["prompt_len"] + a["new_tokens"] - 1))
+        if a["batches"]:   # the last batch's cache
+            held = sum(t.numel() * t.element_size() for t in _tensors(out.past_key_values))
+            res["kv_bytes_per_token"] = held // (B * (a["prompt_len"] + a["new_tokens"] - 1))
+        else:              # prefill only: the prompt's cache
+            held = sum(t.numel() * t.element_size() for t in _tensors(prefill().past_key_values))
+            res["kv_bytes_per_token"] = held // a["prefill_len"]
     return res
 
 

@@ -64,7 +64,7 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--batches", default="1,16", help="decode batch sizes (default 1,16)")
+    p.add_argument("--batches", default="1,16", help="decode batch sizes (default 1,16; '' for the prefill only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds; best figure per engine (default 1)")
@@ -81,7 +81,7 @@ def run(args) -> int:
     for d in dtypes:
         if d not in ("float32", "bfloat16", "int8", "fp8"):
             raise ValueError(f"--dtypes takes float32, bfloat16, int8 and/or fp8, got {d!r}.")
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
     bw = copy_bandwidth()
     load = os.getloadavg()[0]
     rows, printed = {}, False
@@ -135,7 +135,7 @@ def _print_row(r: dict, batches, model, bw: float, header: bool) -> None:
     cells += [f"{r['kv_bytes_per_token']:>8,}", f"{r['peak_rss_mb']:>7,.0f}", f"{r['load']:.1f}"]
     if r.get("compiled"):
         cells.append("(compiled decode)")
-    elif r["engine"] == "dsv2":
+    elif r["engine"] == "dsv2" and batches:
         cells.append("(fused C decode)" if r.get("fused") else "(PyTorch-op decode)")
     print(" | ".join(cells), flush=True)
 
