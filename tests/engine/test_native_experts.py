@@ -133,8 +133,10 @@ def test_no_rows_at_all():
 
 def test_bad_inputs_are_refused_with_one_sentence():
     x, w13, w2, ends = case("even", torch.float32)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="w13 and w2 must be float32 or bfloat16"):
         torch.ops.dsv2.experts_forward(x, w13.bfloat16(), w2, ends, False)
+    with pytest.raises(ValueError, match="w13 and w2 must be float32 or bfloat16"):
+        torch.ops.dsv2.experts_forward(x, w13.half(), w2.half(), ends, False)
     with pytest.raises(ValueError, match=r"w13 must be \[E, 2I, D\]"):
         torch.ops.dsv2.experts_forward(x, w13[:, :-1], w2, ends, False)
     with pytest.raises(ValueError, match="ends must rise"):
@@ -143,8 +145,8 @@ def test_bad_inputs_are_refused_with_one_sentence():
         torch.ops.dsv2.experts_forward(x, w13, w2, ends + 1000, False)
     with pytest.raises(ValueError, match="int64"):
         torch.ops.dsv2.experts_forward(x, w13, w2, ends.int(), False)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
-        torch.ops.dsv2.experts_forward(x.half(), w13.half(), w2.half(), ends, False)
+    with pytest.raises(ValueError, match="x must be float32 or bfloat16"):
+        torch.ops.dsv2.experts_forward(x.half(), w13, w2, ends, False)
     y, h = torch.ops.dsv2.experts_forward(x, w13, w2, ends, True)
     with pytest.raises(ValueError, match="kept"):
         torch.ops.dsv2.experts_backward(y, x, w13, w2, h[:, :-1], ends, True)
@@ -253,3 +255,42 @@ def test_float32_weights_for_bfloat16_rows_are_autocasts_cast():
     assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
     for g, w in zip(got, want):
         assert torch.equal(g, w.to(g.dtype))
+
+
+def test_float32_rows_with_bfloat16_weights_widen_them_per_expert():
+    """A bfloat16 model's prefill in float32 (a CPU without bfloat16 arithmetic): the same numbers as
+    widening the stacks first; weight gradients in the weights' dtype. Odd widths (I = 23)."""
+    x, w13, w2, ends = case("odd_widths", torch.float32, seed=10)
+    w13b, w2b = w13.bfloat16(), w2.bfloat16()
+    y, h = torch.ops.dsv2.experts_forward(x, w13b, w2b, ends, True)
+    yf, hf = torch.ops.dsv2.experts_forward(x, w13b.float(), w2b.float(), ends, True)
+    assert torch.equal(y, yf) and torch.equal(h, hf)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
+    got = torch.ops.dsv2.experts_backward(dy, x, w13b, w2b, h, ends, True)
+    want = torch.ops.dsv2.experts_backward(dy, x, w13b.float(), w2b.float(), h, ends, True)
+    assert [g.dtype for g in got] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+
+
+def test_the_input_gradient_is_skipped_when_not_needed():
+    x, w13, w2, ends = case("even", torch.float32, seed=12)
+    y, h = torch.ops.dsv2.experts_forward(x, w13, w2, ends, True)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(13))
+    with_dx = torch.ops.dsv2.experts_backward(dy, x, w13, w2, h, ends, True)
+    dx, g13, g2 = torch.ops.dsv2.experts_backward(dy, x, w13, w2, h, ends, False)
+    assert dx.numel() == 0 and torch.equal(g13, with_dx[1]) and torch.equal(g2, with_dx[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_gates_give_silus_limits(dtype):
+    """silu(g) -> 0 as g -> -inf (exp_neg stops at e^-87: past it the gate's factor is 0, not
+    e^-87, which times -1e30 gave -1.6e-8) and -> g as g -> +inf (one expert, one row)."""
+    gates = torch.tensor([-3e38, -1e30, -100.0, -5.0, 50.0, 1e30])
+    I = gates.numel()
+    x = torch.ones(1, I)
+    w13 = torch.cat([torch.diag(gates), torch.eye(I)])[None]   # gate_j = g_j, up_j = 1
+    w2 = torch.eye(I)[None]
+    y = torch.ops.dsv2.experts_forward(x.to(dtype), w13.to(dtype), w2.to(dtype), torch.tensor([1]), False)[0]
+    want = torch.nn.functional.silu(gates.to(dtype).float())
+    assert torch.allclose(y[0].float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-30), (y, want)

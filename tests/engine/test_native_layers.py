@@ -422,3 +422,28 @@ def test_the_trainer_uses_them_on_cpu(tmp_path):
     tr = Trainer(cfg, print_fn=lambda *_: None)
     assert all(type(x) is NativeRMSNorm for x in tr.model.modules() if isinstance(x, RMSNorm))
     assert all(type(x.dispatcher) is NativeDispatcher for x in tr.model.modules() if isinstance(x, MoE))
+
+
+def test_rms_norm_weight_gradient_when_openmp_starts_fewer_threads_than_asked():
+    """OpenMP may start fewer threads than torch asks for (OMP_THREAD_LIMIT, OMP_DYNAMIC on a busy
+    machine, a call from another parallel region): every thread's partial sum of dweight is
+    counted, and none is left holding stale memory. In a child process, since the limit is read at
+    start-up; the allocator's free blocks are filled with 1e6 first, so an unset partial shows."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from dsv2.native import build; build.load()\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, w, dy = torch.randn(256, 256, generator=g), torch.randn(256, generator=g), torch.randn(256, 256, generator=g)\n"
+        "junk = torch.full((4, 256), 1e6); del junk\n"
+        "y, rstd = torch.ops.dsv2.rms_norm(x, w, 1e-6)\n"
+        "dx, dw = torch.ops.dsv2.rms_norm_backward(dy, x, w, rstd)\n"
+        "want = (dy * x * rstd[:, None]).sum(0)\n"
+        "print((dw - want).abs().max().item() / want.abs().max().item())\n")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) < 1e-5, r.stdout

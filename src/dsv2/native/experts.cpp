@@ -40,7 +40,8 @@ template <> inline vf held<c10::BFloat16>(vf x) { return round_bf16(x); }
 
 static inline vf sigmoid(vf g) {   /* 1 / (1 + e^-g) from e^-|g| <= 1: no overflow either side */
     vf t = exp_neg(g < 0 ? g : -g), one = (vf){} + 1.0f;
-    return g < 0 ? t / (one + t) : one / (one + t);
+    vf s = g < 0 ? t / (one + t) : one / (one + t);
+    return g < -88.0f ? (vf){} : s;   /* exp_neg stops at e^-87: below it, 0 (as expf's underflow) */
 }
 
 /* Runs f(j, n) over the columns [0, cols) in vectors of VW, n < VW for the last. */
@@ -220,9 +221,10 @@ void check(const at::Tensor &x, const at::Tensor &w13, const at::Tensor &w2, con
     TORCH_CHECK_VALUE(type == at::kFloat || type == at::kBFloat16,
                       "experts: x must be float32 or bfloat16, got ", type, ".");
     const auto wtype = w13.scalar_type();
-    TORCH_CHECK_VALUE(w2.scalar_type() == wtype && (wtype == type || (wtype == at::kFloat && type == at::kBFloat16)),
-                      "experts: x, w13 and w2 must be of one dtype (or float32 weights for bfloat16 x, as under "
-                      "autocast), got ", type, ", ", w13.scalar_type(), ", ", w2.scalar_type(), ".");
+    TORCH_CHECK_VALUE(w2.scalar_type() == wtype && (wtype == at::kFloat || wtype == at::kBFloat16),
+                      "experts: w13 and w2 must be float32 or bfloat16 (either for either x: autocast's float32 "
+                      "weights for bfloat16 x, or a bfloat16 model's prefill in float32), got ", w13.scalar_type(),
+                      ", ", w2.scalar_type(), ".");
     check_shapes("experts", x, w13, w2, ends);
 }
 
@@ -240,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(const at::Tensor &x, const at
     at::Tensor h = at::empty({M, 2 * I}, x.options()), a = at::empty({M, I}, x.options());
     at::Tensor y = at::empty_like(x);
     zero_past_last(y, ends);
+    if (keep) zero_past_last(h, ends);   // never read, but a returned tensor holds no stale memory
     const int threads = at::get_num_threads();
     std::vector<Job> alone, shared;
     plan(ends, M, threads, alone, shared);
@@ -258,10 +261,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_backward(const at::Tensor
                                                                 bool need_dx) {
     check(x, w13, w2, ends);
     const int64_t M = x.size(0), I = w2.size(2);
-    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
+    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous()
+                          && dy.device().is_cpu(),
                       "experts_backward: dy must be contiguous ", x.scalar_type(), " ", x.sizes(), ", got ",
                       dy.scalar_type(), " ", dy.sizes(), ".");
-    TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef({M, 2 * I}) && h.scalar_type() == x.scalar_type() && h.is_contiguous(),
+    TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef({M, 2 * I}) && h.scalar_type() == x.scalar_type() && h.is_contiguous()
+                          && h.device().is_cpu(),
                       "experts_backward: h must be the forward's kept [M, 2I] = [", M, ", ", 2 * I, "], got ",
                       h.sizes(), ".");
     Grads g;
@@ -319,9 +324,10 @@ at::Tensor experts_int8(const at::Tensor &x, const at::Tensor &q13, const at::Te
                       q13.scalar_type(), ", ", q2.scalar_type(), ".");
     check_shapes("experts_int8", x, q13, q2, ends);
     const int64_t E = q13.size(0), M = x.size(0), D = x.size(1), I = q2.size(2);
-    TORCH_CHECK_VALUE(s13.sizes() == at::IntArrayRef({E, 2 * I}) && s2.sizes() == at::IntArrayRef({E, D}),
-                      "experts_int8: the row scales must be s13 [E, 2I] = [", E, ", ", 2 * I, "] and s2 [E, D] = [",
-                      E, ", ", D, "], got ", s13.sizes(), " and ", s2.sizes(), ".");
+    TORCH_CHECK_VALUE(s13.sizes() == at::IntArrayRef({E, 2 * I}) && s2.sizes() == at::IntArrayRef({E, D})
+                          && s13.device().is_cpu() && s2.device().is_cpu(),
+                      "experts_int8: the row scales must be CPU tensors s13 [E, 2I] = [", E, ", ", 2 * I,
+                      "] and s2 [E, D] = [", E, ", ", D, "], got ", s13.sizes(), " and ", s2.sizes(), ".");
     const at::Tensor s13f = s13.to(at::kFloat).contiguous(), s2f = s2.to(at::kFloat).contiguous();
     at::Tensor h = at::empty({M, 2 * I}, x.options()), a = at::empty({M, I}, x.options()), y = at::empty_like(x);
     zero_past_last(y, ends);
@@ -332,6 +338,10 @@ at::Tensor experts_int8(const at::Tensor &x, const at::Tensor &q13, const at::Te
     plan(ends, M, threads, alone, shared);
     float *hp = h.mutable_data_ptr<float>(), *ap = a.mutable_data_ptr<float>(), *yp = y.mutable_data_ptr<float>();
     for (const Job &j : alone) int8_forward_one(j, w, hp, ap, yp, threads);
+    if (shared.size() == 1) {   // one expert with rows (a short prompt): its products across the threads
+        int8_forward_one(shared[0], w, hp, ap, yp, threads);
+        return y;
+    }
     run({}, shared, threads, [&](const Job &j) { int8_forward_one(j, w, hp, ap, yp, 1); });
     return y;
 }

@@ -26,13 +26,11 @@ _TYPES = (torch.float32, torch.bfloat16)
 
 
 def can_run(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether the operators take these: CPU tensors of one dtype, float32 or bfloat16 (or float32
-    weights for bfloat16 rows: autocast's, rounded per expert inside), weights contiguous, and the
-    native operators built here."""
+    """Whether the operators take these: CPU tensors, rows and weights float32 or bfloat16 (weights
+    of the other dtype are converted per expert inside: autocast's float32 weights for bfloat16 rows,
+    or a bfloat16 model's prefill in float32), weights contiguous, and the native operators built."""
     from . import available
-    wt = w13.dtype
-    return (x.device.type == "cpu" and x.dtype in _TYPES and w2.dtype == wt
-            and (wt == x.dtype or (wt == torch.float32 and x.dtype == torch.bfloat16))
+    return (x.device.type == "cpu" and x.dtype in _TYPES and w13.dtype in _TYPES and w2.dtype == w13.dtype
             and w13.is_contiguous() and w2.is_contiguous() and available(notice=False))
 
 

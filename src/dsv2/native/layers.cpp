@@ -105,7 +105,6 @@ void rms_norm_grad_rows(const Y *dy, int64_t dys, const X *x, int64_t xs, const 
 #pragma omp parallel num_threads(nt)
     {
         float *acc = part + omp_get_thread_num() * D;
-        for (int64_t d = 0; d < D; d++) acc[d] = 0;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const X *xr = x + r * xs;
@@ -183,7 +182,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor &dy, const
     at::Tensor dw = at::zeros({D}, x.options().dtype(at::kFloat));
     if (rows == 0 || D == 0) return {dx, dw};
     const int nt = threads_for(rows * D);
-    at::Tensor part = at::empty({nt, D}, x.options().dtype(at::kFloat));
+    // zeroed here, not by each thread: OpenMP may start fewer threads than asked (OMP_DYNAMIC,
+    // OMP_THREAD_LIMIT, a call from inside another parallel region), and every row is summed
+    at::Tensor part = at::zeros({nt, D}, x.options().dtype(at::kFloat));
     with_type(x.scalar_type(), [&](auto xt) {
         using X = elem_t<decltype(xt)>;
         with_type(w.scalar_type(), [&](auto wt) {
