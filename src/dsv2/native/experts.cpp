@@ -13,6 +13,10 @@
  *
  * The elementwise parts round where PyTorch's bfloat16 ops round (each op's result), so a bfloat16
  * model computes what the per-expert loop of model/moe.py computes, up to the order of the sums.
+ * Weights of the other float dtype than x (autocast's float32 weights for bfloat16 rows, or a
+ * bfloat16 model prefilled in float32) are converted expert by expert by the thread that uses
+ * them, and weight gradients are returned in the weights' dtype. experts_int8 runs int8 rows
+ * (quant/int8.py) the same way, through decode.cpp's integer products.
  *
  * Shapes: x [M, D] (M rows sorted by expert), W13 [E, 2I, D] (W1 ; W3), W2 [E, D, I], ends [E]
  * (int64, cumulative row counts), h [M, 2I] (x W13_e^T: kept by the forward for the backward). */
