@@ -4,7 +4,7 @@ import pytest
 
 from dsv2.config import ConfigError
 from dsv2.train.config import list_pretrain_presets, load_config
-from dsv2.train.optim import build_optimizer, param_groups
+from dsv2.train.optim import build_optimizer, clip_grad_norm_, param_groups
 from dsv2.train.schedule import Schedule
 
 
@@ -72,6 +72,29 @@ def test_weight_decay_on_matrices_only():
     opt = build_optimizer(model, cfg.optim)
     assert opt.defaults["betas"] == (0.9, 0.95) and isinstance(opt, torch.optim.AdamW)
 
+
+
+@pytest.mark.parametrize("norm", [1e-4, 1.0 - 5e-7, 10.0], ids=["under_the_limit", "within_its_epsilon", "over_it"])
+def test_clip_grad_norm_is_torchs_bit_for_bit(norm):
+    """The trainer's clip (which skips torch's multiply by 1 when nothing is clipped) returns the
+    same norm and leaves the same gradients as torch.nn.utils.clip_grad_norm_: under the limit,
+    just under it (torch's 1e-6 in max / (norm + 1e-6) still scales by 0.9999995), and over it."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (4, 16, 8)]
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    total = sum(x.square().sum() for x in grads).sqrt()
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b, x in zip(ours, theirs, grads):
+        a.grad = (x * (norm / total)).float()
+        b.grad = a.grad.clone()
+    total = clip_grad_norm_(ours, 1.0)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert torch.equal(total, want)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    if norm == 10.0:   # clipped: the norm after is the limit
+        assert abs(torch.nn.utils.get_total_norm([a.grad for a in ours]).item() - 1.0) < 1e-5
 
 def test_cosine_and_constant_schedules():
     cos = Schedule(load_config("tiny", ["steps=12", "optim.warmup_steps=1", "optim.schedule=cosine",

@@ -40,7 +40,7 @@ from .checkpoint import Checkpointer, LocalCheckpointer, RNGState
 from .config import TrainConfig
 from .metrics import MetricsWriter, peak_flops, step_line
 from .moe_hooks import MoERules
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_grad_norm_
 from .schedule import Schedule
 
 
@@ -127,7 +127,7 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.count_targets = count_targets or (lambda n: n)
         self.grad_scale = grad_scale
-        self.clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_  # distributed: one that spans meshes
+        self.clip_grad_norm = clip_grad_norm or clip_grad_norm_  # distributed: one that spans meshes
         self.state = TrainState()
         self.checkpointer = checkpointer or LocalCheckpointer(self.out / "checkpoints", cfg.keep_last)
         self.peak = peak_flops(self.device, cfg.peak_tflops)

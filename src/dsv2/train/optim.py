@@ -31,3 +31,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
             pass
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (its two halves, so the same numbers bit for bit), less its
+    multiply by 1 when nothing needs clipping on CPU, where reading the norm costs no device sync:
+    that multiply is a pass over every gradient, ~11 ms of `small`'s 1.0 s step. -> the total norm."""
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if all(p.grad.device.type == "cpu" for p in params) and bool(max_norm / (total + 1e-6) >= 1.0):
+        return total   # torch would scale by its clamp of this ratio: exactly 1.0
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
