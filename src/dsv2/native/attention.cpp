@@ -314,10 +314,9 @@ static void block(const Attn *a, const Dims *d, int b, int h, int t0, int M, con
             const float nm = fmaxf(mx[i], bm), alpha = expf(mx[i] - nm);
             vf acc = {};
             for (j = 0; j < cols; j += VW) {
-                const vf s = ldv(p + j), e = exp_neg(s - nm);
-                const vf z = s == (vf){} - INFINITY ? (vf){} : e;
-                stv(p + j, z);
-                acc += z;
+                const vf e = exp_neg(ldv(p + j) - nm);   /* 0 for a masked key's -inf */
+                stv(p + j, e);
+                acc += e;
             }
             if (alpha != 1.0f) for (int c = 0; c < Vp; c++) o[i * Vp + c] *= alpha;
             sum[i] = sum[i] * alpha + hsumv(acc);

@@ -44,8 +44,7 @@ template <> inline vf held<c10::BFloat16>(vf x) { return round_bf16(x); }
 
 static inline vf sigmoid(vf g) {   /* 1 / (1 + e^-g) from e^-|g| <= 1: no overflow either side */
     vf t = exp_neg(g < 0 ? g : -g), one = (vf){} + 1.0f;
-    vf s = g < 0 ? t / (one + t) : one / (one + t);
-    return g < -88.0f ? (vf){} : s;   /* exp_neg stops at e^-87: below it, 0 (as expf's underflow) */
+    return g < 0 ? t / (one + t) : one / (one + t);
 }
 
 /* Runs f(j, n) over the columns [0, cols) in vectors of VW, n < VW for the last. */

@@ -74,15 +74,17 @@ static inline float hsumv(vf v) {
 #endif
 
 /* e^x for x <= 0 (the scores less their running max): n = round(x log2 e), e^x = 2^n e^r with
- * |r| <= ln 2 / 2 and e^r from Cephes' degree-6 polynomial; within 2 ulp of expf. */
+ * |r| <= ln 2 / 2 and e^r from Cephes' degree-6 polynomial; within 2 ulp of expf down to -87, and 0
+ * below it (-inf included: a masked score), where expf's results are subnormal (< 1.7e-38) or 0. */
 static inline vf exp_neg(vf x) {
     typedef int32_t vi __attribute__((vector_size(VW * 4)));
-    x = x < -87.0f ? (vf){} - 87.0f : x;
+    const vi under = x < -87.0f;
+    x = under ? (vf){} - 87.0f : x;   /* keeps 2^n a normal number below */
     vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);   /* x <= 0: truncation rounds */
     vf nf = __builtin_convertvector(n, vf);
     vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
     vf y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
             + 1.6666665459e-1f) * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.0f;
-    return (vf)((vi)y + ((n) << 23));
+    return under ? (vf){} : (vf)((vi)y + ((n) << 23));
 }
