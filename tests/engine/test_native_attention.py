@@ -257,14 +257,16 @@ def test_the_trainer_uses_it_on_cpu(tmp_path):
     assert all(type(b.self_attn) is NativeMLA for b in tr.model.layers)
 
 
-def engine_prefill(m, native: bool, prompts):
-    """The engine's two prefill shapes, with dsv2::attention on or off: one prompt in chunks of 64
-    after its own cached positions (no mask: causal over the last T keys) -> its last logits; and a
-    padded batch of prompts (an explicit mask) -> every layer's cache rows of each prompt (a layer's
+def engine_prefill(m, native: bool, prompts, switch: tuple | None = None):
+    """The engine's two prefill shapes, with dsv2::attention (or the operators behind `switch`, a
+    (module, name of its availability check) pair) on or off: one prompt in chunks of 64 after its
+    own cached positions (no mask: causal over the last T keys) -> its last logits; and a padded
+    batch of prompts (an explicit mask) -> every layer's cache rows of each prompt (a layer's
     latents are computed from the attention before it)."""
     from dsv2.native import attention
-    saved = attention.native_attention
-    attention.native_attention = lambda: native
+    module, name = switch or (attention, "native_attention")
+    saved = getattr(module, name)
+    setattr(module, name, lambda: native)
     try:
         a = Engine(m, max_batch_slots=1, max_len=200, prefill_chunk=64, native=False)
         logits = a._prefill(0, prompts[0], 0)[0].float()
@@ -274,7 +276,7 @@ def engine_prefill(m, native: bool, prompts):
                           for s, p in enumerate(prompts)])
         return logits, rows
     finally:
-        attention.native_attention = saved
+        setattr(module, name, saved)
 
 
 def test_engine_prefill_in_chunks_and_batches_matches_sdpa():

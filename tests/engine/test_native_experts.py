@@ -240,35 +240,23 @@ def test_int8_experts_equal_the_int8_loop():
         torch.ops.dsv2.experts_int8(x, w13, s13, q2, s2, ends)
 
 
-def test_float32_weights_for_bfloat16_rows_are_autocasts_cast():
-    """Under autocast the float32 weights go in as they are: the same numbers as casting the stacks
-    to bfloat16 first, and weight gradients that are the bfloat16 ones widened (what autocast's
-    cast gives autograd), in float32."""
-    x, w13, w2, ends = case("one_large", torch.float32, seed=8)
-    xb = x.bfloat16()
-    y, h = torch.ops.dsv2.experts_forward(xb, w13, w2, ends, True)
-    yb, hb = torch.ops.dsv2.experts_forward(xb, w13.bfloat16(), w2.bfloat16(), ends, True)
-    assert torch.equal(y, yb) and torch.equal(h, hb)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).bfloat16()
-    got = torch.ops.dsv2.experts_backward(dy, xb, w13, w2, h, ends, True)
-    want = torch.ops.dsv2.experts_backward(dy, xb, w13.bfloat16(), w2.bfloat16(), h, ends, True)
-    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
-    for g, w in zip(got, want):
-        assert torch.equal(g, w.to(g.dtype))
-
-
-def test_float32_rows_with_bfloat16_weights_widen_them_per_expert():
-    """A bfloat16 model's prefill in float32 (a CPU without bfloat16 arithmetic): the same numbers as
-    widening the stacks first; weight gradients in the weights' dtype. Odd widths (I = 23)."""
-    x, w13, w2, ends = case("odd_widths", torch.float32, seed=10)
-    w13b, w2b = w13.bfloat16(), w2.bfloat16()
-    y, h = torch.ops.dsv2.experts_forward(x, w13b, w2b, ends, True)
-    yf, hf = torch.ops.dsv2.experts_forward(x, w13b.float(), w2b.float(), ends, True)
-    assert torch.equal(y, yf) and torch.equal(h, hf)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
-    got = torch.ops.dsv2.experts_backward(dy, x, w13b, w2b, h, ends, True)
-    want = torch.ops.dsv2.experts_backward(dy, x, w13b.float(), w2b.float(), h, ends, True)
-    assert [g.dtype for g in got] == [torch.float32, torch.bfloat16, torch.bfloat16]
+@pytest.mark.parametrize("name, x_dtype, w_dtype, seed", [
+    ("one_large", torch.bfloat16, torch.float32, 8),   # autocast's float32 weights for bfloat16 rows
+    ("odd_widths", torch.float32, torch.bfloat16, 10),   # a bfloat16 model's prefill in float32 (I = 23)
+], ids=["autocast", "bf16_model_prefilled_in_fp32"])
+def test_weights_of_the_other_dtype_are_converted_per_expert(name, x_dtype, w_dtype, seed):
+    """Weights in the other float dtype go in as they are: the same numbers as converting the
+    stacks to x's dtype first, and weight gradients in the weights' dtype that are the converted
+    run's, converted back (under autocast: what its cast gives autograd)."""
+    x, w13, w2, ends = case(name, torch.float32, seed=seed)
+    x, w13, w2 = x.to(x_dtype), w13.to(w_dtype), w2.to(w_dtype)
+    y, h = torch.ops.dsv2.experts_forward(x, w13, w2, ends, True)
+    yc, hc = torch.ops.dsv2.experts_forward(x, w13.to(x_dtype), w2.to(x_dtype), ends, True)
+    assert torch.equal(y, yc) and torch.equal(h, hc)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
+    got = torch.ops.dsv2.experts_backward(dy, x, w13, w2, h, ends, True)
+    want = torch.ops.dsv2.experts_backward(dy, x, w13.to(x_dtype), w2.to(x_dtype), h, ends, True)
+    assert [g.dtype for g in got] == [x_dtype, w_dtype, w_dtype]
     for g, w in zip(got, want):
         assert torch.equal(g, w.to(g.dtype))
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import dsv2
-from dsv2.engine import Engine, Request, SamplingParams
 from dsv2.engine.optimize import DecodeMoE, prepare_for_decode
 from dsv2.model.moe import DispatchState, LocalDispatcher, MoE, MoEHooks
 from dsv2.model.norm import RMSNorm
@@ -20,9 +19,11 @@ from dsv2.native.attention import use_native_attention
 from dsv2.native.layers import NativeDispatcher, NativeRMSNorm, moe_combine, rms_norm, rope, use_native_layers
 
 from test_native import HAVE_CC, needs_cc
+from test_native_attention import engine_prefill
 
 pytestmark = needs_cc
 TYPES = [torch.float32, torch.bfloat16]
+SWITCH = (layers, "native_layers")   # engine_prefill's on/off switch for these operators
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -363,35 +364,19 @@ def test_a_bf16_autocast_training_step_is_no_further_from_float32_than_the_refer
             assert err(o, t) <= 1.5 * err(r, t) + 1e-3 * t.abs().max().item()
 
 
-def engine_prefill(m, native: bool, prompts):
-    """The engine's prefill with the native layers on or off (its attention native both times): one
-    prompt in chunks of 64 -> its last logits; a batch of prompts -> every layer's cache rows."""
-    saved = layers.native_layers
-    layers.native_layers = lambda: native
-    try:
-        a = Engine(m, max_batch_slots=1, max_len=200, prefill_chunk=64, native=False)
-        logits = a._prefill(0, prompts[0], 0)[0].float()
-        b = Engine(m, max_batch_slots=len(prompts), max_len=200, native=False)
-        b.add_many([Request(p, SamplingParams(max_new_tokens=1)) for p in prompts])
-        rows = torch.cat([b.cache.widened(layer)[s, : len(p)] for layer in range(m.config.num_hidden_layers)
-                          for s, p in enumerate(prompts)])
-        return logits, rows
-    finally:
-        layers.native_layers = saved
-
-
 def test_engine_prefill_matches_the_reference():
-    """float32: to rounding. bfloat16: both against the float32 model, ours no further from it."""
+    """The engine's prefill with the native layers on or off (its attention native both times).
+    float32: to rounding. bfloat16: both against the float32 model, ours no further from it."""
     m = tiny_model()
     prompts = [torch.randint(2, m.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (150, 40, 97)]
-    truth = engine_prefill(m, False, prompts)
-    ours = engine_prefill(m, True, prompts)
+    truth = engine_prefill(m, False, prompts, SWITCH)
+    ours = engine_prefill(m, True, prompts, SWITCH)
     assert all(type(x) is NativeRMSNorm for x in m.modules() if isinstance(x, RMSNorm))
     for x, y in zip(ours, truth):
         assert err(x, y) < 1e-4 * y.abs().max().item()
     m16 = tiny_model(torch.bfloat16)
-    ours, theirs = engine_prefill(m16, True, prompts), engine_prefill(m16, False, prompts)
+    ours, theirs = engine_prefill(m16, True, prompts, SWITCH), engine_prefill(m16, False, prompts, SWITCH)
     for x, y, t in zip(ours, theirs, truth):
         assert err(x, t) <= 1.5 * err(y, t) + 1e-3
 
